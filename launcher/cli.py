@@ -1,0 +1,46 @@
+"""The `sift` command: a thin dispatcher to each subcommand's own `main(argv)`.
+
+Subcommands are imported only when used, so `sift --help` and `sift launch` stay fast and never
+import torch or deepspeed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
+SUBCOMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("data_pipeline.prepare", "tokenize text into Arrow shards (+ index.json)"),
+    "train": ("engine.train", "train a model with SIFT on prepared shards"),
+    "export": ("engine.export", "write a Hugging Face save_pretrained directory from a checkpoint"),
+    "launch": ("launcher.launch", "build (and run) the multi-node command: deepspeed, mpirun, srun, torchrun"),
+    "demo": ("launcher.demo", "offline CPU demo: generate a corpus, prepare it, train a tiny BERT with SIFT"),
+    "bench": ("benchmarks.throughput", "throughput: vanilla vs SIFT serial vs SIFT pipelined"),
+    "study": ("benchmarks.study", "time-to-accuracy study: vanilla, random, loss- and entropy-SIFT"),
+}
+
+
+def usage() -> str:
+    width = max(len(n) for n in SUBCOMMANDS)
+    lines = ["usage: sift <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    lines += ["", "Run `sift <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in {"-h", "--help", "help"}:
+        print(usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in SUBCOMMANDS:
+        print(f"sift: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(SUBCOMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

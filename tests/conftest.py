@@ -1,0 +1,35 @@
+"""Shared test setup: CPU DeepSpeed, the GPU marker, and the optional shared corpus."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# DeepSpeed picks its accelerator at import time; without CUDA the CPU accelerator (gloo) is the one.
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english-reference.parquet"
+
+
+def pytest_collection_modifyitems(config, items):
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs CUDA")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def shared_corpus() -> Path:
+    """The shared English corpus; tests that use it skip cleanly where it is absent (a user's clone)."""
+    if not SHARED_CORPUS.is_file():
+        pytest.skip(f"shared corpus not present at ../shared/corpus/ (looked for {SHARED_CORPUS.name})")
+    return SHARED_CORPUS
