@@ -12,7 +12,7 @@ import sys
 # name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_pipeline.prepare", "tokenize text into Arrow shards (+ index.json)"),
-    "train": ("engine.train", "train a model with SIFT on prepared shards"),
+    "train": ("launcher.train", "train a model with SIFT on prepared shards"),
     "export": ("engine.export", "write a Hugging Face save_pretrained directory from a checkpoint"),
     "launch": ("launcher.launch", "build (and run) the multi-node command: deepspeed, mpirun, srun, torchrun"),
     "demo": ("launcher.demo", "offline CPU demo: generate a corpus, prepare it, train a tiny BERT with SIFT"),
