@@ -1,0 +1,1 @@
+"""The training library: everything between a batch and an optimizer step."""

@@ -1,0 +1,341 @@
+"""One typed config tree for a run, loaded from YAML plus dotted command-line overrides.
+
+Loading collects every problem (unknown keys, wrong types, inconsistent values) and raises a single
+``ConfigError`` that lists them all, so a user fixes a config in one pass.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used; the message lists every problem found."""
+
+    def __init__(self, problems: list[str], source: str = "config"):
+        self.problems = problems
+        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+
+
+@dataclass(kw_only=True, slots=True)
+class DataConfig:
+    path: str = "runs/demo/data"
+    """Directory written by `sift prepare` (holds index.json)."""
+    train_split: str = "train"
+    eval_split: str = "validation"
+    mask_prob: float = 0.15
+    num_workers: int = 2
+    """DataLoader worker processes per rank (0 = load in the training process)."""
+    pin_memory: bool | None = None
+    """None: pin when training on CUDA."""
+    verify_checksums: bool = False
+    """Hash every shard on open (sizes and row counts are always checked)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class ModelConfig:
+    preset: str = "tiny"
+    """BERT size: tiny, mini, small, medium, base, large (see engine/models/presets.py)."""
+    init_from: str | None = None
+    """A local Hugging Face checkpoint directory to start from instead of random init."""
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    intermediate_size: int | None = None
+    dropout: float = 0.1
+    """Hidden and attention dropout (the paper: 0.1 on all layers)."""
+    attn_implementation: str = "sdpa"
+
+
+@dataclass(kw_only=True, slots=True)
+class SiftConfig:
+    policy: str = "topk"
+    """topk: keep the highest-scoring B of G (SIFT); random: keep a random B of G (control);
+    none: draw only B per step (vanilla)."""
+    criterion: str = "loss"
+    """loss: mean masked-token cross-entropy at the exit; entropy: mean predictive entropy there."""
+    exit_layer: int = 1
+    """Score with the embeddings + the first j encoder layers + the MLM head (j = L: exact loss)."""
+    keep: float = 0.5
+    """B / G: the fraction of the gross micro-batch that is back-propagated."""
+    warmup_steps: int = 0
+    """No selection (draw B, like vanilla) for the first N optimizer steps (the paper: 20K of 800K)."""
+    stop_fraction: float | None = None
+    """No selection after this fraction of train.steps (greedy selection can hurt asymptotically)."""
+    schedule: str = "serial"
+    """serial: score, then train (the reference). pipelined: score the next gross batch while this
+    one trains (a side CUDA stream on GPU); its scores are one optimizer step stale."""
+    fidelity_every: int = 0
+    """Every K steps, also compute exact full-model losses on the gross batch and log the Spearman
+    correlation and top-B overlap with the early-exit scores (0 = never)."""
+
+
+@dataclass(kw_only=True, slots=True)
+class OptimConfig:
+    lr: float = 1e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-6
+    weight_decay: float = 0.01
+    warmup_fraction: float = 0.002
+    """Linear warm-up over this fraction of train.steps, then linear decay to 0 (the paper)."""
+    decay: str = "linear"
+    """linear or constant after warm-up."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clipping (0 = off); fills DeepSpeed's gradient_clipping."""
+    fused: bool | None = None
+    """torch's fused AdamW; None: on CUDA."""
+
+
+@dataclass(kw_only=True, slots=True)
+class TrainConfig:
+    steps: int = 200
+    """Optimizer steps."""
+    micro_batch_size: int = 16
+    """B: back-propagated sequences per rank per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)."""
+    grad_accum: int = 1
+    seed: int = 0
+    out_dir: str = "runs/demo/train"
+    log_every: int = 10
+    """Flush step metrics (one host sync) every N steps; each JSONL record averages those steps."""
+    eval_every: int = 100
+    eval_samples: int = 512
+    """Validation sequences per evaluation (0 = the whole split)."""
+    eval_batch_size: int = 32
+    save_every: int = 0
+    """Checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    resume: bool = True
+    """Continue from the latest complete checkpoint in out_dir when there is one."""
+    max_nonfinite: int = 5
+    """Abort (with a checkpoint) after this many non-finite losses in a row; each one is skipped."""
+    compile: bool = False
+    """torch.compile the encoder layers (CUDA)."""
+    progress: bool | None = None
+    """Progress bar; None: when stderr is a terminal."""
+    tensorboard: bool = True
+
+
+@dataclass(kw_only=True, slots=True)
+class DeepSpeedConfig:
+    config: str = "ds_configs/zero1.json"
+    """DeepSpeed JSON; "auto" fields are filled from this run config."""
+    precision: str = "auto"
+    """auto (bf16 on CUDA that supports it, else fp32), fp32, bf16 or fp16; fills bf16/fp16 "enabled"."""
+    zero_stage: int | None = None
+    """Override zero_optimization.stage of the JSON."""
+    dist_backend: str | None = None
+    """None: nccl on CUDA, gloo on CPU."""
+
+
+@dataclass(kw_only=True, slots=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sift: SiftConfig = field(default_factory=SiftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    @property
+    def gross_batch_size(self) -> int:
+        """G = B / keep for selecting policies; B for `none`."""
+        if self.sift.policy == "none":
+            return self.train.micro_batch_size
+        return round(self.train.micro_batch_size / self.sift.keep)
+
+
+CHOICES = {
+    "sift.policy": ("topk", "random", "none"),
+    "sift.criterion": ("loss", "entropy"),
+    "sift.schedule": ("serial", "pipelined"),
+    "optim.decay": ("linear", "constant"),
+    "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
+    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+}
+
+
+def validate(cfg: RunConfig) -> list[str]:
+    """Cross-field checks; returns every problem (empty when the config is usable)."""
+    p: list[str] = []
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value not in allowed:
+            p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    t, s, o = cfg.train, cfg.sift, cfg.optim
+    positive = {
+        "train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
+        "train.log_every": t.log_every, "train.eval_every": t.eval_every, "train.eval_batch_size": t.eval_batch_size,
+        "train.keep_last": t.keep_last, "train.max_nonfinite": t.max_nonfinite, "sift.exit_layer": s.exit_layer,
+    }
+    p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
+    nonneg = {"train.save_every": t.save_every, "train.eval_samples": t.eval_samples,
+              "sift.warmup_steps": s.warmup_steps, "sift.fidelity_every": s.fidelity_every,
+              "data.num_workers": cfg.data.num_workers, "optim.grad_clip": o.grad_clip,
+              "optim.weight_decay": o.weight_decay}
+    p += [f"{k}: must be >= 0, got {v}" for k, v in nonneg.items() if v < 0]
+    if not 0.0 < s.keep <= 1.0:
+        p.append(f"sift.keep: must be in (0, 1], got {s.keep}")
+    elif s.policy != "none":
+        gross = t.micro_batch_size / s.keep
+        if abs(gross - round(gross)) > 1e-6:
+            p.append(
+                f"sift.keep={s.keep} with train.micro_batch_size={t.micro_batch_size}: the gross batch "
+                f"B / keep = {gross:g} must be a whole number"
+            )
+    if s.stop_fraction is not None and not 0.0 < s.stop_fraction <= 1.0:
+        p.append(f"sift.stop_fraction: must be in (0, 1] or null, got {s.stop_fraction}")
+    if s.policy == "none" and s.schedule == "pipelined":
+        p.append("sift.schedule=pipelined needs a selecting policy (topk or random); policy none scores nothing")
+    if not 0.0 < cfg.data.mask_prob < 1.0:
+        p.append(f"data.mask_prob: must be in (0, 1), got {cfg.data.mask_prob}")
+    if o.lr <= 0:
+        p.append(f"optim.lr: must be > 0, got {o.lr}")
+    if not 0.0 <= o.warmup_fraction < 1.0:
+        p.append(f"optim.warmup_fraction: must be in [0, 1), got {o.warmup_fraction}")
+    if not all(0.0 <= b < 1.0 for b in o.betas):
+        p.append(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
+    if not 0.0 <= cfg.model.dropout < 1.0:
+        p.append(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    if cfg.deepspeed.zero_stage is not None and cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
+        p.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
+    return p
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
+    """Check/convert one leaf value against its annotation; append a problem instead of raising."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            sub: list[str] = []
+            out = _coerce(value, arg, where, sub)
+            if not sub:
+                return out
+        problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            problems.append(f"{where}: expected a list of {len(args)} values, got {value!r}")
+            return value
+        return tuple(_coerce(v, a, f"{where}[{i}]", problems) for i, (v, a) in enumerate(zip(value, args)))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-4" as a string
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, tp) and not (tp is int and isinstance(value, bool)):
+        return value
+    problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else key
+        if key not in known:
+            close = difflib.get_close_matches(key, known, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f" (known: {', '.join(sorted(known))})"
+            problems.append(f"{path}: unknown key{hint}")
+            continue
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                problems.append(f"{path}: expected a mapping, got {value!r}")
+                continue
+            kwargs[key] = _build(tp, value, path, problems)
+        else:
+            kwargs[key] = _coerce(value, tp, path, problems)
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError([f"override {dotted}: {part} is not a section"])
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`a.b=value` strings -> (key, YAML-parsed value); a bad item is a ConfigError."""
+    out, bad = [], []
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key or " " in key:
+            bad.append(f"override {item!r}: expected section.key=value")
+            continue
+        try:
+            out.append((key.strip(), yaml.safe_load(raw) if raw.strip() else None))
+        except yaml.YAMLError as e:
+            bad.append(f"override {item!r}: value is not valid YAML ({e.__class__.__name__})")
+    if bad:
+        raise ConfigError(bad, "command line")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """YAML file (optional) + dotted overrides -> a validated RunConfig, or one ConfigError."""
+    tree: dict[str, Any] = {}
+    source = "config"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError([f"cannot read the config file: {e.strerror}"], source) from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError([f"not valid YAML: {e}"], source) from None
+        if not isinstance(tree, dict):
+            raise ConfigError(["the top level must be a mapping of sections"], source)
+    for key, value in parse_overrides(overrides or []):
+        _set_dotted(tree, key, value)
+    problems: list[str] = []
+    cfg = _build(RunConfig, tree, "", problems)
+    if not problems:
+        problems = validate(cfg)
+    if problems:
+        raise ConfigError(problems, source)
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """A plain, YAML/JSON-serialisable dict of a config (tuples become lists)."""
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(cfg)

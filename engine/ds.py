@@ -1,0 +1,108 @@
+"""The one module that imports deepspeed: distributed init, the engine, ZeRO-3 gathering, checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
+
+log = logging.getLogger(__name__)
+
+
+class DistributedInitError(RuntimeError):
+    pass
+
+
+def accelerator_name() -> str:
+    """"cuda" or "cpu" (DS_ACCELERATOR=cpu selects DeepSpeed's CPU accelerator)."""
+    return get_accelerator().device_name()
+
+
+def device_for(local_rank: int) -> torch.device:
+    if accelerator_name() == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(backend: str | None, timeout_s: float = 600.0) -> None:
+    """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by the launcher
+    or by launcher/dist_env.py), with a clear error instead of a deep traceback when it fails."""
+    backend = backend or ("nccl" if accelerator_name() == "cuda" else "gloo")
+    try:
+        deepspeed.init_distributed(
+            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+        )
+    except Exception as e:  # the causes are many (network, ports, mismatched world sizes)
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        raise DistributedInitError(
+            f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} could not join the "
+            f"process group at {where} with backend {backend}: {e.__class__.__name__}: {e}"
+        ) from e
+
+
+def initialize(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: Any,
+    config: dict[str, Any],
+) -> Any:
+    """deepspeed.initialize with a client optimizer and schedule; returns the engine."""
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, dist_init_required=False
+    )
+    return engine
+
+
+def zero_stage(engine: Any) -> int:
+    return int(engine.zero_optimization_stage())
+
+
+@contextmanager
+def gathered(params: list[torch.nn.Parameter], stage: int) -> Iterator[None]:
+    """Under ZeRO-3, all-gather exactly ``params`` for the duration (read-only); a no-op otherwise."""
+    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage == 3 else nullcontext()
+    with ctx:
+        yield
+
+
+def save_checkpoint(engine: Any, root: Path, tag: str) -> None:
+    """DeepSpeed's own files (model, ZeRO optimizer shards, scheduler) under root/tag. Our pointer to the
+    latest complete checkpoint is written separately, last (engine/checkpoint.py)."""
+    engine.save_checkpoint(str(root), tag=tag, client_state={}, save_latest=False)
+
+
+def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
+    path, _ = engine.load_checkpoint(
+        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+    )
+    if path is None:
+        raise FileNotFoundError(f"DeepSpeed found no model states under {root / tag}")
+
+
+def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights from a checkpoint of any ZeRO stage, on CPU, without a process group."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    model_files = sorted((root / tag).glob("*model_states.pt"))
+    optim_files = sorted((root / tag).glob("*optim_states.pt"))
+    if optim_files:  # ZeRO 1-3: the fp32 master weights live in the optimizer shards
+        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+    if not model_files:
+        raise FileNotFoundError(f"no DeepSpeed model states in {root / tag}")
+    state = torch.load(model_files[0], map_location="cpu", weights_only=False)
+    return {k: v.float() for k, v in state["module"].items()}
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

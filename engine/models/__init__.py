@@ -1,0 +1,1 @@
+"""Model adapters: single-device code for the full loss and the early-exit prefix."""

@@ -1,0 +1,47 @@
+"""AdamW with BERT's weight-decay exclusions and the paper's warm-up + linear-decay schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from engine.config import OptimConfig
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """No weight decay on biases and LayerNorm weights (as BERT); each parameter exactly once."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or "LayerNorm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def warmup_steps(cfg: OptimConfig, total_steps: int) -> int:
+    return math.ceil(cfg.warmup_fraction * total_steps)
+
+
+def lr_factor(step: int, *, total_steps: int, warmup: int, decay: str) -> float:
+    """Multiplier of the peak lr after ``step`` optimizer steps: linear warm-up, then linear decay to 0
+    at ``total_steps`` (or constant)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cuda: bool):
+    fused = cfg.fused if cfg.fused is not None else cuda
+    optimizer = torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
+    )
+    warm = warmup_steps(cfg, total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup=warm, decay=cfg.decay)
+    )
+    return optimizer, schedule

@@ -1,0 +1,77 @@
+"""Per-sequence scores from an early exit: pure tensor code, no DeepSpeed, no ranks.
+
+The scorer runs the exit path with dropout off (eval mode, restored afterwards) and without autograd,
+so a score is a deterministic function of (weights, batch): it draws nothing from any RNG, records no
+graph and leaves parameters and gradients untouched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CRITERIA = ("loss", "entropy")
+
+
+class ExitLogits(Protocol):
+    def modules(self) -> list[nn.Module]: ...
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor: ...
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(G, P, V) logits, (G, P) labels (-100 = unused slot) -> (G, P) fp32 CE, 0 at unused slots."""
+    G, P, V = logits.shape
+    ce = F.cross_entropy(logits.reshape(G * P, V).float(), labels.reshape(G * P), ignore_index=-100, reduction="none")
+    return ce.view(G, P)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """(G, P, V) logits -> (G, P) fp32 entropy of the predictive distribution (nats)."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    return -(logp.exp() * logp).sum(dim=-1)
+
+
+def per_sequence_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(G, P) values, (G, P) bool -> (G,) mean over the valid slots.
+
+    A row with no masked token scores 0: the minimum of both criteria, so such a row is kept only when
+    fewer than B rows have any masked token (it has nothing to teach the MLM objective).
+    """
+    total = torch.where(valid, values, torch.zeros_like(values)).sum(dim=1)
+    return total / valid.sum(dim=1).clamp(min=1)
+
+
+def scores_from_logits(logits: torch.Tensor, labels: torch.Tensor, criterion: str) -> torch.Tensor:
+    """(G, P, V) exit logits at the masked positions -> (G,) fp32 per-sequence scores."""
+    valid = labels >= 0
+    if criterion == "loss":
+        values = token_cross_entropy(logits, labels)
+    elif criterion == "entropy":
+        values = token_entropy(logits)
+    else:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {CRITERIA}")
+    return per_sequence_mean(values, valid)
+
+
+@contextmanager
+def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Dropout off for the duration, then every submodule's own training flag restored."""
+    flags = [(m, m.training) for top in modules for m in top.modules()]
+    for top in modules:
+        top.train(False)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag
+
+
+def exit_scores(path: ExitLogits, batch: dict[str, torch.Tensor], criterion: str) -> torch.Tensor:
+    """(G,) fp32 early-exit scores of a gross batch; see the module docstring for what is untouched."""
+    with torch.no_grad(), eval_mode(path.modules()):
+        return scores_from_logits(path.logits(batch), batch["mlm_labels"], criterion)

@@ -1,0 +1,80 @@
+"""Small builders shared by tests: a tiny BERT and masked batches from random tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from data_pipeline.batch import Batch
+from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
+from engine.config import ModelConfig
+from engine.models.bert import SiftBert, build_model
+
+VOCAB = 120
+SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
+
+
+def tiny_model(seed: int = 0, use_nsp: bool = True, layers: int = 3, dropout: float = 0.1) -> SiftBert:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(preset="tiny", hidden_size=32, num_layers=layers, num_heads=2, intermediate_size=64,
+                      dropout=dropout)
+    return build_model(cfg, vocab_size=VOCAB, seq_len=32, pad_id=SPECIAL["pad"], use_nsp=use_nsp)
+
+
+def random_batch(G: int = 8, T: int = 32, seed: int = 0, short_rows: int = 2) -> Batch:
+    """G pair-style rows ([CLS] A [SEP] B [SEP], some shorter than T, padded), masked like the loader."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, VOCAB, (G, T), generator=g)
+    lengths = torch.full((G,), T)
+    lengths[:short_rows] = torch.randint(T // 2, T, (short_rows,), generator=g)
+    seg_b = lengths // 2
+    rows = torch.arange(G)
+    tokens[:, 0] = SPECIAL["cls"]
+    tokens[rows, seg_b - 1] = SPECIAL["sep"]
+    tokens[rows, lengths - 1] = SPECIAL["sep"]
+    cols = torch.arange(T)[None, :]
+    tokens = torch.where(cols < lengths[:, None], tokens, torch.full_like(tokens, SPECIAL["pad"]))
+    cfg = MaskingConfig(mask_token_id=SPECIAL["mask"], vocab_size=VOCAB, special_ids=tuple(SPECIAL.values()))
+    ids, pos, labels = mask_tokens(tokens, lengths, cfg, row_seeds(seed, 0, np.arange(G)))
+    return {
+        "input_ids": ids,
+        "token_type_ids": ((cols >= seg_b[:, None]) & (cols < lengths[:, None])).long(),
+        "attention_mask": (cols < lengths[:, None]).long(),
+        "mlm_positions": pos,
+        "mlm_labels": labels,
+        "nsp_labels": torch.randint(0, 2, (G,), generator=g),
+        "sample_ids": torch.arange(G),
+    }
+
+
+class PlainEngine:
+    """The slice of DeepSpeed's engine API the schedules use, on a plain torch optimizer (for unit tests)."""
+
+    def __init__(self, model, lr: float = 1e-3, grad_accum: int = 1):
+        self.module = model
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        self.grad_accum = grad_accum
+        self.micro_steps = 0
+
+    def __call__(self, **batch):
+        return self.module(**batch)
+
+    def backward(self, loss):
+        (loss / self.grad_accum).backward()
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        return (self.micro_steps + 1) % self.grad_accum == 0
+
+    def step(self):
+        if self.is_gradient_accumulation_boundary():
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.micro_steps += 1
+
+
+def batch_stream(rows_for_draw, start: int = 0, T: int = 32):
+    """Deterministic device-free loader: draw d is random_batch(rows_for_draw(d), seed=d)."""
+    d = start
+    while True:
+        yield random_batch(G=rows_for_draw(d), T=T, seed=1000 + d)
+        d += 1

@@ -1,0 +1,110 @@
+"""Run configs: typed loading, dotted overrides, one error listing every problem; shipped configs parse."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from engine.config import ConfigError, RunConfig, load_config, parse_overrides, to_dict
+from engine.ds_config import DSConfigError, RunFacts, fill, load_json, zero_stage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path, text):
+    p = tmp_path / "run.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_defaults_and_overrides(tmp_path):
+    cfg = load_config(write(tmp_path, "train:\n  steps: 7\nsift:\n  exit_layer: 2\n"),
+                      ["sift.criterion=entropy", "optim.betas=[0.8, 0.9]", "optim.lr=3e-4"])
+    assert cfg.train.steps == 7 and cfg.sift.exit_layer == 2 and cfg.sift.criterion == "entropy"
+    assert cfg.optim.betas == (0.8, 0.9) and cfg.optim.lr == 3e-4
+    assert cfg.gross_batch_size == 32  # B = 16, keep = 0.5
+    assert load_config(None, ["sift.policy=none"]).gross_batch_size == 16
+    assert isinstance(load_config(), RunConfig)
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    text = "train:\n  stpes: 5\n  micro_batch_size: 0\nsift:\n  policy: greedy\n  keep: 0.3\nbogus: {}\n"
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text), ["optim.lr=fast"])
+    msg = str(e.value)
+    assert "train.stpes: unknown key (did you mean 'steps'?)" in msg
+    assert "bogus: unknown key" in msg
+    assert "optim.lr: expected float, got 'fast'" in msg
+    assert len(e.value.problems) == 3  # type/key errors first; value checks follow once those are fixed
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, "train:\n  micro_batch_size: 0\nsift:\n  policy: greedy\n  keep: 1.5\n"))
+    msg = str(e.value)
+    assert "sift.policy: 'greedy' is not one of topk, random, none" in msg
+    assert "train.micro_batch_size: must be >= 1" in msg and "sift.keep: must be in (0, 1]" in msg
+
+
+def test_inconsistent_values(tmp_path):
+    with pytest.raises(ConfigError, match="B / keep = 13.3333 must be a whole number"):
+        load_config(None, ["train.micro_batch_size=4", "sift.keep=0.3"])
+    with pytest.raises(ConfigError, match="pipelined needs a selecting policy"):
+        load_config(None, ["sift.policy=none", "sift.schedule=pipelined"])
+
+
+def test_bad_files_and_overrides(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the config file"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(write(tmp_path, "train: [1,\n"))
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n"))
+    with pytest.raises(ConfigError, match="expected section.key=value"):
+        parse_overrides(["train.steps"])
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_config(None, ["train=3"])
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_run_configs_parse(path):
+    cfg = load_config(path)
+    assert to_dict(cfg)["train"]["steps"] == cfg.train.steps
+
+
+FACTS = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="bf16", hidden_size=64)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_shipped_deepspeed_configs_fill(path):
+    template = load_json(path)
+    out = fill(template, FACTS, path.name)
+    assert out["train_micro_batch_size_per_gpu"] == 8
+    assert out["train_batch_size"] == 64 and out["gradient_accumulation_steps"] == 2
+    assert out["bf16"]["enabled"] is True and out["fp16"]["enabled"] is False
+    assert zero_stage(out) in (0, 1, 2, 3)
+    assert "auto" not in str(out)
+
+
+def test_deepspeed_conflicts_are_errors_not_overrides(tmp_path):
+    template = {"train_micro_batch_size_per_gpu": 16, "gradient_accumulation_steps": 2,
+                "train_batch_size": 999, "optimizer": {"type": "Adam"}, "bf16": {"enabled": False},
+                "zero_optimization": {"stage": 2, "foo": "auto"}}
+    with pytest.raises(DSConfigError) as e:
+        fill(template, FACTS, "mine.json")
+    msg = str(e.value)
+    assert "train_micro_batch_size_per_gpu is 16 but the run needs 8" in msg
+    assert "train_batch_size is 999 but the run needs 64" in msg
+    assert "'optimizer' block" in msg and "bf16.enabled is False" in msg
+    assert "zero_optimization.foo: \"auto\" is not supported" in msg
+    assert len(e.value.problems) == 5
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"a": 1,,}')
+    with pytest.raises(DSConfigError, match="not valid JSON.*line 1"):
+        load_json(bad)
+
+
+def test_zero_stage_override_and_auto_buckets():
+    out = fill(load_json(ROOT / "ds_configs" / "zero3.json"), FACTS)
+    assert out["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    facts = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="fp32",
+                     hidden_size=64, zero_stage=1)
+    assert zero_stage(fill(load_json(ROOT / "ds_configs" / "zero3.json"), facts)) == 1
