@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 
@@ -69,10 +69,8 @@ class DevicePrefetcher:
         event and ``keep_alive`` the tensors on their stream."""
         current = self._next if self._next is not None else self._fetch()
         self._next = None
-        try:
+        with suppress(StopIteration):  # a finite loader simply ends
             self._next = self._fetch()
-        except StopIteration:
-            pass
         return current
 
 

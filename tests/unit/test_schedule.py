@@ -72,7 +72,7 @@ def test_pipelined_on_cpu_equals_the_one_step_stale_reference(grad_accum, criter
 def test_serial_equals_the_fresh_reference_and_differs_from_stale():
     losses, _, _ = run_schedule(SerialSchedule)
     fresh, kept_fresh, _ = reference(stale=False)
-    stale, kept_stale, _ = reference(stale=True)
+    _, kept_stale, _ = reference(stale=True)
     assert losses == fresh
     assert kept_fresh != kept_stale  # staleness changes which rows are kept at some step
 
