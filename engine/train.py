@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import time
 from functools import partial
@@ -49,6 +50,12 @@ log = logging.getLogger("sift.train")
 
 class TrainingAborted(RuntimeError):
     pass
+
+
+def _fault(point: str, step: int) -> None:
+    """Crash-safety test hook: SIFT_FAULT=<point>:<step> SIGKILLs this process at that point."""
+    if os.environ.get("SIFT_FAULT") == f"{point}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def check_against_data(cfg: RunConfig, meta: Any, num_layers: int) -> list[str]:
@@ -185,6 +192,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     def save() -> None:
         tag = ckpt.tag_for(c["step"])
         ds.save_checkpoint(engine, ckpt_root, tag)
+        _fault("during_save", c["step"])
         pending = schedule.pending_scores if isinstance(schedule, PipelinedSchedule) else None
         ckpt.save_rank_state(ckpt_root, tag, rank, {
             "torch_rng": torch.get_rng_state(),
@@ -199,6 +207,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             ckpt.mark_complete(ckpt_root, tag, state, cfg.train.keep_last)
         ds.barrier()
         log.info("saved checkpoint %s", ckpt_root / tag)
+        _fault("after_save", c["step"])
 
     last_eval = None
     while c["step"] < total:
