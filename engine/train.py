@@ -36,14 +36,13 @@ from data_pipeline.reader import ShardDataset
 from engine import checkpoint as ckpt
 from engine import ds
 from engine.config import ConfigError, RunConfig, load_config, to_dict
-from engine.ds_config import RunFacts, fill, load_json
 from engine.evaluate import evaluate
 from engine.metrics import MetricLogger, StepAccumulator
 from engine.models.bert import build_model
-from engine.optim import build_optimizer
-from engine.schedule import PipelinedSchedule, Scorer, SerialSchedule
+from engine.schedule import PipelinedSchedule
 from engine.selection import selection_active
-from engine.streams import DevicePrefetcher, PhaseTimer, Streams
+from engine.setup import build_engine, build_schedule
+from engine.streams import PhaseTimer
 
 log = logging.getLogger("sift.train")
 
@@ -69,15 +68,6 @@ def check_against_data(cfg: RunConfig, meta: Any, num_layers: int) -> list[str]:
             f"has {meta.splits.get(cfg.data.eval_split, 0)} rows"
         )
     return p
-
-
-def resolve_precision(cfg: RunConfig, template: dict[str, Any], cuda: bool) -> str:
-    if cfg.deepspeed.precision != "auto":
-        return cfg.deepspeed.precision
-    for name in ("bf16", "fp16"):  # an explicit "enabled": true in the JSON decides
-        if template.get(name, {}).get("enabled") is True:
-            return name
-    return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
 def run(cfg: RunConfig) -> dict[str, Any]:
@@ -112,16 +102,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     if problems:
         raise ConfigError(problems, "run config vs data/model")
     torch.manual_seed(cfg.train.seed * 1_000_003 + rank + 1)  # per-rank dropout streams
-    optimizer, scheduler = build_optimizer(model, cfg.optim, total, cuda)
 
     # ------------------------------------------------------------------ deepspeed engine
-    template = load_json(cfg.deepspeed.config)
-    precision = resolve_precision(cfg, template, cuda)
-    ds_cfg = fill(template, RunFacts(micro_batch_size=B, grad_accum=ga, world_size=world, grad_clip=cfg.optim.grad_clip,
-                                     precision=precision, hidden_size=model.config.hidden_size,
-                                     zero_stage=cfg.deepspeed.zero_stage), cfg.deepspeed.config)
-    engine = ds.initialize(model, optimizer, scheduler, ds_cfg)
-    stage = ds.zero_stage(engine)
+    engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda)
     log.info("world %d, device %s, ZeRO-%d, %s; B=%d G=%d grad_accum=%d; %s selection, %s exit at layer %d, %s",
              world, device.type, stage, precision, B, G, ga, cfg.sift.policy, cfg.sift.criterion,
              cfg.sift.exit_layer, cfg.sift.schedule)
@@ -150,20 +133,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.info("resumed from %s at step %d (%d samples consumed)", ckpt_root / tag, c["step"], c["consumed_samples"])
 
     # ------------------------------------------------------------------ the loop
-    streams = Streams(device)
     timer = PhaseTimer(cuda)
     loader = build_loader(train_set, seed=cfg.train.seed, rank=rank, world_size=world,
                           batch_size_for_draw=rows_for_draw, start_draw=c["draws"],
                           consumed_samples=c["consumed_samples"], num_workers=cfg.data.num_workers,
                           pin_memory=cuda if cfg.data.pin_memory is None else cfg.data.pin_memory,
                           mask_prob=cfg.data.mask_prob)
-    scorer = None
-    if cfg.sift.policy != "none":
-        gather = partial(ds.gathered, stage=3) if stage == 3 else None
-        scorer = Scorer(model, cfg.sift.exit_layer, cfg.sift.criterion, device=device, gather=gather)
-    Sched = PipelinedSchedule if cfg.sift.schedule == "pipelined" else SerialSchedule
-    schedule = Sched(engine, scorer, policy=cfg.sift.policy, micro_batch_size=B, seed=cfg.train.seed, rank=rank,
-                     prefetcher=DevicePrefetcher(iter(loader), device, streams), streams=streams, timer=timer)
+    schedule = build_schedule(cfg, engine, model, stage=stage, batches=iter(loader), device=device, rank=rank,
+                              timer=timer)
     if pending_scores is not None and isinstance(schedule, PipelinedSchedule):
         schedule.set_pending_scores(pending_scores.to(device))
 
