@@ -229,14 +229,17 @@ def _preflight(args: argparse.Namespace, prepared: Prepared) -> None:
                           f"root, or pass --script PATH / --module launcher.train")
 
 
-def _write_files(files: Mapping[str, str]) -> None:
+def _write_files(files: Mapping[str, str]) -> list[str]:
+    """Write the generated files into the current directory; return notes about replaced ones."""
+    notes = []
     for name, content in files.items():
         if name == GENERATED_HOSTFILE:
             Path(name).write_text(content)
             continue
         _, backup = write_deepspeed_env(content, ".", name)
         if backup:
-            print(f"# note: the previous {name} was kept as {backup}", flush=True)
+            notes.append(f"note: the previous {name} was kept as {backup}")
+    return notes
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -248,22 +251,24 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         prepared = prepare(args, train_args, os.environ)
-        for line in prepared.notes:
-            print(f"# {line}")
+        notes = list(prepared.notes)
         home_env = Path.home() / DEEPSPEED_ENV_NAME
         if args.backend == "deepspeed" and prepared.multi_node and home_env.is_file():
-            print(f"# note: {home_env} exists; the deepspeed launcher applies it before ./{DEEPSPEED_ENV_NAME}")
-        for name, content in prepared.files.items():
-            print(f"# {'would write' if args.dry_run else 'wrote'} {name}:")
-            print("".join(f"#   {line}\n" for line in content.splitlines()), end="")
-        print(shlex.join(prepared.argv), flush=True)
-        if args.dry_run:
-            return 0
-        _preflight(args, prepared)
-        _write_files(prepared.files)
+            notes.append(f"note: {home_env} exists; the deepspeed launcher applies it before ./{DEEPSPEED_ENV_NAME}")
+        if not args.dry_run:
+            _preflight(args, prepared)
+            notes += _write_files(prepared.files)
     except LaunchError as exc:
         print(f"sift launch: error: {exc}", file=sys.stderr)
         return 2
+    for line in notes:
+        print(f"# {line}")
+    for name, content in prepared.files.items():
+        print(f"# {'would write' if args.dry_run else 'wrote'} {name}:")
+        print("".join(f"#   {line}\n" for line in content.splitlines()), end="")
+    print(shlex.join(prepared.argv), flush=True)  # last, so it can be copied from the end of the output
+    if args.dry_run:
+        return 0
     code = subprocess.call(prepared.argv)
     return code if code >= 0 else 128 - code  # killed by a signal: the shell's convention
 

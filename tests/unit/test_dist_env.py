@@ -271,14 +271,17 @@ def test_missing_libmpi_gives_an_install_hint():
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI (mpirun) not installed")
-def test_two_ranks_under_mpirun_agree_on_rank0_address():
+def test_two_ranks_under_mpirun_agree_on_rank0_address(tmp_path):
     pytest.importorskip("mpi4py")
+    code = RESOLVE_UNDER_MPIRUN.replace(
+        "print(resolve(os.environ).master_addr)",  # one file per rank: mpirun may interleave stdout
+        f"open({str(tmp_path)!r} + '/' + os.environ['OMPI_COMM_WORLD_RANK'], 'w').write(resolve(os.environ).master_addr)",
+    )
     proc = subprocess.run(
-        ["mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "-x", "PYTHONPATH",
-         sys.executable, "-c", RESOLVE_UNDER_MPIRUN],
+        ["mpirun", "-np", "2", "--oversubscribe", "--allow-run-as-root", "-x", "PYTHONPATH", sys.executable, "-c", code],
         env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=60,
     )
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
-    assert proc.returncode == 0, proc.stderr
-    assert len(lines) == 2 and lines[0] == lines[1] and "LaunchError" not in lines[0]
-    socket.inet_aton(lines[0])  # an IPv4 address, chosen on rank 0 and broadcast
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    addrs = [(tmp_path / str(rank)).read_text() for rank in (0, 1)]
+    assert addrs[0] == addrs[1]
+    socket.inet_aton(addrs[0])  # an IPv4 address, chosen on rank 0 and broadcast

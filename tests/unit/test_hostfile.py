@@ -56,7 +56,7 @@ def test_a_file_without_hosts_is_an_error(text):
 
 
 def test_read_hostfile_names_a_missing_file(tmp_path):
-    with pytest.raises(LaunchError, match="cannot read hostfile .*nope"):
+    with pytest.raises(LaunchError, match=r"cannot read hostfile .*nope"):
         read_hostfile(tmp_path / "nope")
     (tmp_path / "hf").write_text("x slots=3\n")
     assert read_hostfile(tmp_path / "hf") == {"x": 3}
