@@ -87,7 +87,9 @@ def test_efa_installer_runs_in_container_mode_and_bundles_ofi_nccl(parsed):
 def test_environment_has_current_guidance_and_nothing_obsolete(parsed):
     env = parsed.envs
     assert {k: env.get(k) for k in P4D_ENV} == P4D_ENV
-    assert env["PATH"].startswith("/opt/amazon/openmpi/bin:")
+    path = env["PATH"].split(":")
+    assert "/opt/amazon/openmpi/bin" in path and "/opt/nccl-tests/build" in path
+    assert "/opt/amazon/openmpi/bin" in path[: path.index("")], "EFA's Open MPI must come before the base image's PATH"
     assert "/opt/amazon/ofi-nccl/lib" in env["LD_LIBRARY_PATH"].split(":")
     assert "/opt/amazon/openmpi/lib" in env["LD_LIBRARY_PATH"].split(":")
     code = "\n".join(s["content"] for s in parsed.structure if s["instruction"] != "COMMENT")
