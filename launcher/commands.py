@@ -199,7 +199,11 @@ def deepspeed_command(plan: LaunchPlan) -> list[str]:
         # ignoring both that host's name and --launcher.
         if multi and (len(plan.resources) == 1 or plan.ds_launcher != "pdsh"):
             argv += ["--force_multi"]
-    if plan.master_addr and plan.ds_launcher == "pdsh":
+    if plan.ds_launcher != "pdsh":
+        # The runner would otherwise ssh to the first host twice (a reachability check, and
+        # `hostname -I` for the address) although mpirun/srun start the processes.
+        argv += ["--no_ssh_check", "--master_addr", master_addr(plan)]
+    elif plan.master_addr:
         argv += ["--master_addr", plan.master_addr]
     argv += ["--master_port", str(plan.master_port)]
     launcher_args: list[str] = []

@@ -142,3 +142,35 @@ def test_mpirun_backend_starts_ranks_that_resolve_their_place(capfd, monkeypatch
     assert code == 0, capfd.readouterr()
     got = [(tmp_path / f"rank{r}").read_text() for r in (0, 1)]
     assert got == [f"{r}/2 {r}/2 127.0.0.1:29611 openmpi 0" for r in (0, 1)]
+
+
+PROBE = (  # a stand-in for launcher/train.py: where am I, what did I get? (no training)
+    "import os, sys\n"
+    "sys.path.insert(0, {repo!r})\n"
+    "from launcher.dist_env import resolve\n"
+    "d = resolve(os.environ)\n"
+    "open({out!r} + f'/rank{{d.rank}}', 'w').write(\n"
+    "    f'{{d.rank}}/{{d.world_size}} {{d.source}} {{d.master_addr}} {{os.environ.get(\"FI_EFA_USE_HUGE_PAGE\")}} '\n"
+    "    + ' '.join(a for a in sys.argv[1:] if not a.startswith('--local_rank')))\n"
+)
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("ds_launcher", ["pdsh", "openmpi"])
+def test_deepspeed_backend_starts_two_ranks_on_this_machine(capfd, monkeypatch, tmp_path, ds_launcher):
+    """The printed deepspeed command, run by the installed deepspeed launcher: locally (pdsh runner
+    not needed for one host) and through its openmpi runner (mpirun)."""
+    pytest.importorskip("deepspeed")
+    if ds_launcher == "openmpi" and shutil.which("ompi_info") is None:
+        pytest.skip("Open MPI not installed")
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    (tmp_path / "probe.py").write_text(PROBE.format(repo=str(REPO), out=str(tmp_path)))
+    extra = ["--allow-run-as-root", "--oversubscribe"] if ds_launcher == "openmpi" else []
+    code = main(["launch", "--hosts", "localhost", "--gpus-per-node", "2", "--ds-launcher", ds_launcher,
+                 "--master-port", "29612", "--env", "FI_EFA_USE_HUGE_PAGE=0", *extra, "--script", "probe.py",
+                 "--", "--config", "x.yaml"])
+    assert code == 0, capfd.readouterr()
+    source = "deepspeed" if ds_launcher == "pdsh" else "openmpi"
+    assert [(tmp_path / f"rank{r}").read_text() for r in (0, 1)] == [
+        f"{r}/2 {source} 127.0.0.1 0 --config x.yaml" for r in (0, 1)]

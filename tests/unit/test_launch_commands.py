@@ -104,10 +104,10 @@ def test_deepspeed_local_launch_passes_env_in_a_prefix():
 
 def test_deepspeed_openmpi_runner_gets_master_and_placement_through_launcher_args():
     argv = build_command("deepspeed", plan(hostfile="hf", ds_launcher="openmpi", allow_run_as_root=True))
-    assert argv[:8] == ["deepspeed", "--hostfile", "hf", "--force_multi", "--master_port", "29500",
-                        "--launcher", "openmpi"]
-    assert argv[8] == "--launcher_args"
-    inner = shlex.split(argv[9])  # the runner shlex-splits this string again
+    assert argv[:11] == ["deepspeed", "--hostfile", "hf", "--force_multi", "--no_ssh_check", "--master_addr", "p4d-1",
+                         "--master_port", "29500", "--launcher", "openmpi"]
+    assert argv[11] == "--launcher_args"
+    inner = shlex.split(argv[12])  # the runner shlex-splits this string again
     assert inner == ["--map-by", "ppr:8:node", "--bind-to", "none", "--mca", "pml", "^cm", "--allow-run-as-root",
                      "-x", "MASTER_ADDR=p4d-1", "-x", "MASTER_PORT=29500"]
     assert "btl_tcp_if_exclude" not in inner  # would clash with the runner's own btl_tcp_if_include
@@ -118,6 +118,7 @@ def test_deepspeed_openmpi_runner_gets_master_and_placement_through_launcher_arg
 def test_deepspeed_slurm_runner_gets_master_through_the_environment():
     argv = build_command("deepspeed", plan(hostfile="hf", ds_launcher="slurm", master_port=7000))
     assert argv[:4] == ["env", "MASTER_ADDR=p4d-1", "MASTER_PORT=7000", "deepspeed"]
+    assert argv[7:10] == ["--no_ssh_check", "--master_addr", "p4d-1"]
     assert argv[argv.index("--launcher") + 1] == "slurm"
 
 
