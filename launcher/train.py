@@ -1,0 +1,52 @@
+"""The training entry point for every launcher.
+
+    sift train --config RUN.yaml [section.key=value ...]                 # one process
+    deepspeed --hostfile hostfile launcher/train.py --config RUN.yaml    # many GPUs / nodes
+    torchrun --nproc-per-node 8 launcher/train.py --config RUN.yaml
+    mpirun -np 16 python launcher/train.py --config RUN.yaml
+    srun python launcher/train.py --config RUN.yaml                      # inside an allocation
+
+It works out this process's rank from whichever launcher started it (launcher/dist_env.py), exports the
+standard RANK/WORLD_SIZE/MASTER_* variables, and hands over to engine/train.py.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (`deepspeed launcher/train.py`): put the repo root first
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from launcher.dist_env import LaunchError, export, resolve, wait_for_master
+
+MASTER_WAIT_S = float(os.environ.get("SIFT_MASTER_TIMEOUT", "300"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        dist = resolve(os.environ)
+        if dist.source == "single" and "MASTER_PORT" not in os.environ:
+            os.environ["MASTER_PORT"] = str(_free_port())  # two one-process runs on a machine must not collide
+            dist = resolve(os.environ)
+        export(dist, os.environ)
+        if dist.rank != 0:
+            wait_for_master(dist.master_addr, dist.master_port, MASTER_WAIT_S)
+    except LaunchError as e:
+        print(f"sift train: error: {e}", file=sys.stderr)
+        return 2
+    from engine.train import main as train_main
+
+    return train_main(argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
