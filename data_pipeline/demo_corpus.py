@@ -37,7 +37,21 @@ _CITIES = ["springfield", "riverton", "lakeside", "fairview", "greenville", "oak
 _DAYS = ["monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday"]
 _WEATHER = ["sunny", "cloudy", "rainy", "windy", "foggy"]
 _ITEMS = ["apples", "chairs", "lamps", "books", "pencils", "boxes", "cups", "plates"]
-_NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve"]
+_NUMBERS = [
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+]
 
 
 def _pydoc_topics() -> Iterator[tuple[str, str]]:
@@ -123,7 +137,11 @@ class _Grammar:
         return " ".join(parts)
 
     def sentence(self, depth: int = 0) -> str:
-        vp = f"{self.word('v')} {self.np_(1)}" if self.rng.random() < 0.7 else f"{self.word('v')} {self.word('adv')}"
+        vp = (
+            f"{self.word('v')} {self.np_(1)}"
+            if self.rng.random() < 0.7
+            else f"{self.word('v')} {self.word('adv')}"
+        )
         s = f"{self.np_(0)} {vp}"
         if depth < 1 and self.rng.random() < 0.25:
             s += f" {self.rng.choice(['and', 'but', 'because'])} {self.sentence(depth + 1)}"
@@ -133,7 +151,9 @@ class _Grammar:
         return " ".join(self.sentence().capitalize() + "." for _ in range(sentences))
 
 
-def generate_documents(seed: int = 0, target_docs: int = 2000, stdlib: bool = True) -> Iterator[dict[str, str]]:
+def generate_documents(
+    seed: int = 0, target_docs: int = 2000, stdlib: bool = True
+) -> Iterator[dict[str, str]]:
     """Yield ``{"id", "source", "text"}`` records: the stdlib text (unless ``stdlib=False``), then
     ``target_docs`` generated documents of mixed difficulty."""
     if stdlib:
@@ -162,7 +182,9 @@ def generate_documents(seed: int = 0, target_docs: int = 2000, stdlib: bool = Tr
         yield {"id": f"gen-{i:06d}", "source": kind, "text": text}
 
 
-def write_demo_corpus(out_dir: str | Path, seed: int = 0, target_docs: int = 2000, stdlib: bool = True) -> Path:
+def write_demo_corpus(
+    out_dir: str | Path, seed: int = 0, target_docs: int = 2000, stdlib: bool = True
+) -> Path:
     """Write ``<out_dir>/demo-corpus.jsonl`` (fields id, source, text) and return its path.
 
     ``target_docs`` generated documents (about 250 words each) come on top of the stdlib text; the

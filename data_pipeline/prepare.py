@@ -288,7 +288,7 @@ class Summary:
 
 
 def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
-    stats = ReadStats()
+    stats = ReadStats(warn=False)
     texts = (d.text for d in islice(iter_documents(resolved, opts, stats), args.max_docs))
     if args.tokenizer_train_docs is not None:
         texts = islice(texts, args.tokenizer_train_docs)

@@ -54,6 +54,8 @@ class ReadStats:
     replaced_bytes: dict[str, int] = field(default_factory=dict)
     """File -> number of undecodable bytes replaced with U+FFFD."""
     empty_files: list[str] = field(default_factory=list)
+    warn: bool = True
+    """Log per-file problems (off for the tokenizer-training pass, which reads the same files first)."""
 
 
 def _suffix(path: Path) -> str:
@@ -302,11 +304,13 @@ def iter_documents(
                 raise DataError(f"{path}: cannot be read ({e})") from None
             if counter.count:
                 stats.replaced_bytes[location] = counter.count
-                log.warning("%s: %d undecodable byte(s) replaced with U+FFFD", location, counter.count)
+                if stats.warn:
+                    log.warning("%s: %d undecodable byte(s) replaced with U+FFFD", location, counter.count)
         else:
             for doc in _read_datasets(kind, location, opts):
                 stats.documents += 1
                 yield doc
         if stats.documents == before:
             stats.empty_files.append(location)
-            log.warning("input %s holds no documents", location)
+            if stats.warn:
+                log.warning("input %s holds no documents", location)
