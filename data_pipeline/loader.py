@@ -1,0 +1,177 @@
+"""Batches for the engine: sampler -> (worker) read rows + mask + collate -> ``Batch``.
+
+``build_loader`` wires a ``torch.utils.data.DataLoader`` with ``batch_size=None``: its sampler, iterated
+in the main process, yields one small ``DrawRequest`` (draw index, row ids, epochs) per draw, and the
+dataset turns each request into a complete, collated and masked ``Batch`` inside a worker. Workers hold
+no per-sample state, only the memory-mapped shards.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from data_pipeline.batch import IGNORE_INDEX, Batch
+from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
+from data_pipeline.reader import DatasetMeta, ShardDataset
+from data_pipeline.sampler import DrawRequest, DrawSampler
+
+log = logging.getLogger(__name__)
+
+EVAL_EPOCH = 0xFFFF_FFFF
+"""The epoch evaluation masks are keyed on: fixed, and unlike any training epoch's masks."""
+
+
+def masking_config(meta: DatasetMeta, mask_prob: float = 0.15) -> MaskingConfig:
+    """BERT 80/10/10 masking for this dataset; every special token id is excluded from prediction."""
+    return MaskingConfig(
+        mask_token_id=meta.special_ids["mask"],
+        vocab_size=meta.vocab_size,
+        special_ids=tuple(sorted(set(meta.special_ids.values()))),
+        mask_prob=mask_prob,
+    )
+
+
+def collate(
+    rows: dict[str, np.ndarray],
+    sample_ids: np.ndarray,
+    epochs: np.ndarray | int,
+    cfg: MaskingConfig,
+    seed: int,
+    objective: str,
+) -> Batch:
+    """Turn rows from ``ShardDataset.rows`` into a masked ``Batch`` (see ``batch.py`` for shapes).
+
+    Args:
+        rows: tokens (G, T), lengths (G,), segment_b (G,), nsp_label (G,).
+        sample_ids: (G,) row ids in the split; epochs: (G,) or scalar, the epoch each row was drawn in.
+    """
+    tokens = torch.from_numpy(rows["tokens"])
+    lengths = torch.from_numpy(rows["lengths"])
+    G, T = tokens.shape
+    cols = torch.arange(T)
+    attention = cols[None, :] < lengths[:, None]
+    segment_b = torch.from_numpy(rows["segment_b"])
+    token_type = (cols[None, :] >= segment_b[:, None]) & attention
+    if objective == "nsp_pairs":
+        nsp = torch.from_numpy(rows["nsp_label"])
+    else:
+        nsp = torch.full((G,), IGNORE_INDEX, dtype=torch.int64)
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    input_ids, positions, labels = mask_tokens(tokens, lengths, cfg, row_seeds(seed, epochs, ids))
+    return {
+        "input_ids": input_ids,
+        "token_type_ids": token_type.long(),
+        "attention_mask": attention.long(),
+        "mlm_positions": positions,
+        "mlm_labels": labels,
+        "nsp_labels": nsp,
+        "sample_ids": torch.from_numpy(ids.copy()),
+    }
+
+
+class DrawDataset(Dataset):
+    """Map-style dataset whose "index" is a ``DrawRequest``; ``__getitem__`` returns a whole Batch."""
+
+    def __init__(self, dataset: ShardDataset, cfg: MaskingConfig, seed: int):
+        self.dataset, self.cfg, self.seed = dataset, cfg, seed
+
+    def __getitem__(self, request: DrawRequest) -> Batch:
+        rows = self.dataset.rows(request.sample_ids)
+        return collate(
+            rows, request.sample_ids, request.epochs, self.cfg, self.seed, self.dataset.meta.objective
+        )
+
+    def __len__(self) -> int:  # not used for iteration (the sampler is infinite); keeps DataLoader happy
+        return len(self.dataset)
+
+
+def _worker_init(_: int) -> None:
+    # Each worker is one process doing numpy/torch work on small arrays: intra-op threads only contend.
+    torch.set_num_threads(1)
+
+
+def build_loader(
+    dataset: ShardDataset,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size_for_draw: Callable[[int], int],
+    start_draw: int = 0,
+    consumed_samples: int = 0,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    prefetch_factor: int = 2,
+    mask_prob: float = 0.15,
+    shuffle: bool = True,
+) -> Iterable[Batch]:
+    """Infinite iterable of this rank's batches, one per draw: ``start_draw``, ``start_draw + 1``, ...
+
+    Draw d has ``batch_size_for_draw(d)`` rows (a pure function: e.g. B during warm-up, G after). To
+    resume, pass the number of draws already taken by every rank as ``start_draw`` and the global
+    number of samples consumed so far as ``consumed_samples`` (``sum(world * size(d))`` over past draws,
+    which stays valid across a change of world size). Each ``iter()`` restarts at the resume point.
+    Masks depend only on (seed, epoch, sample), never on rank, world size or batch composition.
+    """
+    if pin_memory and not torch.cuda.is_available():
+        log.warning("pin_memory requested but CUDA is not available: not pinning")
+        pin_memory = False
+    sampler = DrawSampler(
+        len(dataset),
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        size_fn=batch_size_for_draw,
+        start_draw=start_draw,
+        consumed_samples=consumed_samples,
+        shuffle=shuffle,
+    )
+    draws = DrawDataset(dataset, masking_config(dataset.meta, mask_prob), seed)
+    return DataLoader(
+        draws,
+        batch_size=None,
+        sampler=sampler,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
+        persistent_workers=False,
+        worker_init_fn=_worker_init if num_workers > 0 else None,
+    )
+
+
+def eval_rows(n: int, rank: int, world_size: int, num_samples: int | None = None) -> np.ndarray:
+    """Rows rank ``rank`` evaluates: its contiguous share of the first ``num_samples`` rows (all if None).
+
+    Shares differ in size by at most one row, so ranks may yield different numbers of batches.
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} outside world of size {world_size}")
+    total = n if num_samples is None else min(int(num_samples), n)
+    return np.arange(total * rank // world_size, total * (rank + 1) // world_size, dtype=np.int64)
+
+
+def eval_batches(
+    dataset: ShardDataset,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    batch_size: int,
+    num_samples: int | None = None,
+    mask_prob: float = 0.15,
+) -> Iterator[Batch]:
+    """Deterministic, unshuffled, finite: this rank's share of the first ``num_samples`` rows (see
+    ``eval_rows``) in batches of ``batch_size`` (the last may be smaller), with masks keyed on
+    (seed, ``EVAL_EPOCH``, sample): the same on every call, at every world size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    cfg = masking_config(dataset.meta, mask_prob)
+    ids = eval_rows(len(dataset), rank, world_size, num_samples)
+    for start in range(0, len(ids), batch_size):
+        chunk = ids[start : start + batch_size]
+        yield collate(dataset.rows(chunk), chunk, EVAL_EPOCH, cfg, seed, dataset.meta.objective)

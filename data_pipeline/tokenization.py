@@ -1,0 +1,163 @@
+"""Tokenizers: load one (hub name or directory), train an uncased BERT WordPiece, split into sentences.
+
+Whatever the source, the tokenizer used is saved next to the shards (``<out>/tokenizer``, a directory
+``transformers.AutoTokenizer`` loads offline), so a dataset is self-contained and its ``index.json``
+records a hash of exactly those files. Workers get the Rust tokenizer as its JSON serialization.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from data_pipeline.errors import DataError
+
+log = logging.getLogger(__name__)
+
+SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
+# Sentence ends: terminal punctuation (optionally closed by a quote or bracket) before whitespace, or a
+# blank line. Cheap and language-agnostic enough for packing; it is not a linguistic segmenter.
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n\s*\n")
+_LINE_END = re.compile(r"\s*\n\s*")
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_frequency: int = 2):
+    """Train an uncased BERT WordPiece tokenizer on ``texts`` (streamed) and save it to ``out_dir``.
+
+    Returns the ``transformers`` tokenizer (a fast BERT tokenizer, as ``AutoTokenizer`` loads it back).
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import BertTokenizerFast
+
+    if vocab_size < 64:
+        raise DataError(f"--vocab-size {vocab_size} is too small for a WordPiece vocabulary (use >= 64)")
+    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=100))
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    trainer = trainers.WordPieceTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=list(SPECIAL_TOKENS.values()),
+        continuing_subword_prefix="##",
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    cls_id, sep_id = tok.token_to_id(SPECIAL_TOKENS["cls"]), tok.token_to_id(SPECIAL_TOKENS["sep"])
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)],
+    )
+    tok.decoder = decoders.WordPiece(prefix="##")
+    hf = BertTokenizerFast(
+        tokenizer_object=tok,
+        do_lower_case=True,
+        **{f"{k}_token": v for k, v in SPECIAL_TOKENS.items()},
+    )
+    hf.save_pretrained(str(out_dir))
+    log.info("trained a %d-token uncased WordPiece tokenizer -> %s", len(hf), out_dir)
+    return hf
+
+
+def load_tokenizer(name_or_path: str):
+    """``AutoTokenizer.from_pretrained`` with errors a user can act on (``DataError``, no traceback)."""
+    from transformers import AutoTokenizer
+
+    local = Path(name_or_path).expanduser()
+    if local.exists() and not local.is_dir():
+        raise DataError(
+            f"--tokenizer {name_or_path}: expected a tokenizer directory or a hub name, got a file"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path)
+    except Exception as e:  # transformers/hub raise OSError, ValueError, HTTP errors...
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = (
+            f"directory {local}" if local.is_dir() else f"hub name {name_or_path!r} (no such local directory)"
+        )
+        hint = "; offline (HF_HUB_OFFLINE=1): use a local directory or --train-tokenizer" if offline else ""
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load tokenizer from {where}: {first}{hint}") from None
+    if getattr(tok, "backend_tokenizer", None) is None:
+        raise DataError(
+            f"tokenizer {name_or_path!r} has no fast (Rust `tokenizers`) backend, which prepare needs"
+        )
+    return tok
+
+
+def special_ids(tok, name: str) -> dict[str, int]:
+    """pad/unk/cls/sep/mask ids of a transformers tokenizer; ``DataError`` if any is missing."""
+    ids = {k: getattr(tok, f"{k}_token_id", None) for k in SPECIAL_TOKENS}
+    missing = [f"{k} ({SPECIAL_TOKENS[k]})" for k, v in ids.items() if v is None]
+    if missing:
+        raise DataError(
+            f"tokenizer {name!r} lacks special token(s) {', '.join(missing)}: BERT-style pretraining needs "
+            "pad, unk, cls, sep and mask tokens"
+        )
+    return {k: int(v) for k, v in ids.items()}
+
+
+def check_tokenizer_fits(vocab_size: int, name: str, max_vocab_size: int | None) -> None:
+    if max_vocab_size is not None and vocab_size > max_vocab_size:
+        raise DataError(
+            f"tokenizer {name!r} has {vocab_size} tokens but --max-vocab-size (the model's embedding rows) "
+            f"is {max_vocab_size}: its ids would index past the model's embedding table; use a smaller "
+            "tokenizer or a larger model vocabulary"
+        )
+    if vocab_size > 1 << 32:
+        raise DataError(f"tokenizer {name!r} has {vocab_size} tokens, more than uint32 token ids can hold")
+
+
+@dataclass(frozen=True)
+class SentenceSplitter:
+    """Documents -> word-piece ids per sentence, run inside prepare's worker processes.
+
+    Built from the Rust tokenizer's JSON (picklable, cheap to rebuild once per worker).
+    """
+
+    tokenizer_json: str
+    mode: str = "punct"
+    """``punct``: end sentences at . ! ? and blank lines; ``line``: every line is a sentence."""
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("punct", "line"):
+            raise DataError(f"--sentence-split must be 'punct' or 'line', got {self.mode!r}")
+
+    def build(self):
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.tokenizer_json)
+        tok.no_truncation()
+        tok.no_padding()
+        return tok
+
+    def split(self, text: str) -> list[str]:
+        pattern = _LINE_END if self.mode == "line" else _SENTENCE_END
+        return [s for s in pattern.split(text) if s and not s.isspace()]
+
+    def encode(self, tok, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per document: (ids (n_tokens,) uint32, sentence_lengths (n_sentences,) int64), empty ones dropped."""
+        sentences: list[str] = []
+        counts: list[int] = []
+        for text in texts:
+            parts = self.split(text)
+            sentences += parts
+            counts.append(len(parts))
+        ids = [e.ids for e in tok.encode_batch_fast(sentences, add_special_tokens=False)] if sentences else []
+        lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
+        flat = np.fromiter(chain.from_iterable(ids), dtype=np.uint32, count=int(lengths.sum()))
+        out = []
+        s = t = 0
+        for c in counts:
+            lens = lengths[s : s + c]
+            n = int(lens.sum())
+            out.append((flat[t : t + n], lens[lens > 0]))
+            s, t = s + c, t + n
+        return out
