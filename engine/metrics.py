@@ -11,14 +11,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from engine.schedule import MicroOut
 
 log = logging.getLogger(__name__)
 
 
+# Reported as ratios of global sums rather than as means of per-step values.
+RATIOS = {"mlm_loss": ("mlm_sum", "mlm_count"), "mlm_acc": ("mlm_correct", "mlm_count")}
+
+
 class StepAccumulator:
-    """Sums of device tensors over the micro-steps of a log interval; one host sync per flush."""
+    """Sums of device tensors over the micro-steps of a log interval, reduced over ranks at ``flush``
+    (one all-reduce and one host sync per log interval; every rank must call it)."""
 
     def __init__(self) -> None:
         self.reset()
@@ -26,25 +32,21 @@ class StepAccumulator:
     def reset(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
-        self.micro_steps = 0
         self.skipped = 0
 
     def _add(self, name: str, value: torch.Tensor | float) -> None:
-        v = value.detach().float() if isinstance(value, torch.Tensor) else value
+        v = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
         self._sums[name] = self._sums[name] + v
         self._counts[name] += 1
 
     def add(self, mo: MicroOut) -> None:
-        self.micro_steps += 1
         if not mo.finite:
             self.skipped += 1
             return
         out = mo.out
-        for key in ("loss", "mlm_loss", "nsp_loss"):
+        for key in ("loss", "nsp_loss", "mlm_sum", "mlm_count", "mlm_correct"):
             if key in out:
                 self._add(key, out[key])
-        self._add("mlm_correct", out["mlm_correct"])
-        self._add("mlm_count", out["mlm_count"])
         if mo.kept_mean is not None:
             self._add("kept_score", mo.kept_mean)
             self._add("dropped_score", mo.dropped_mean)
@@ -53,16 +55,24 @@ class StepAccumulator:
             self._add("topk_overlap", mo.fidelity[1])
 
     def flush(self) -> dict[str, float]:
-        """Means over the interval (accuracy as a ratio of sums)."""
-        names = list(self._sums)
-        values = [self._sums[n] for n in names]
-        tensors = [v if isinstance(v, torch.Tensor) else torch.tensor(v) for v in values]
-        host = torch.stack([t.cpu() for t in tensors]).tolist() if tensors else []
-        sums = dict(zip(names, host))
-        out = {n: sums[n] / self._counts[n] for n in names if n not in ("mlm_correct", "mlm_count")}
-        if sums.get("mlm_count"):
-            out["mlm_acc"] = sums["mlm_correct"] / sums["mlm_count"]
-        out["skipped_nonfinite"] = self.skipped
+        """Global values over the interval: token means and accuracy as ratios of sums; the rest are
+        means over micro-steps and ranks (``loss`` is the global token-mean objective)."""
+        names = sorted(self._sums)
+        device = next((v.device for v in self._sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        values = [*(self._sums[n] for n in names), float(self.skipped)]
+        stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
+        world = 1
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            world = dist.get_world_size()
+            dist.all_reduce(stacked)
+        host = stacked.tolist()
+        sums = dict(zip(names, host[:-1]))
+        out = {n: sums[n] / (self._counts[n] * world) for n in names
+               if n not in ("mlm_sum", "mlm_count", "mlm_correct")}
+        for name, (num, den) in RATIOS.items():
+            if sums.get(den):
+                out[name] = sums[num] / sums[den]
+        out["skipped_nonfinite"] = int(host[-1])
         self.reset()
         return out
 

@@ -83,10 +83,30 @@ class MicroOut:
     """(Spearman, top-B overlap) of exit scores vs exact full-model losses on the gross batch."""
 
 
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def global_objective(out: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss as a token mean over the whole data-parallel micro-batch.
+
+    DeepSpeed averages gradients over ranks, so each rank back-propagates its token sum over the global
+    token count, times the world size: B rows on each of W ranks then train exactly like W x B rows on
+    one, whatever each rank's number of masked tokens (one scalar all-reduce, no host sync).
+    """
+    world = _world()
+    if world == 1:
+        return out["loss"]
+    count = out["mlm_count"].detach().to(torch.float32)
+    dist.all_reduce(count)
+    loss = out["mlm_sum"] * world / count.clamp(min=1)
+    return loss + out["nsp_loss"] if "nsp_loss" in out else loss
+
+
 def all_finite(loss: torch.Tensor) -> bool:
     """True when the loss is finite on every rank (one tiny all-reduce and one host sync)."""
     flag = torch.isfinite(loss.detach()).to(torch.float32)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _world() > 1:
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
 
@@ -127,6 +147,7 @@ class Schedule:
         """Forward, backward and (at a boundary) the optimizer step on the kept rows."""
         with self.timer.phase("forward"):
             out = self.engine(**kept)
+            out["loss"] = global_objective(out)
         if after_forward is not None:
             after_forward()
         if not all_finite(out["loss"]):

@@ -137,7 +137,8 @@ class SiftBert(nn.Module):
         nsp_labels: torch.Tensor,
         sample_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Training loss = token-mean MLM cross-entropy (+ mean NSP cross-entropy for pairs).
+        """Training loss = token-mean MLM cross-entropy (+ mean NSP cross-entropy for pairs), on this
+        device's rows. ``mlm_sum`` lets the schedule normalise by the global token count instead.
 
         Also returns detached statistics: ``mlm_per_seq`` (G,) mean masked-token CE per sequence
         (0 where a row has no masked token), correct/count sums for accuracies.
@@ -149,8 +150,10 @@ class SiftBert(nn.Module):
         ce = token_cross_entropy(logits, mlm_labels)  # (G, P), 0 at unused slots
         valid = mlm_labels >= 0
         count = valid.sum()
-        mlm_loss = ce.sum() / count.clamp(min=1)
+        mlm_sum = ce.sum()
+        mlm_loss = mlm_sum / count.clamp(min=1)
         result = {
+            "mlm_sum": mlm_sum,
             "mlm_loss": mlm_loss,
             "mlm_per_seq": per_sequence_mean(ce.detach(), valid),
             "mlm_correct": ((logits.detach().argmax(-1) == mlm_labels) & valid).sum(),
