@@ -127,7 +127,11 @@ def complete_tags(root: Path) -> list[str]:
 
 
 def find_latest(root: Path) -> str | None:
-    """The newest complete checkpoint: the ``latest`` pointer if it names a complete one, else a scan."""
+    """The newest complete checkpoint: the ``latest`` pointer if it names a complete one, else a scan.
+
+    None when there is nothing to resume (or only interrupted saves); CheckpointError when the only
+    checkpoints that were once complete are now damaged.
+    """
     pointer = root / LATEST
     if pointer.is_file():
         tag = pointer.read_text().strip()
@@ -137,7 +141,17 @@ def find_latest(root: Path) -> str | None:
         except CheckpointError as e:
             log.warning("%s; looking for an older complete checkpoint", e)
     tags = complete_tags(root)
-    return tags[-1] if tags else None
+    if tags:
+        return tags[-1]
+    damaged = [t for t in _all_tags(root) if (root / t / STATE_FILE).is_file()]
+    if damaged:  # once complete, now unreadable: refuse to silently start over
+        try:
+            verify(root, damaged[-1])
+        except CheckpointError as e:
+            raise CheckpointError(
+                f"{e}; no other complete checkpoint under {root}. Restore it, or move {root} away to start over"
+            ) from None
+    return None
 
 
 def load_rank_state(root: Path, tag: str, rank: int) -> dict[str, Any] | None:

@@ -39,7 +39,14 @@ def test_truncated_file_is_detected_and_skipped(tmp_path):
         ckpt.verify(tmp_path, tag)
     assert ckpt.find_latest(tmp_path) == "step00000010"
     (tmp_path / "step00000010" / ckpt.rank_file(0)).unlink()
+    with pytest.raises(ckpt.CheckpointError, match="missing sift_rank00000.pt; no other complete checkpoint"):
+        ckpt.find_latest(tmp_path)
+
+
+def test_only_interrupted_saves_mean_start_fresh(tmp_path):
+    fake_save(tmp_path, 10, complete=False)
     assert ckpt.find_latest(tmp_path) is None
+    assert ckpt.find_latest(tmp_path / "nothing-here") is None
 
 
 def test_keep_last_prunes_old_and_stale(tmp_path):
