@@ -30,9 +30,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+
 from data_pipeline.loader import build_loader, eval_batches
 from data_pipeline.reader import ShardDataset
-
 from engine import checkpoint as ckpt
 from engine import ds
 from engine.config import ConfigError, RunConfig, load_config, to_dict
@@ -51,9 +51,13 @@ class TrainingAborted(RuntimeError):
     pass
 
 
-def _fault(point: str, step: int) -> None:
-    """Crash-safety test hook: SIFT_FAULT=<point>:<step> SIGKILLs this process at that point."""
-    if os.environ.get("SIFT_FAULT") == f"{point}:{step}":
+def _fault(point: str, step: int) -> bool:
+    """Fault injection for the crash-safety tests: is SIFT_FAULT=<point>:<step> set?"""
+    return os.environ.get("SIFT_FAULT") == f"{point}:{step}"
+
+
+def _kill_if(point: str, step: int) -> None:
+    if _fault(point, step):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -169,7 +173,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     def save() -> None:
         tag = ckpt.tag_for(c["step"])
         ds.save_checkpoint(engine, ckpt_root, tag)
-        _fault("during_save", c["step"])
+        _kill_if("during_save", c["step"])
         pending = schedule.pending_scores if isinstance(schedule, PipelinedSchedule) else None
         ckpt.save_rank_state(ckpt_root, tag, rank, {
             "torch_rng": torch.get_rng_state(),
@@ -184,10 +188,13 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             ckpt.mark_complete(ckpt_root, tag, state, cfg.train.keep_last)
         ds.barrier()
         log.info("saved checkpoint %s", ckpt_root / tag)
-        _fault("after_save", c["step"])
+        _kill_if("after_save", c["step"])
 
     last_eval = None
     while c["step"] < total:
+        if _fault("poison_weights", c["step"]):  # diverged weights: every loss from here on is NaN
+            with torch.no_grad():
+                model.hf.bert.embeddings.LayerNorm.weight.fill_(float("nan"))
         first_micro = c["draws"] % ga == 0
         fidelity = bool(cfg.sift.fidelity_every) and first_micro and c["step"] % cfg.sift.fidelity_every == 0
         rows = rows_for_draw(c["draws"])
@@ -265,7 +272,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry for launcher/train.py (which resolves ranks first). Returns a process exit code."""
     from data_pipeline.errors import DataError
-
     from engine.ds_config import DSConfigError
     from engine.models.bert import ModelError
 
