@@ -116,7 +116,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     # ------------------------------------------------------------------ resume
     c = {"step": 0, "draws": 0, "consumed_samples": 0, "backprop_samples": 0, "scored_samples": 0,
          "nonfinite_total": 0, "hours": 0.0}
-    pending_scores = None
+    pending_scores = rng_state = None
     tag = ckpt.find_latest(ckpt_root) if cfg.train.resume else None
     if tag is not None:
         record = ckpt.verify(ckpt_root, tag)
@@ -127,9 +127,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         c.update({k: record[k] for k in c})
         mine = ckpt.load_rank_state(ckpt_root, tag, rank)
         if mine is not None and record.get("world_size") == world:
-            torch.set_rng_state(mine["torch_rng"])
-            if cuda and mine.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state(mine["cuda_rng"])
+            rng_state = mine
             pending_scores = mine.get("pending_scores")
         else:
             log.warning("resuming at world size %d from %s (world size %s): dropout streams restart",
@@ -190,6 +188,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         log.info("saved checkpoint %s", ckpt_root / tag)
         _kill_if("after_save", c["step"])
 
+    if rng_state is not None:  # last, after everything that might draw from it (DataLoader iterators do)
+        torch.set_rng_state(rng_state["torch_rng"])
+        if cuda and rng_state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(rng_state["cuda_rng"])
     last_eval = None
     while c["step"] < total:
         if _fault("poison_weights", c["step"]):  # diverged weights: every loss from here on is NaN

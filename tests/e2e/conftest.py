@@ -1,0 +1,57 @@
+"""Fixtures for end-to-end runs: one tiny prepared dataset per session, and a way to run `sift train`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.dist.common import REPO, base_env
+
+TINY_RUN = REPO / "tests" / "assets" / "tiny-run.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64."""
+    from data_pipeline import prepare
+    from data_pipeline.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
+    out = root / "data"
+    code = prepare.main([str(corpus), "--out", str(out), "--seq-len", "64", "--vocab-size", "512",
+                         "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1", "--log-level", "WARNING"])
+    assert code == 0
+    return out
+
+
+def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None,
+          check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python launcher/train.py --config tests/assets/tiny-run.yaml ...` as one process."""
+    cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(TINY_RUN),
+           f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
+    run_env = base_env(env)
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        run_env.pop(var, None)
+    result = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+    if check and result.returncode != 0:
+        raise AssertionError(f"sift train exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+    return result
+
+
+def losses(out_dir: Path) -> list[float]:
+    """The per-step training loss (log_every = 1) in step order; a resumed run appends to the same file."""
+    by_step = {}
+    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if "event" not in rec:
+            by_step[rec["step"]] = rec["loss"]
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def evals(out_dir: Path) -> list[dict]:
+    return [r for r in map(json.loads, (out_dir / "metrics.jsonl").read_text().splitlines()) if r.get("event") == "eval"]

@@ -1,0 +1,120 @@
+"""End-to-end `sift train` on CPU: golden curve, exact resume, crash-safe checkpoints, export, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+
+import pytest
+
+from engine import checkpoint as ckpt
+from tests.dist.common import REPO
+from tests.e2e.conftest import evals, losses, train
+
+GOLDEN = REPO / "tests" / "assets" / "golden" / "tiny-run-losses.json"
+
+
+@pytest.fixture(scope="module")
+def run_a(tiny_data, tmp_path_factory):
+    """The reference: 20 uninterrupted steps, checkpoints at 10 and 20."""
+    out = tmp_path_factory.mktemp("run-a")
+    train(out, tiny_data)
+    return out
+
+
+def test_golden_loss_curve(run_a):
+    """The tiny run's 20-step loss curve; regenerate only on purpose with SIFT_UPDATE_GOLDEN=1."""
+    got = losses(run_a)
+    assert len(got) == 20 and all(math.isfinite(x) for x in got)
+    if os.environ.get("SIFT_UPDATE_GOLDEN") == "1":
+        GOLDEN.parent.mkdir(parents=True, exist_ok=True)
+        GOLDEN.write_text(json.dumps({"config": "tests/assets/tiny-run.yaml", "losses": got}, indent=1) + "\n")
+    want = json.loads(GOLDEN.read_text())["losses"]
+    # Bitwise on one machine; other CPUs' kernels may differ in the last bits, which 20 steps amplify a little.
+    assert got == pytest.approx(want, rel=2e-3)
+
+
+def test_training_learns_and_reports(run_a):
+    ev = evals(run_a)
+    assert [e["step"] for e in ev] == [10, 20]
+    assert ev[1]["val_mlm_loss"] < ev[0]["val_mlm_loss"]
+    records = [json.loads(x) for x in (run_a / "metrics.jsonl").read_text().splitlines()]
+    step = next(r for r in records if r.get("step") == 10 and "loss" in r)
+    for key in ("lr", "mlm_loss", "nsp_loss", "mlm_acc", "kept_score", "dropped_score", "backprop_seq_per_s",
+                "gross_seq_per_s", "tokens_per_s", "backprop_samples", "hours", "time_forward", "time_scoring"):
+        assert key in step, key
+    assert step["kept_score"] > step["dropped_score"]  # top-k keeps the highest early-exit losses
+    assert step["backprop_samples"] == 10 * 4
+    fidelity = [r for r in records if "spearman" in r]
+    assert fidelity and all(-1 <= r["spearman"] <= 1 and 0 <= r["topk_overlap"] <= 1 for r in fidelity)
+    summary = json.loads((run_a / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["final_eval"]["val_mlm_acc"] == ev[1]["val_mlm_acc"]
+
+
+def test_resume_after_kill_is_bitwise_identical(run_a, tiny_data, tmp_path):
+    killed = train(tmp_path, tiny_data, env={"SIFT_FAULT": "after_save:10"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000010"
+    resumed = train(tmp_path, tiny_data)
+    assert "resumed from" in resumed.stderr
+    assert losses(tmp_path) == losses(run_a)  # every step, bitwise
+    assert evals(tmp_path)[-1]["val_mlm_loss"] == evals(run_a)[-1]["val_mlm_loss"]
+
+
+def test_checkpoint_killed_mid_write_is_never_latest(run_a, tiny_data, tmp_path):
+    killed = train(tmp_path, tiny_data, env={"SIFT_FAULT": "during_save:20"}, check=False)
+    assert killed.returncode == -9
+    assert (tmp_path / "checkpoints" / "step00000020").is_dir()  # DeepSpeed's files are there ...
+    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000010"  # ... but it is not complete
+    train(tmp_path, tiny_data)
+    assert losses(tmp_path) == losses(run_a)
+
+
+def test_export_loads_in_transformers(run_a, tmp_path):
+    import torch
+    from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
+
+    from engine import ds
+    from engine.export import main as export_main
+
+    assert export_main([str(run_a), "--out", str(tmp_path / "hf")]) == 0
+    model = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
+    state = ds.consolidated_state_dict(run_a / "checkpoints", "step00000020")
+    for name, tensor in model.state_dict().items():
+        key = "hf." + name
+        if key in state:
+            assert torch.equal(tensor, state[key]), name
+    assert torch.equal(model.cls.predictions.decoder.weight, model.bert.embeddings.word_embeddings.weight)
+    fill = pipeline("fill-mask", model=str(tmp_path / "hf"), tokenizer=AutoTokenizer.from_pretrained(tmp_path / "hf"))
+    preds = fill("the cat sat on the [MASK] .")
+    assert len(preds) == 5 and all("token_str" in p for p in preds)
+
+
+def test_bad_config_lists_every_problem(tiny_data, tmp_path):
+    result = train(tmp_path, tiny_data, "sift.exit_layer=9", "sift.policy=greedy", "train.stpes=3", check=False)
+    assert result.returncode == 2
+    assert "train.stpes: unknown key (did you mean 'steps'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = train(tmp_path, tiny_data, "sift.exit_layer=9", check=False)
+    assert result.returncode == 2 and "sift.exit_layer=9 but the model has 2 layers" in result.stderr
+
+
+def test_corrupt_checkpoint_is_a_clear_error(run_a, tiny_data, tmp_path):
+    shutil.copytree(run_a, tmp_path / "run", dirs_exist_ok=True)
+    states = next((tmp_path / "run" / "checkpoints" / "step00000020").glob("*model_states.pt"))
+    states.write_bytes(b"\0" * states.stat().st_size)  # same size, garbage content
+    result = train(tmp_path / "run", tiny_data, "train.steps=30", check=False)
+    assert result.returncode == 2
+    assert "could not be loaded" in result.stderr and "step00000020" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_nonfinite_losses_are_skipped_then_abort_with_a_checkpoint(tiny_data, tmp_path):
+    result = train(tmp_path, tiny_data, "train.max_nonfinite=3", env={"SIFT_FAULT": "poison_weights:4"}, check=False)
+    assert result.returncode == 2
+    assert "3 non-finite losses in a row at step 4" in result.stderr
+    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000004"
+    record = ckpt.verify(tmp_path / "checkpoints", "step00000004")
+    assert record["nonfinite_total"] == 3 and record["step"] == 4
