@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -482,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sift prepare: interrupted; no dataset was written", file=sys.stderr)
         return 130
+    except BrokenProcessPool as e:
+        print(f"sift prepare: error: a tokenizer worker process died ({e}); out of memory? "
+              "try a smaller --num-proc; no dataset was written", file=sys.stderr)  # fmt: skip
+        return 1
     stats = index["prepare"]["stats"]
     parts = [
         f"{s} {v['rows']} rows ({len(v['shards'])} shards, fill {stats['fill'][s]:.1%})"
