@@ -308,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opts = SourceOptions(args.text_field, args.id_field, args.txt_mode, args.hf_config, args.hf_split)
     resolved = resolve_inputs(args.inputs)
     tok = None
+    args.train_tokenizer = not args.tokenizer  # the offline default; recorded as such in index.json
     if args.tokenizer:  # load before touching --out: the tokenizer may live in the old dataset there
         tok = load_tokenizer(args.tokenizer)
         check_tokenizer_fits(len(tok), args.tokenizer, args.max_vocab_size)
