@@ -225,11 +225,13 @@ _STATE: dict[str, Any] = {}
 
 def _init_worker(splitter: SentenceSplitter, icfg: InstanceConfig, min_doc_tokens: int, seed: int) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _STATE.update(tok=splitter.build(), splitter=splitter, icfg=icfg, min_tokens=min_doc_tokens, seed=seed)
+    tok = splitter.build()
+    _STATE.update(tok=tok, marker=splitter.marker(tok), splitter=splitter, icfg=icfg, min_tokens=min_doc_tokens,
+                  seed=seed)  # fmt: skip
 
 
 def _process_chunk(split: str, chunk_index: int, texts: list[str], origins: list[str]) -> ChunkResult:
-    encoded = _STATE["splitter"].encode(_STATE["tok"], texts)
+    encoded = _STATE["splitter"].encode(_STATE["tok"], texts, _STATE["marker"])
     docs, short, first_short, tokens = [], 0, None, 0
     for (ids, lens), origin in zip(encoded, origins, strict=True):
         tokens += len(ids)
@@ -351,7 +353,7 @@ def _write_dataset(
         dtype.name,
         args.short_seq_prob,
     )
-    splitter = SentenceSplitter(tok.backend_tokenizer.to_str(), args.sentence_split)
+    splitter = SentenceSplitter(tok.backend_tokenizer.to_str(), args.sentence_split, specials["sep"])
     writers = {s: ShardWriter(out, s, args.seq_len, dtype, rows_per_shard) for s in SPLITS}
     summary = Summary()
     num_proc = args.num_proc or (
