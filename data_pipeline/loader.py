@@ -169,6 +169,9 @@ def build_loader(
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        # DataLoader draws a base seed for its workers on every iter(): from this generator, not from the
+        # global torch RNG (which dropout uses). The batches themselves never depend on it.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -213,3 +213,15 @@ def test_prepare_output_does_not_depend_on_process_count(corpus, nsp_dir, tmp_pa
     digests = {s: [x.sha256 for x in v] for s, v in a.items()}
     assert digests == {s: [x.sha256 for x in v] for s, v in b.items()}
     assert digests == {s: [x.sha256 for x in v] for s, v in read_index(nsp_dir)[1].items()}
+
+
+def test_loading_never_touches_the_global_rngs(nsp_dir):
+    ds = ShardDataset.open(nsp_dir)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    expected = (torch.rand(2), np.random.rand(2))
+    torch.manual_seed(1)
+    np.random.seed(1)
+    list(islice(build_loader(ds, seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: 4), 3))
+    list(eval_batches(ds, seed=0, rank=0, world_size=1, batch_size=4, num_samples=8))
+    assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
