@@ -2,24 +2,24 @@
 
 ``build_loader`` wires a ``torch.utils.data.DataLoader`` with ``batch_size=None``: its sampler, iterated
 in the main process, yields one small ``DrawRequest`` (draw index, row ids, epochs) per draw, and the
-dataset turns each request into a complete, collated and masked ``Batch`` inside a worker. Workers hold
-no per-sample state, only the memory-mapped shards.
+dataset turns each request into a complete, collated and masked ``Batch`` inside a worker (sent back
+compactly, see ``wire.py``). Workers hold no per-sample state, only the memory-mapped shards.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from data_pipeline.batch import BATCH_KEYS, IGNORE_INDEX, Batch
+from data_pipeline.batch import IGNORE_INDEX, Batch
 from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
 from data_pipeline.reader import DatasetMeta, ShardDataset
 from data_pipeline.sampler import DrawRequest, DrawSampler
+from data_pipeline.wire import WireBatch, empty_batch
 
 log = logging.getLogger(__name__)
 
@@ -35,29 +35,6 @@ def masking_config(meta: DatasetMeta, mask_prob: float = 0.15) -> MaskingConfig:
         special_ids=tuple(sorted(set(meta.special_ids.values()))),
         mask_prob=mask_prob,
     )
-
-
-def _packed_batch(G: int, T: int, P: int) -> Batch:
-    """Empty batch tensors that are views of ONE int64 buffer, in ``BATCH_KEYS`` order.
-
-    A DataLoader worker sends each storage through its own shared-memory segment; one storage instead of
-    seven makes the hand-over to the main process several times cheaper (it dominates at seq_len 512).
-    """
-    shapes = {"input_ids": (G, T), "token_type_ids": (G, T), "attention_mask": (G, T), "mlm_positions": (G, P),
-              "mlm_labels": (G, P), "nsp_labels": (G,), "sample_ids": (G,)}  # fmt: skip
-    n = 3 * G * T + 2 * G * P + 2 * G
-    if get_worker_info() is not None:
-        # In a worker, allocate straight in shared memory: otherwise the queue's feeder thread copies the
-        # batch there, with torch's default thread count (workers run with 1), which stalls on busy cores.
-        buf = torch.empty(0, dtype=torch.int64).set_(torch.UntypedStorage._new_shared(n * 8), 0, (n,), (1,))
-    else:
-        buf = torch.empty(n, dtype=torch.int64)
-    out, offset = {}, 0
-    for key in BATCH_KEYS:
-        n = math.prod(shapes[key])
-        out[key] = buf[offset : offset + n].view(shapes[key])
-        offset += n
-    return out
 
 
 def collate(
@@ -79,7 +56,7 @@ def collate(
     G, T = tokens.shape
     ids = np.asarray(sample_ids, dtype=np.int64)
     input_ids, positions, labels = mask_tokens(tokens, lengths, cfg, row_seeds(seed, epochs, ids))
-    batch = _packed_batch(G, T, positions.shape[1])
+    batch = empty_batch(G, T, positions.shape[1])
     cols = torch.arange(T)
     attention = cols[None, :] < lengths[:, None]
     segment_b = torch.from_numpy(rows["segment_b"])
@@ -104,9 +81,10 @@ class DrawDataset(Dataset):
 
     def __getitem__(self, request: DrawRequest) -> Batch:
         rows = self.dataset.rows(request.sample_ids)
-        return collate(
-            rows, request.sample_ids, request.epochs, self.cfg, self.seed, self.dataset.meta.objective
-        )
+        meta = self.dataset.meta
+        batch = collate(rows, request.sample_ids, request.epochs, self.cfg, self.seed, meta.objective)
+        # Leaving a worker process: travel compactly through the pipe (see wire.py).
+        return WireBatch(batch) if get_worker_info() is not None else batch
 
     def __len__(self) -> int:  # not used for iteration (the sampler is infinite); keeps DataLoader happy
         return len(self.dataset)
