@@ -2,8 +2,8 @@
 
 ``build_loader`` wires a ``torch.utils.data.DataLoader`` with ``batch_size=None``: its sampler, iterated
 in the main process, yields one small ``DrawRequest`` (draw index, row ids, epochs) per draw, and the
-dataset turns each request into a complete, collated and masked ``Batch`` inside a worker. Workers hold
-no per-sample state, only the memory-mapped shards.
+dataset turns each request into a complete, collated and masked ``Batch`` inside a worker (sent back
+compactly, see ``wire.py``). Workers hold no per-sample state, only the memory-mapped shards.
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_pipeline.batch import IGNORE_INDEX, Batch
 from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
 from data_pipeline.reader import DatasetMeta, ShardDataset
 from data_pipeline.sampler import DrawRequest, DrawSampler
+from data_pipeline.wire import WireBatch, empty_batch
 
 log = logging.getLogger(__name__)
 
@@ -53,25 +54,23 @@ def collate(
     tokens = torch.from_numpy(rows["tokens"])
     lengths = torch.from_numpy(rows["lengths"])
     G, T = tokens.shape
+    ids = np.asarray(sample_ids, dtype=np.int64)
+    input_ids, positions, labels = mask_tokens(tokens, lengths, cfg, row_seeds(seed, epochs, ids))
+    batch = empty_batch(G, T, positions.shape[1])
     cols = torch.arange(T)
     attention = cols[None, :] < lengths[:, None]
     segment_b = torch.from_numpy(rows["segment_b"])
-    token_type = (cols[None, :] >= segment_b[:, None]) & attention
+    batch["input_ids"].copy_(input_ids)
+    batch["token_type_ids"].copy_((cols[None, :] >= segment_b[:, None]) & attention)
+    batch["attention_mask"].copy_(attention)
+    batch["mlm_positions"].copy_(positions)
+    batch["mlm_labels"].copy_(labels)
     if objective == "nsp_pairs":
-        nsp = torch.from_numpy(rows["nsp_label"])
+        batch["nsp_labels"].copy_(torch.from_numpy(rows["nsp_label"]))
     else:
-        nsp = torch.full((G,), IGNORE_INDEX, dtype=torch.int64)
-    ids = np.asarray(sample_ids, dtype=np.int64)
-    input_ids, positions, labels = mask_tokens(tokens, lengths, cfg, row_seeds(seed, epochs, ids))
-    return {
-        "input_ids": input_ids,
-        "token_type_ids": token_type.long(),
-        "attention_mask": attention.long(),
-        "mlm_positions": positions,
-        "mlm_labels": labels,
-        "nsp_labels": nsp,
-        "sample_ids": torch.from_numpy(ids.copy()),
-    }
+        batch["nsp_labels"].fill_(IGNORE_INDEX)
+    batch["sample_ids"].copy_(torch.from_numpy(ids))
+    return batch
 
 
 class DrawDataset(Dataset):
@@ -82,12 +81,18 @@ class DrawDataset(Dataset):
 
     def __getitem__(self, request: DrawRequest) -> Batch:
         rows = self.dataset.rows(request.sample_ids)
-        return collate(
-            rows, request.sample_ids, request.epochs, self.cfg, self.seed, self.dataset.meta.objective
-        )
+        meta = self.dataset.meta
+        batch = collate(rows, request.sample_ids, request.epochs, self.cfg, self.seed, meta.objective)
+        # Leaving a worker process: travel compactly through the pipe (see wire.py).
+        return WireBatch(batch) if get_worker_info() is not None else batch
 
     def __len__(self) -> int:  # not used for iteration (the sampler is infinite); keeps DataLoader happy
         return len(self.dataset)
+
+
+def _as_is(batch: Batch) -> Batch:
+    """The DataLoader's collate_fn: the dataset already returns a finished batch."""
+    return batch
 
 
 def _worker_init(_: int) -> None:
@@ -136,11 +141,15 @@ def build_loader(
         draws,
         batch_size=None,
         sampler=sampler,
+        collate_fn=_as_is,
         num_workers=num_workers,
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor if num_workers > 0 else None,
         persistent_workers=False,
         worker_init_fn=_worker_init if num_workers > 0 else None,
+        # DataLoader draws a base seed for its workers on every iter(): from this generator, not from the
+        # global torch RNG (which dropout uses). The batches themselves never depend on it.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -3,52 +3,21 @@
     sift prepare corpus/*.jsonl.gz --out data/bert128 --tokenizer bert-base-uncased --seq-len 128
     sift prepare notes.txt --out data/tiny --train-tokenizer --vocab-size 8000 --objective mlm_packed
 
-Documents stream from the inputs, are assigned to train/validation by a hash of their text (or id),
-grouped into chunks, and tokenized + turned into rows by a process pool; the main process writes shards
-as rows arrive (in chunk order, so the output does not depend on ``--num-proc``). ``index.json`` is
-written last and atomically: an interrupted or failed run never leaves a dataset the reader accepts.
+This module is the command line (options, their validation, error reporting); the pipeline itself is
+``build.py``. ``index.json`` is written last and atomically: an interrupted or failed run never leaves a
+dataset the reader accepts.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import logging
-import multiprocessing as mp
-import os
-import shutil
 import sys
-import time
-from collections import deque
-from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
-from itertools import islice
-from pathlib import Path
-from typing import Any
+from concurrent.futures.process import BrokenProcessPool
 
-import numpy as np
-
+from data_pipeline import build
 from data_pipeline.errors import DataError
-from data_pipeline.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, OBJECTIVES, sha256_dir, write_index
-from data_pipeline.instances import InstanceConfig, Rows, build_rows
-from data_pipeline.shards import SHARD_SUFFIX, ShardWriter, token_dtype_for
-from data_pipeline.sources import Document, ReadStats, SourceOptions, iter_documents, resolve_inputs
-from data_pipeline.tokenization import (
-    SentenceSplitter,
-    check_tokenizer_fits,
-    load_tokenizer,
-    special_ids,
-    train_wordpiece,
-)
-
-log = logging.getLogger("sift.prepare")
-
-SPLITS = ("train", "validation")
-TOKENIZER_DIR = "tokenizer"
-SHARD_TARGET_BYTES = 32 << 20
-CHUNK_DOCS, CHUNK_CHARS = 256, 2 << 20
+from data_pipeline.index import OBJECTIVES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,309 +133,6 @@ def validate_args(args: argparse.Namespace) -> None:
         raise DataError("invalid options: " + "; ".join(problems))
 
 
-# ----------------------------------------------------------------------------------------------------
-# Output directory
-# ----------------------------------------------------------------------------------------------------
-
-
-def _our_files(out: Path) -> list[Path]:
-    return [
-        p
-        for p in out.iterdir()
-        if p.name == INDEX_NAME
-        or p.name.endswith(SHARD_SUFFIX)
-        or (p.name.startswith(".") and p.name.endswith(".tmp"))
-        or ".tmp-" in p.name
-        or (p.name == TOKENIZER_DIR and p.is_dir())
-    ]
-
-
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Create ``out`` or make it safe to write: refuse to clobber a dataset unless ``overwrite``."""
-    if out.exists() and not out.is_dir():
-        raise DataError(f"--out {out} exists and is not a directory")
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    ours = _our_files(out)
-    if not ours:
-        return
-    if not overwrite:
-        what = (
-            "a dataset (index.json)"
-            if (out / INDEX_NAME).exists()
-            else "shard files of an unfinished prepare"
-        )
-        raise DataError(f"output directory {out} already holds {what}; pass --overwrite to replace it")
-    # The index goes first: from this instant on, the old dataset is no longer "complete".
-    (out / INDEX_NAME).unlink(missing_ok=True)
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Worker side: a chunk of documents -> rows
-# ----------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class ChunkResult:
-    split: str
-    rows: Rows
-    docs: int
-    short_docs: int
-    first_short: str | None
-    tokens: int
-
-
-_STATE: dict[str, Any] = {}
-
-
-def _init_worker(splitter: SentenceSplitter, icfg: InstanceConfig, min_doc_tokens: int, seed: int) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _STATE.update(tok=splitter.build(), splitter=splitter, icfg=icfg, min_tokens=min_doc_tokens, seed=seed)
-
-
-def _process_chunk(split: str, chunk_index: int, texts: list[str], origins: list[str]) -> ChunkResult:
-    encoded = _STATE["splitter"].encode(_STATE["tok"], texts)
-    docs, short, first_short, tokens = [], 0, None, 0
-    for (ids, lens), origin in zip(encoded, origins, strict=True):
-        tokens += len(ids)
-        if len(ids) < _STATE["min_tokens"]:
-            short += 1
-            first_short = first_short or origin
-        else:
-            docs.append((ids, lens))
-    rng = np.random.default_rng([_STATE["seed"], SPLITS.index(split), chunk_index])
-    rows = build_rows(docs, _STATE["icfg"], rng)
-    return ChunkResult(split, rows, len(texts), short, first_short, tokens)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Main side
-# ----------------------------------------------------------------------------------------------------
-
-
-def split_of(doc: Document, val_fraction: float, by: str) -> str:
-    """Deterministic train/validation assignment: a 64-bit BLAKE2b hash of the text (or id)."""
-    if val_fraction <= 0:
-        return "train"
-    key = (doc.text if by == "text" else doc.id).encode("utf-8", "surrogatepass")
-    h = int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little")
-    return "validation" if h < val_fraction * 2.0**64 else "train"
-
-
-def _chunks(
-    docs: Iterator[Document], val_fraction: float, by: str
-) -> Iterator[tuple[str, int, list[str], list[str]]]:
-    """Group each split's documents into chunks of <= CHUNK_DOCS documents / ~CHUNK_CHARS characters."""
-    buf: dict[str, tuple[list[str], list[str]]] = {s: ([], []) for s in SPLITS}
-    chars = dict.fromkeys(SPLITS, 0)
-    count = dict.fromkeys(SPLITS, 0)
-    for doc in docs:
-        s = split_of(doc, val_fraction, by)
-        texts, origins = buf[s]
-        texts.append(doc.text)
-        origins.append(doc.origin)
-        chars[s] += len(doc.text)
-        if len(texts) >= CHUNK_DOCS or chars[s] >= CHUNK_CHARS:
-            yield s, count[s], texts, origins
-            buf[s], chars[s], count[s] = ([], []), 0, count[s] + 1
-    for s in SPLITS:
-        if buf[s][0]:
-            yield s, count[s], *buf[s]
-
-
-@dataclass
-class Summary:
-    read: ReadStats = field(default_factory=ReadStats)
-    docs: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
-    short_docs: int = 0
-    first_short: str | None = None
-    tokens: int = 0
-    seconds: float = 0.0
-
-
-def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
-    stats = ReadStats(warn=False)
-    texts = (d.text for d in islice(iter_documents(resolved, opts, stats), args.max_docs))
-    if args.tokenizer_train_docs is not None:
-        texts = islice(texts, args.tokenizer_train_docs)
-    log.info("training an uncased WordPiece tokenizer (vocab %d) on the input", args.vocab_size)
-    tok = train_wordpiece(texts, args.vocab_size, out_dir, min_frequency=args.min_frequency)
-    if stats.documents == 0:
-        raise DataError(f"empty input: no documents in {', '.join(loc for _, loc in resolved)}")
-    return tok
-
-
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Prepare the dataset described by parsed ``args``; returns the index that was written."""
-    validate_args(args)
-    t0 = time.perf_counter()
-    out = Path(args.out)
-    opts = SourceOptions(args.text_field, args.id_field, args.txt_mode, args.hf_config, args.hf_split)
-    resolved = resolve_inputs(args.inputs)
-    tok = None
-    if args.tokenizer:  # load before touching --out: the tokenizer may live in the old dataset there
-        tok = load_tokenizer(args.tokenizer)
-        check_tokenizer_fits(len(tok), args.tokenizer, args.max_vocab_size)
-        special_ids(tok, args.tokenizer)
-    prepare_output(out, args.overwrite)
-    try:
-        if tok is None:
-            tok = _train_tokenizer(args, resolved, opts, out / TOKENIZER_DIR)
-            check_tokenizer_fits(len(tok), "trained", args.max_vocab_size)
-        else:
-            tok.save_pretrained(str(out / TOKENIZER_DIR))
-        source = args.tokenizer or "trained"
-        return _write_dataset(args, out, resolved, opts, tok, source, special_ids(tok, source), len(tok), t0)
-    except BaseException:
-        # Leave nothing that looks finished: no index (never written), and no orphan shards either.
-        for p in _our_files(out):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        raise
-
-
-def _write_dataset(
-    args,
-    out: Path,
-    resolved,
-    opts: SourceOptions,
-    tok,
-    source: str,
-    specials: dict[str, int],
-    vocab_size: int,
-    t0: float,
-) -> dict[str, Any]:
-    dtype = token_dtype_for(vocab_size)
-    rows_per_shard = args.shard_rows or max(1, SHARD_TARGET_BYTES // (args.seq_len * dtype.itemsize))
-    icfg = InstanceConfig(
-        args.seq_len,
-        args.objective,
-        specials["cls"],
-        specials["sep"],
-        specials["pad"],
-        dtype.name,
-        args.short_seq_prob,
-    )
-    splitter = SentenceSplitter(tok.backend_tokenizer.to_str(), args.sentence_split)
-    writers = {s: ShardWriter(out, s, args.seq_len, dtype, rows_per_shard) for s in SPLITS}
-    summary = Summary()
-    num_proc = args.num_proc or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
-    t_pass = time.perf_counter()
-    docs = islice(iter_documents(resolved, opts, summary.read), args.max_docs)
-    chunks = _chunks(docs, args.val_fraction, args.split_by)
-
-    def consume(result: ChunkResult) -> None:
-        writers[result.split].add(
-            result.rows.tokens, result.rows.length, result.rows.segment_b, result.rows.nsp_label
-        )
-        summary.docs[result.split] += result.docs - result.short_docs
-        summary.short_docs += result.short_docs
-        summary.first_short = summary.first_short or result.first_short
-        summary.tokens += result.tokens
-
-    initargs = (splitter, icfg, args.min_doc_tokens, args.seed)
-    if num_proc <= 1:
-        _init_worker(*initargs)
-        for chunk in chunks:
-            consume(_process_chunk(*chunk))
-    else:
-        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers are the parallelism; set before forking
-        ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-        pending: deque[Future] = deque()
-        with ProcessPoolExecutor(
-            num_proc, mp_context=ctx, initializer=_init_worker, initargs=initargs
-        ) as pool:
-            try:
-                for chunk in chunks:
-                    pending.append(pool.submit(_process_chunk, *chunk))
-                    if len(pending) >= 2 * num_proc:  # bounded: memory must not grow with the corpus
-                        consume(pending.popleft().result())
-                while pending:
-                    consume(pending.popleft().result())
-            except BaseException:
-                pool.shutdown(wait=True, cancel_futures=True)
-                raise
-
-    total_docs = summary.read.documents
-    if total_docs == 0:
-        raise DataError(f"empty input: no documents in {', '.join(loc for _, loc in resolved)}")
-    if summary.short_docs:
-        log.warning(
-            "skipped %d of %d documents shorter than --min-doc-tokens=%d word pieces (first: %s)",
-            summary.short_docs,
-            total_docs,
-            args.min_doc_tokens,
-            summary.first_short,
-        )
-    if summary.short_docs == total_docs:
-        raise DataError(
-            f"no usable documents: all {total_docs} are shorter than --min-doc-tokens={args.min_doc_tokens} "
-            f"word pieces (e.g. {summary.first_short}); lower --min-doc-tokens if that is intended"
-        )
-    shards = {s: w.close() for s, w in writers.items()}
-    if not shards["train"]:
-        raise DataError(
-            "no training rows were produced (every document went to validation?); "
-            "lower --val-fraction or add input"
-        )
-    if args.val_fraction > 0 and not shards["validation"]:
-        log.warning(
-            "no document was assigned to validation (--val-fraction %.4g on %d documents): "
-            "the dataset has a train split only",
-            args.val_fraction,
-            total_docs,
-        )
-    summary.seconds = time.perf_counter() - t0
-    pass_seconds = time.perf_counter() - t_pass
-    index = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "created_by": "sift-train data_pipeline.prepare",
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "seq_len": args.seq_len,
-        "objective": args.objective,
-        "token_dtype": dtype.name,
-        "rows_per_shard": rows_per_shard,
-        "vocab_size": vocab_size,
-        "special_ids": specials,
-        "tokenizer": TOKENIZER_DIR,
-        "tokenizer_source": source,
-        "tokenizer_sha256": sha256_dir(out / TOKENIZER_DIR),
-        "splits": {
-            s: {"rows": writers[s].rows, "shards": [vars(i) for i in shards[s]]} for s in SPLITS if shards[s]
-        },
-        "prepare": {
-            "inputs": args.inputs,
-            "options": {
-                k: v for k, v in vars(args).items() if k not in ("inputs", "out", "log_level", "overwrite")
-            },
-            "stats": {
-                "documents": total_docs,
-                "documents_per_split": summary.docs,
-                "short_documents_skipped": summary.short_docs,
-                "undecodable_bytes_replaced": summary.read.replaced_bytes,
-                "empty_inputs": summary.read.empty_files,
-                "tokens": summary.tokens,
-                "real_tokens_per_split": {s: writers[s].real_tokens for s in SPLITS},
-                "fill": {
-                    s: round(writers[s].real_tokens / max(1, writers[s].rows * args.seq_len), 4)
-                    for s in SPLITS
-                },
-                "seconds": round(summary.seconds, 3),
-                "tokenize_seconds": round(pass_seconds, 3),
-                "tokens_per_second": round(summary.tokens / max(pass_seconds, 1e-9)),
-                "num_proc": num_proc,
-            },
-        },
-    }
-    write_index(out, index)  # last: this is what makes the directory a dataset
-    return index
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     root = logging.getLogger()
@@ -475,13 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("sift").setLevel(args.log_level)
     logging.getLogger("data_pipeline").setLevel(args.log_level)
     try:
-        index = run(args)
+        validate_args(args)
+        index = build.run(args)
     except DataError as e:
         print(f"sift prepare: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("sift prepare: interrupted; no dataset was written", file=sys.stderr)
         return 130
+    except BrokenProcessPool as e:
+        print(f"sift prepare: error: a tokenizer worker process died ({e}); out of memory? "
+              "try a smaller --num-proc; no dataset was written", file=sys.stderr)  # fmt: skip
+        return 1
     stats = index["prepare"]["stats"]
     parts = [
         f"{s} {v['rows']} rows ({len(v['shards'])} shards, fill {stats['fill'][s]:.1%})"

@@ -18,6 +18,7 @@ hashed (SHA-256) and then renamed, so a listed shard is always a complete file.
 
 from __future__ import annotations
 
+import mmap
 import os
 from pathlib import Path
 
@@ -135,11 +136,16 @@ class MappedShard:
     ``tokens`` is (rows, T) of the stored dtype; ``length``, ``segment_b``, ``nsp_label`` are (rows,).
     """
 
-    def __init__(self, path: Path, seq_len: int, token_dtype: np.dtype):
+    def __init__(self, path: Path, seq_len: int, token_dtype: np.dtype, random_access: bool = True):
         self.path = path
         try:
-            self._mmap = pa.memory_map(str(path), "r")
-            reader = pa.ipc.open_file(self._mmap)
+            with open(path, "rb") as f:
+                self._mmap = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+            if random_access and hasattr(self._mmap, "madvise") and hasattr(mmap, "MADV_RANDOM"):
+                # Rows are read in shuffled order: kernel read-ahead would fault in (and count as resident)
+                # up to 128 KiB around every 1 KiB row. Only the pages actually read are mapped in.
+                self._mmap.madvise(mmap.MADV_RANDOM)
+            reader = pa.ipc.open_file(pa.BufferReader(pa.py_buffer(self._mmap)))
             if reader.num_record_batches != 1:
                 raise DataError(f"shard {path}: holds {reader.num_record_batches} record batches, expected 1")
             expected = shard_schema(seq_len, token_dtype)

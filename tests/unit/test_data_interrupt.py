@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import prepare
+from data_pipeline import build, prepare
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.errors import DataError
 from data_pipeline.reader import ShardDataset
@@ -73,7 +73,7 @@ def test_interrupt_before_the_index_is_written(corpus, tmp_path, monkeypatch, ca
     def interrupted(root, index):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(prepare, "write_index", interrupted)
+    monkeypatch.setattr(build, "write_index", interrupted)
     out = tmp_path / "ds"
     assert prepare.main(argv(corpus, out)) == 130
     assert "interrupted" in capsys.readouterr().err
@@ -84,9 +84,10 @@ def test_overwrite_removes_the_old_index_first(corpus, tmp_path, monkeypatch):
     out = tmp_path / "ds"
     assert prepare.main(argv(corpus, out)) == 0
     old = json.loads((out / "index.json").read_text())
-    monkeypatch.setattr(
-        prepare, "write_index", lambda root, index: (_ for _ in ()).throw(RuntimeError("crash"))
-    )
+    def crash(root, index):
+        raise RuntimeError("crash")
+
+    monkeypatch.setattr(build, "write_index", crash)
     with pytest.raises(RuntimeError):
         prepare.main(argv(corpus, out, "--overwrite", "--seq-len", "64"))
     # The half-replaced directory must not pass for the old dataset.

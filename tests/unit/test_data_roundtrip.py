@@ -213,3 +213,35 @@ def test_prepare_output_does_not_depend_on_process_count(corpus, nsp_dir, tmp_pa
     digests = {s: [x.sha256 for x in v] for s, v in a.items()}
     assert digests == {s: [x.sha256 for x in v] for s, v in b.items()}
     assert digests == {s: [x.sha256 for x in v] for s, v in read_index(nsp_dir)[1].items()}
+
+
+def test_loading_never_touches_the_global_rngs(nsp_dir):
+    ds = ShardDataset.open(nsp_dir)
+    torch.manual_seed(1)
+    np.random.seed(1)
+    expected = (torch.rand(2), np.random.rand(2))
+    torch.manual_seed(1)
+    np.random.seed(1)
+    list(islice(build_loader(ds, seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: 4), 3))
+    list(eval_batches(ds, seed=0, rank=0, world_size=1, batch_size=4, num_samples=8))
+    assert torch.equal(torch.rand(2), expected[0]) and np.array_equal(np.random.rand(2), expected[1])
+
+
+@pytest.mark.parametrize("big_vocab", [False, True])
+def test_worker_hand_over_is_exact(nsp_dir, big_vocab):
+    import pickle
+
+    from data_pipeline.wire import WireBatch
+
+    ds = ShardDataset.open(nsp_dir)
+    batch = next(iter(build_loader(ds, seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: 5)))
+    if big_vocab:  # ids beyond uint16 and labels beyond int32 must survive too
+        batch = {k: v.clone() for k, v in batch.items()}
+        batch["input_ids"][0, 0] = 70_000
+        batch["mlm_labels"][0, 0] = 3_000_000_000
+    wire = pickle.dumps(WireBatch(batch))
+    back = pickle.loads(wire)
+    assert type(back) is dict and tuple(back) == BATCH_KEYS
+    assert all(torch.equal(back[k], batch[k]) and back[k].dtype == torch.int64 for k in BATCH_KEYS)
+    if not big_vocab:
+        assert len(wire) < 0.3 * sum(v.numel() * 8 for v in batch.values())
