@@ -11,7 +11,7 @@ import pytest
 
 from engine import checkpoint as ckpt
 from tests.dist.common import REPO
-from tests.e2e.conftest import evals, losses, train
+from tests.runs import evals, losses, train
 
 GOLDEN = REPO / "tests" / "assets" / "golden" / "tiny-run-losses.json"
 
