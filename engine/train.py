@@ -118,6 +118,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
          "nonfinite_total": 0, "hours": 0.0}
     pending_scores = rng_state = None
     tag = ckpt.find_latest(ckpt_root) if cfg.train.resume else None
+    if not cfg.train.resume and (ckpt_root / ckpt.LATEST).exists():
+        raise ConfigError([f"train.resume=false but {out_dir} already holds checkpoints; choose a new "
+                           "train.out_dir (or resume)"], "run config")
     if tag is not None:
         record = ckpt.verify(ckpt_root, tag)
         try:
