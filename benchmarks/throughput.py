@@ -176,6 +176,7 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     cfg = load_config(None, v.overrides(p, extra))
     B, G = cfg.train.micro_batch_size, cfg.gross_batch_size
     baseline = torch.cuda.memory_allocated() if cuda else None  # whatever earlier variants left behind
+    baseline_reserved = torch.cuda.memory_reserved() if cuda else None
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, vocab_size=p.vocab, seq_len=v.seq_len, pad_id=PAD, use_nsp=True)
@@ -210,6 +211,9 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     wall_s = time.perf_counter() - wall0
     phases = timer.flush()
     peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
+    # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
+    # training stream, so this is the footprint of scoring concurrently with training.
+    peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
     loss_mean = torch.stack(losses).float().mean().item()
     dims = dims_of(model, v.seq_len, p.vocab)
 
@@ -221,7 +225,7 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     row = summarize(v, times, trained=trained, scored=scored, phases=phases, dims=dims, peak=peak)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
                wall_s=wall_s, loss_mean=loss_mean, nonfinite_steps=nonfinite, peak_mem_bytes=peak_mem,
-               static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
+               peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
     return row
 
 

@@ -56,7 +56,7 @@ def test_rows_are_sane(bench):
         assert set(r["phases_s"]) == {"data", "scoring", "forward", "backward", "optimizer"}
         assert all(r["phases_s"][k] > 0 for k in ("forward", "backward", "optimizer"))
         assert r["model_tflops"]["train"] > 0 and r["mfu"] == {"train": None, "with_scoring": None}
-        assert r["peak_mem_bytes"] is None  # CPU: no CUDA allocator
+        assert r["peak_mem_bytes"] is None and r["peak_reserved_bytes"] is None  # CPU: no CUDA allocator
         if r["variant"] == "vanilla":
             assert r["G"] == r["B"] and r["scored_seq_per_s"] == 0 and r["phases_s"]["scoring"] == 0
             assert r["model_tflops"]["with_scoring"] == r["model_tflops"]["train"]
