@@ -114,7 +114,8 @@ def _throughput_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
             ratio = next(r["overhead_ratio"] for r in rows if r["variant"] == kind and r["criterion"] == crit
                          and r["exit_layer"] == j)
             if ratio is not None:
-                ax.text(x, by_exit[j], f"{ratio:.2f}", ha="center", va="bottom", fontsize=7, rotation=90)
+                ax.text(x, by_exit[j], f"{ratio:.2f}", ha="center", va="bottom", fontsize=7, rotation=90,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1})
     top = max([r["backprop_seq_per_s"] for r in rows] or [1.0])
     vanilla = next((r for r in rows if r["variant"] == "vanilla"), None)
     if vanilla:

@@ -58,15 +58,18 @@ class Preset:
     warmup: int
     exits: tuple[int, ...] = (1, 2, 3, 6, 12)
     criteria: tuple[str, ...] = ("loss", "entropy")
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
 
 
 PRESETS: dict[str, Preset] = {
     # The issue's configuration: BERT-base, bf16, B = 32, G = 64, one GPU, fused AdamW, ZeRO-1.
     "gpu-base": Preset(model="base", vocab=30522, seq_lens=(128, 512), micro_batch=32, keep=0.5,
                        precision="bf16", zero_stage=1, steps=50, warmup=10),
-    # CI smoke test of the harness on 2 CPU cores: a 2-layer BERT, a small vocabulary, a few steps.
+    # CI smoke test of the harness on 2 CPU cores: a 2-layer BERT, a small vocabulary, a few steps; one
+    # thread, because OpenMP threads on a shared, oversubscribed machine stall each other by 10x or more.
     "cpu-tiny": Preset(model="tiny", vocab=8192, seq_lens=(64,), micro_batch=8, keep=0.5,
-                       precision="fp32", zero_stage=1, steps=8, warmup=2),
+                       precision="fp32", zero_stage=1, steps=8, warmup=2, threads=1),
 }
 
 
@@ -297,7 +300,7 @@ def device_name(device: torch.device) -> str:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
                 break
-    return f"CPU: {cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"CPU: {cpu}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
 
 
 def version(dist: str) -> str | None:
@@ -357,6 +360,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--zero", type=int, choices=[0, 1, 2], help="ZeRO stage (default 1)")
     p.add_argument("--compile", choices=["off", "on", "both"], default="off",
                    help="train.compile: torch.compile the encoder layers (both: run each variant twice)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (cpu-tiny: 1)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the GPU's bf16 dense peak)")
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
     p.add_argument("--name", help="output file stem (default throughput-<preset>)")
@@ -376,7 +380,7 @@ def resolve_preset(args: argparse.Namespace, cuda: bool) -> tuple[str, Preset]:
     p = PRESETS[name]
     changes = {"exits": args.exits, "criteria": args.criteria, "seq_lens": args.seq_lens, "steps": args.steps,
                "warmup": args.warmup, "micro_batch": args.micro_batch, "keep": args.keep,
-               "precision": args.precision, "zero_stage": args.zero}
+               "precision": args.precision, "zero_stage": args.zero, "threads": args.threads}
     return name, replace(p, **{k: v for k, v in changes.items() if v is not None})
 
 
@@ -407,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         print("sift bench: error: --steps and --warmup must be >= 1", file=sys.stderr)
         return 2
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    if p.threads:
+        torch.set_num_threads(p.threads)
     env = environment(device, argv)
     peak = F.peak_flops(env["device"], p.precision, args.peak_tflops)
     try:
