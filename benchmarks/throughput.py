@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from datetime import datetime, timezone
 from importlib import metadata
@@ -168,7 +169,8 @@ def dims_of(model: Any, seq_len: int, vocab: int) -> F.BertDims:
 
 
 def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
-                extra: list[str], peak: float | None) -> dict[str, Any]:
+                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None
+                ) -> dict[str, Any]:
     """Build, warm up, time ``p.steps`` micro-steps, free; one result row (ratios are added later)."""
     from engine.config import ConfigError, load_config
     from engine.models.bert import build_model
@@ -199,6 +201,8 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     timer.flush()  # discard the warm-up's phases (compilation, first-step scoring on the main stream)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    if after_warmup is not None:
+        after_warmup()
     clock, losses, trained, scored, nonfinite = StepClock(cuda), [], 0, 0, 0
     wall0 = time.perf_counter()
     clock.mark()
