@@ -168,10 +168,60 @@ def dims_of(model: Any, seq_len: int, vocab: int) -> F.BertDims:
                       seq_len=seq_len, masked=F.masked_slots(seq_len), nsp=model.use_nsp)
 
 
+@dataclass
+class Measured:
+    times: list[float]
+    trained: int
+    scored: int
+    nonfinite: int
+    phases: dict[str, float]
+    loss_mean: float
+    wall_s: float
+
+
+def measure(sched: Any, timer: Any, p: Preset, cuda: bool, after_warmup: Callable[[], None] | None) -> Measured:
+    """Warm up, then time ``p.steps`` micro-steps at their boundaries; one host sync at the end."""
+    for d in range(p.warmup):
+        sched.micro_step(d)
+    sync(cuda)
+    timer.flush()  # discard the warm-up's phases (compilation, first-step scoring on the main stream)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if after_warmup is not None:
+        after_warmup()
+    clock, losses, trained, scored, nonfinite = StepClock(cuda), [], 0, 0, 0
+    wall0 = time.perf_counter()
+    clock.mark()
+    for d in range(p.warmup, p.warmup + p.steps):
+        mo = sched.micro_step(d)
+        clock.mark()
+        losses.append(mo.out["loss"].detach())
+        nonfinite += not mo.finite
+        trained += mo.rows_trained if mo.finite else 0
+        scored += mo.rows_scored
+    times = clock.intervals()
+    sync(cuda)  # the pipelined schedule has the next batch's scoring in flight
+    return Measured(times, trained, scored, nonfinite, timer.flush(),
+                    torch.stack(losses).float().mean().item(), time.perf_counter() - wall0)
+
+
+def profile(sched: Any, first_draw: int, steps: int, cuda: bool, path: Path) -> None:
+    """``steps`` more micro-steps under torch.profiler: a Chrome/Perfetto trace (.json.gz) and a table of
+    the top operators (.txt), for finding out why a variant misses its target."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for d in range(first_draw, first_draw + steps):
+            sched.micro_step(d)
+        sync(cuda)
+    prof.export_chrome_trace(str(path.with_suffix(".json.gz")))
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    path.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+
+
 def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
-                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None
-                ) -> dict[str, Any]:
-    """Build, warm up, time ``p.steps`` micro-steps, free; one result row (ratios are added later)."""
+                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
+                profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """Build (as `sift train` does), measure, free; one result row (ratios are added later)."""
     from engine.config import ConfigError, load_config
     from engine.models.bert import build_model
     from engine.setup import build_engine, build_schedule
@@ -195,43 +245,23 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
     build_s = time.perf_counter() - t0
 
-    for d in range(p.warmup):
-        sched.micro_step(d)
-    sync(cuda)
-    timer.flush()  # discard the warm-up's phases (compilation, first-step scoring on the main stream)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    if after_warmup is not None:
-        after_warmup()
-    clock, losses, trained, scored, nonfinite = StepClock(cuda), [], 0, 0, 0
-    wall0 = time.perf_counter()
-    clock.mark()
-    for d in range(p.warmup, p.warmup + p.steps):
-        mo = sched.micro_step(d)
-        clock.mark()
-        losses.append(mo.out["loss"].detach())
-        nonfinite += not mo.finite
-        trained += mo.rows_trained if mo.finite else 0
-        scored += mo.rows_scored
-    times = clock.intervals()
-    sync(cuda)  # the pipelined schedule has the next batch's scoring in flight
-    wall_s = time.perf_counter() - wall0
-    phases = timer.flush()
+    m = measure(sched, timer, p, cuda, after_warmup)
     peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
     # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
     # training stream, so this is the footprint of scoring concurrently with training.
     peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
-    loss_mean = torch.stack(losses).float().mean().item()
     dims = dims_of(model, v.seq_len, p.vocab)
+    if profile_dir is not None:  # after the timed steps, so it cannot perturb them
+        profile(sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
 
     destroy = getattr(engine, "destroy", None)  # DeepSpeed's own teardown (optimizer hooks, buffers)
     if destroy is not None:
         destroy()
-    del sched, engine, model, timer, losses, mo, destroy
+    del sched, engine, model, timer, destroy
     free_memory(cuda, v.compile)
-    row = summarize(v, times, trained=trained, scored=scored, phases=phases, dims=dims, peak=peak)
+    row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, dims=dims, peak=peak)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
-               wall_s=wall_s, loss_mean=loss_mean, nonfinite_steps=nonfinite, peak_mem_bytes=peak_mem,
+               wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
                peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
     return row
 
@@ -369,6 +399,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
     p.add_argument("--name", help="output file stem (default throughput-<preset>)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    p.add_argument("--profile-dir", help="also write a torch.profiler trace and top-op table per variant here")
+    p.add_argument("--profile-steps", type=int, default=3, help="micro-steps per profile (after the timed ones)")
     p.add_argument("overrides", nargs="*", help="extra run-config overrides, e.g. model.attn_implementation=eager")
     args = p.parse_args(argv)
     bad = [v for v in args.variants if v not in VARIANTS]
@@ -419,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(p.threads)
     env = environment(device, argv)
     peak = F.peak_flops(env["device"], p.precision, args.peak_tflops)
+    prof_dir = Path(args.profile_dir) if args.profile_dir else None
+    if prof_dir is not None:
+        prof_dir.mkdir(parents=True, exist_ok=True)
     try:
         variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
         rows_needed = {(p.micro_batch, T) for T in p.seq_lens} | {(round(p.micro_batch / p.keep), T) for T in p.seq_lens}
@@ -427,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                  p.warmup, p.steps)
         rows = []
         for v in variants:
-            row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak)
+            row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
+                              profile_dir=prof_dir, profile_steps=args.profile_steps)
             rows.append(row)
             log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
                      1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
