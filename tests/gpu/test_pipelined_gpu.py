@@ -85,7 +85,10 @@ def test_pipelined_peak_memory_within_10_percent_of_serial(criterion):
     """The real engine (DeepSpeed ZeRO-1, bf16, fused AdamW) through the benchmark harness: BERT-base,
     T = 128, B = 32, G = 64, exit 1. Pipelined scoring runs while the training activations are alive."""
     from benchmarks.throughput import PRESETS, Variant, ensure_distributed, run_variant
+    from engine import ds
 
+    if ds.accelerator_name() != "cuda":  # tests/conftest.py defaults DeepSpeed to its CPU accelerator
+        pytest.fail("run the GPU tests with DS_ACCELERATOR=cuda so that DeepSpeed uses the GPU")
     ensure_distributed()
     preset = replace(PRESETS["gpu-base"], seq_lens=(T,), steps=4, warmup=3)
     pools = {(G, T): batch_pool(G, T, V, size=4, pin=True)}
