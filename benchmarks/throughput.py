@@ -408,6 +408,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
     if args.criteria and any(c not in ("loss", "entropy") for c in args.criteria):
         p.error("--criteria: choose from loss, entropy")
+    if any(n is not None and n < 1 for n in (args.steps, args.warmup, args.profile_steps)):
+        p.error("--steps, --warmup and --profile-steps must be >= 1")
     return args
 
 
@@ -428,13 +430,23 @@ def model_layers(p: Preset, extra: list[str]) -> int:
     return cfg.model.num_layers or SIZES[cfg.model.preset].num_layers
 
 
+def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> None:
+    from benchmarks import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    add_ratios(result["rows"])
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(report.markdown(result))
+    if chart:
+        report.chart(result, out / f"{stem}.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from benchmarks import report
     from engine import ds
     from engine.config import ConfigError
     from engine.ds_config import DSConfigError
@@ -443,10 +455,6 @@ def main(argv: list[str] | None = None) -> int:
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
     cuda = device.type == "cuda"
     name, p = resolve_preset(args, cuda)
-    if p.steps < 1 or p.warmup < 1:
-        print("sift bench: error: --steps and --warmup must be >= 1", file=sys.stderr)
-        return 2
-    compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     if p.threads:
         torch.set_num_threads(p.threads)
     env = environment(device, argv)
@@ -454,40 +462,32 @@ def main(argv: list[str] | None = None) -> int:
     prof_dir = Path(args.profile_dir) if args.profile_dir else None
     if prof_dir is not None:
         prof_dir.mkdir(parents=True, exist_ok=True)
+    out, stem = Path(args.out), args.name or f"throughput-{name}"
+    compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     try:
         variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
-        rows_needed = {(p.micro_batch, T) for T in p.seq_lens} | {(round(p.micro_batch / p.keep), T) for T in p.seq_lens}
-        pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda) for g, T in rows_needed}
+        shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
+        pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda) for g, T in shapes}
+        result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
+                           "overrides": list(args.overrides), "peak_flops": peak,
+                           "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
+                           "flop_formula": F.FORMULA},
+                  "rows": []}
         log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
                  p.warmup, p.steps)
-        rows = []
         for v in variants:
             row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
                               profile_dir=prof_dir, profile_steps=args.profile_steps)
-            rows.append(row)
+            result["rows"].append(row)
+            write_outputs(result, out, stem, chart=False)  # a crash later keeps what was measured
             log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
                      1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
                      1e3 * row["step_time_s"]["p90"], row["backprop_seq_per_s"])
     except (ConfigError, DSConfigError) as e:
         print(f"sift bench: error: {e}", file=sys.stderr)
         return 2
-    add_ratios(rows)
-    result = {
-        "meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
-                 "overrides": list(args.overrides), "peak_flops": peak,
-                 "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
-                 "flop_formula": F.FORMULA},
-        "rows": rows,
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = args.name or f"throughput-{name}"
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    table = report.markdown(result)
-    (out / f"{stem}.md").write_text(table)
-    if not args.no_chart:
-        report.chart(result, out / f"{stem}.png")
-    print(table)
+    write_outputs(result, out, stem, chart=not args.no_chart)
+    print((out / f"{stem}.md").read_text())
     print(f"wrote {out / stem}.json, .md" + ("" if args.no_chart else ", .png"))
     return 0
 
