@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-# DeepSpeed picks its accelerator at import time; without CUDA the CPU accelerator (gloo) is the one.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed picks its accelerator at import time: the CPU one (gloo) where there is no CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,8 +19,6 @@ SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english-reference.parq
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")

@@ -87,7 +87,7 @@ def test_pipelined_peak_memory_within_10_percent_of_serial(criterion):
     from benchmarks.throughput import PRESETS, Variant, ensure_distributed, run_variant
     from engine import ds
 
-    if ds.accelerator_name() != "cuda":  # tests/conftest.py defaults DeepSpeed to its CPU accelerator
+    if ds.accelerator_name() != "cuda":  # e.g. DS_ACCELERATOR=cpu left in the environment
         pytest.fail("run the GPU tests with DS_ACCELERATOR=cuda so that DeepSpeed uses the GPU")
     ensure_distributed()
     preset = replace(PRESETS["gpu-base"], seq_lens=(T,), steps=4, warmup=3)
