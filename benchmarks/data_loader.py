@@ -128,7 +128,8 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
     return results, work / "ds512-nsp_pairs-1"
 
 
-def bench_loader(dataset: Path, draws: int = 400) -> list[dict]:
+def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict]:
+    """Each configuration ``repeats`` times (fresh loader each time); the median is the headline."""
     import torch
 
     from data_pipeline.loader import build_loader
@@ -138,26 +139,30 @@ def bench_loader(dataset: Path, draws: int = 400) -> list[dict]:
     ds = ShardDataset.open(dataset)
     out = []
     for workers in (0, 2):
-        loader = build_loader(
-            ds, seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: G, num_workers=workers
-        )
-        it = iter(loader)
-        for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
-            next(it)
-        load = loadavg()
-        t = time.perf_counter()
-        real = 0
-        for batch in islice(it, draws):
-            real += int(batch["attention_mask"].sum())
-        dt = time.perf_counter() - t
-        del it
-        seqs = draws * G
+        runs = []
+        for r in range(repeats):
+            loader = build_loader(ds, seed=r, rank=0, world_size=1, batch_size_for_draw=lambda d: G,
+                                  num_workers=workers)  # fmt: skip
+            it = iter(loader)
+            for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
+                next(it)
+            load = loadavg()
+            t = time.perf_counter()
+            real = 0
+            for batch in islice(it, draws):
+                real += int(batch["attention_mask"].sum())
+            dt = time.perf_counter() - t
+            del it
+            runs.append({"sequences_per_second": round(draws * G / dt), "real_tokens_per_second": round(real / dt),
+                         "load_before": load})  # fmt: skip
+        median = sorted(runs, key=lambda x: x["sequences_per_second"])[len(runs) // 2]
+        seqs = median["sequences_per_second"]
         out.append({
-            "num_workers": workers, "seq_len": SEQ_LEN, "rows_per_draw": G, "draws": draws,
-            "sequences_per_second": round(seqs / dt), "padded_tokens_per_second": round(seqs * SEQ_LEN / dt),
-            "real_tokens_per_second": round(real / dt),
-            "sequences_per_second_per_process": round(seqs / dt / max(1, workers)),
-            "load_before": load,
+            "num_workers": workers, "seq_len": SEQ_LEN, "rows_per_draw": G, "draws_per_run": draws,
+            "sequences_per_second": seqs, "padded_tokens_per_second": seqs * SEQ_LEN,
+            "real_tokens_per_second": median["real_tokens_per_second"],
+            "sequences_per_second_per_process": round(seqs / max(1, workers)),
+            "runs": runs,
         })  # fmt: skip
         log.info("loader %s", out[-1])
     return out
@@ -201,7 +206,7 @@ def write_synthetic(root: Path, shards: int, rows_per_shard: int) -> None:
 def rss_probe(dataset: str) -> dict:
     """Run in a fresh process, shards evicted from the page cache first: memory after import, after
     open, after reading 100 draws of 64 random rows. RssAnon is the reader's own memory; RssFile counts
-    mapped page-cache pages of the shards (shared between processes and reclaimable)."""
+    mapped page-cache pages of the shards (read-ahead included; shared between processes, reclaimable)."""
     from data_pipeline.loader import build_loader
     from data_pipeline.reader import ShardDataset
 
