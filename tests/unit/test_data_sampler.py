@@ -68,7 +68,7 @@ def test_bucketed_permutation_spreads_rows_across_the_whole_range():
     assert quarters.min() > 0.2 * (n // 4)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     n=st.integers(1, 40),
     world=st.integers(1, 8),
@@ -95,7 +95,7 @@ def test_every_sample_exactly_once_per_epoch_and_ranks_disjoint(n, world, sizes,
         assert len(pairs) == world * size
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     n=st.integers(1, 50),
     world_a=st.integers(1, 8),
@@ -114,7 +114,7 @@ def test_resume_at_any_world_size_continues_the_stream_exactly(n, world_a, world
     assert np.array_equal(ids, stream_ids)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(
     n=st.integers(1, 30),
     world=st.integers(1, 8),
