@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -70,6 +71,12 @@ def machine() -> dict:
     }
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children: a machine-load-independent cost measure."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -109,16 +116,17 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
                                          (2, 512, "nsp_pairs")]:  # fmt: skip
         out = work / f"ds{seq_len}-{objective}-{num_proc}"
         load = loadavg()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         index = run_prepare([str(SHARED_CORPUS), "--out", str(out), "--tokenizer", tokenizer, "--seq-len",
                              str(seq_len), "--objective", objective, "--num-proc", str(num_proc)])  # fmt: skip
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, cpu_seconds() - cpu
         st = index["prepare"]["stats"]
         runs.append({
             "num_proc": num_proc, "seq_len": seq_len, "objective": objective, "documents": st["documents"],
             "tokens": st["tokens"], "wall_seconds": round(wall, 2), "tokenize_seconds": st["tokenize_seconds"],
             "tokens_per_second": st["tokens_per_second"],
             "tokens_per_second_per_process": round(st["tokens_per_second"] / num_proc),
+            "cpu_seconds_whole_command": round(cpu, 2), "tokens_per_cpu_second": round(st["tokens"] / cpu),
             "rows": {s: v["rows"] for s, v in index["splits"].items()}, "fill": st["fill"],
             "load_before": load, "load_after": loadavg(),
         })  # fmt: skip
@@ -143,18 +151,27 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
         for r in range(repeats):
             loader = build_loader(ds, seed=r, rank=0, world_size=1, batch_size_for_draw=lambda d: G,
                                   num_workers=workers)  # fmt: skip
+            cpu_all = cpu_seconds()
             it = iter(loader)
-            for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
+            warm = 10 if workers == 0 else 20
+            for _ in range(warm):  # warm-up (worker start, page cache)
                 next(it)
             load = loadavg()
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), cpu_seconds()
             real = 0
             for batch in islice(it, draws):
                 real += int(batch["attention_mask"].sum())
-            dt = time.perf_counter() - t
-            del it
-            runs.append({"sequences_per_second": round(draws * G / dt), "real_tokens_per_second": round(real / dt),
-                         "load_before": load})  # fmt: skip
+            dt, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+            del it  # joins the workers, so their CPU time is counted below
+            cpu_all = cpu_seconds() - cpu_all
+            runs.append({
+                "sequences_per_second": round(draws * G / dt), "real_tokens_per_second": round(real / dt),
+                # workers = 0: CPU of the timed draws; workers > 0: CPU of main + workers over the whole
+                # iterator's life (start-up and warm-up draws included), per sequence delivered.
+                "sequences_per_cpu_second": round(draws * G / cpu) if workers == 0
+                else round((warm + draws) * G / cpu_all),
+                "load_before": load,
+            })  # fmt: skip
         median = sorted(runs, key=lambda x: x["sequences_per_second"])[len(runs) // 2]
         seqs = median["sequences_per_second"]
         out.append({
@@ -162,6 +179,7 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
             "sequences_per_second": seqs, "padded_tokens_per_second": seqs * SEQ_LEN,
             "real_tokens_per_second": median["real_tokens_per_second"],
             "sequences_per_second_per_process": round(seqs / max(1, workers)),
+            "sequences_per_cpu_second": median["sequences_per_cpu_second"],
             "runs": runs,
         })  # fmt: skip
         log.info("loader %s", out[-1])
@@ -171,14 +189,15 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
 def bench_sampler(n: int = 10_000_000) -> dict:
     from data_pipeline.sampler import DrawSampler, epoch_permutation
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     first = next(iter(DrawSampler(n, seed=0, rank=3, world_size=8, size_fn=lambda d: 64)))
-    startup = time.perf_counter() - t
+    startup, startup_cpu = time.perf_counter() - t, cpu_seconds() - cpu
     t = time.perf_counter()
     epoch_permutation(0, 1, n)
     perm = time.perf_counter() - t
     assert len(first.sample_ids) == 64
-    return {"samples": n, "first_draw_seconds": round(startup, 3), "permutation_seconds": round(perm, 3),
+    return {"samples": n, "first_draw_seconds": round(startup, 3), "first_draw_cpu_seconds": round(startup_cpu, 3),
+            "permutation_seconds": round(perm, 3),
             "target_seconds": 1.0}  # fmt: skip
 
 

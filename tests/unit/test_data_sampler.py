@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from data_pipeline.sampler import (
     DrawSampler,
+    EpochPermutation,
     draw_start,
     epoch_permutation,
     positions_to_samples,
@@ -58,6 +59,16 @@ def test_epoch_permutation_is_uniform_on_small_n():
     assert len(counts) == factorial(4)
     expected = trials / factorial(4)
     assert all(abs(c - expected) < 0.3 * expected for c in counts.values()), counts
+
+
+def test_lazy_permutation_equals_the_full_one_in_any_access_order():
+    n = 32768 * 5 + 11
+    full = epoch_permutation(7, 2, n)
+    lazy = EpochPermutation(7, 2, n)
+    rng = np.random.default_rng(0)
+    for offsets in (np.array([n - 40_000, 3]), rng.integers(0, n, 1000), np.arange(n - 5, n)):
+        assert np.array_equal(lazy.take(offsets), full[offsets])
+    assert np.array_equal(EpochPermutation(7, 2, n).take(np.arange(n)), full)
 
 
 def test_bucketed_permutation_spreads_rows_across_the_whole_range():
