@@ -77,6 +77,17 @@ def cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds of this process plus the live processes ``pids`` (from /proc/<pid>/stat)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    total = me.ru_utime + me.ru_stime
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -151,25 +162,22 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
         for r in range(repeats):
             loader = build_loader(ds, seed=r, rank=0, world_size=1, batch_size_for_draw=lambda d: G,
                                   num_workers=workers)  # fmt: skip
-            cpu_all = cpu_seconds()
             it = iter(loader)
-            warm = 10 if workers == 0 else 20
-            for _ in range(warm):  # warm-up (worker start, page cache)
+            for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
                 next(it)
+            pids = [w.pid for w in getattr(it, "_workers", [])]  # DataLoader internals: benchmark only
             load = loadavg()
-            t, cpu = time.perf_counter(), cpu_seconds()
+            t, cpu = time.perf_counter(), process_cpu(pids)
             real = 0
             for batch in islice(it, draws):
                 real += int(batch["attention_mask"].sum())
-            dt, cpu = time.perf_counter() - t, cpu_seconds() - cpu
-            del it  # joins the workers, so their CPU time is counted below
-            cpu_all = cpu_seconds() - cpu_all
+            dt, cpu = time.perf_counter() - t, process_cpu(pids) - cpu
+            del it
             runs.append({
                 "sequences_per_second": round(draws * G / dt), "real_tokens_per_second": round(real / dt),
-                # workers = 0: CPU of the timed draws; workers > 0: CPU of main + workers over the whole
-                # iterator's life (start-up and warm-up draws included), per sequence delivered.
-                "sequences_per_cpu_second": round(draws * G / cpu) if workers == 0
-                else round((warm + draws) * G / cpu_all),
+                # CPU of the main process plus its workers during the timed draws: the cost per sequence,
+                # whatever else the machine is running.
+                "sequences_per_cpu_second": round(draws * G / cpu),
                 "load_before": load,
             })  # fmt: skip
         median = sorted(runs, key=lambda x: x["sequences_per_second"])[len(runs) // 2]
