@@ -151,6 +151,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     n_eval = cfg.train.eval_samples or len(eval_set)
     n_eval -= n_eval % (world * cfg.train.eval_batch_size)  # equal full batches on every rank
+    if n_eval == 0:
+        raise ConfigError([f"split {cfg.data.eval_split!r} of {cfg.data.path} has {len(eval_set)} rows, fewer than "
+                           f"one batch per rank (world {world} x train.eval_batch_size {cfg.train.eval_batch_size})"],
+                          "run config vs data")
     metrics = MetricLogger(out_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard,
                            progress=cfg.train.progress, total_steps=total, initial_step=c["step"])
     acc = StepAccumulator()

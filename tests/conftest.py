@@ -37,14 +37,17 @@ def shared_corpus() -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64."""
+    """A generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64 with a
+    committed tokenizer (WordPiece training is not deterministic, and the golden loss curve needs
+    identical token ids in every session)."""
     from data_pipeline import prepare
     from data_pipeline.demo_corpus import write_demo_corpus
 
     root = tmp_path_factory.mktemp("tiny-data")
     corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
     out = root / "data"
-    code = prepare.main([str(corpus), "--out", str(out), "--seq-len", "64", "--vocab-size", "512",
+    tokenizer = REPO_ROOT / "tests" / "assets" / "tokenizer-512"
+    code = prepare.main([str(corpus), "--out", str(out), "--seq-len", "64", "--tokenizer", str(tokenizer),
                          "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1", "--log-level", "WARNING"])
     assert code == 0
     return out
