@@ -285,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     from engine.models.bert import ModelError
 
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        force=True)  # replace a handler an earlier command (sift demo: prepare) set
     try:
         cfg = load_config(args.config, args.overrides)
         if args.print_config:
