@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
-    record = write_study_record(out, spec, data, data_id, argv)
+    record = write_study_record(out, spec, data, data_id, argv, invocation=not args.report_only)
     codes: dict[str, int] = {}
     if not args.report_only:
         for plan in plans:
@@ -424,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str, Any],
-                       argv: list[str]) -> dict[str, Any]:
-    """<out>/study.json: the spec, the data and one entry per invocation (command, machine, versions)."""
+def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str, Any], argv: list[str], *,
+                       invocation: bool = True) -> dict[str, Any]:
+    """<out>/study.json: the spec, the data and one entry per training invocation (command, machine,
+    versions); a report-only invocation adds none."""
     path = out / "study.json"
     record: dict[str, Any] = {}
     if path.is_file():
@@ -438,10 +439,13 @@ def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str
         "parallel": spec.parallel, "base": spec.base, "overrides": spec.overrides,
         "data": {"path": data.name, **data_id},
     })
-    record.setdefault("invocations", []).append({
-        "command": shlex.join(["sift", "study", *map(portable_arg, argv)]), "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "commit": git_commit(), "machine": machine_info(),
-    })
+    record.setdefault("invocations", [])
+    if invocation:
+        record["invocations"].append({
+            "command": shlex.join(["sift", "study", *map(portable_arg, argv)]),
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "commit": git_commit(), "machine": machine_info(),
+        })
     path.write_text(json.dumps(record, indent=1))
     return record
 

@@ -80,7 +80,8 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
     ax.set_ylabel("validation MLM accuracy")
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8, loc="lower right")
     if x == "backprop_samples":
         ax.xaxis.set_major_formatter(FuncFormatter(_samples_fmt))
         ax2.xaxis.set_major_formatter(FuncFormatter(_samples_fmt))
@@ -121,7 +122,8 @@ def fidelity_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
     for ax in axes:
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    if axes[0].get_legend_handles_labels()[0]:
+        axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -90,6 +90,18 @@ def time_to_target(xs: Sequence[float], ys: Sequence[float], target: float) -> f
     return None
 
 
+def value_at(xs: Sequence[float], ys: Sequence[float], x: float) -> float | None:
+    """The curve's value at ``x`` by linear interpolation; its last value past its end (the run had
+    finished by then); None before its first point."""
+    if not xs or x < xs[0]:
+        return None
+    for i in range(1, len(xs)):
+        if x <= xs[i]:
+            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+            return float(y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0))
+    return float(ys[-1])
+
+
 def auto_targets(final_accs: Sequence[float]) -> list[float]:
     """Targets when a study names none: what the reference arm (vanilla) ends at, and 90% of it,
     each rounded down to a multiple of 0.005 — "how soon does an arm reach what vanilla reaches"."""
@@ -181,6 +193,7 @@ def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str 
     """Table 1: final validation MLM accuracy (mean, spread over seeds), paired difference to the
     reference arm, final loss, and cost (hours, throughput)."""
     ref_final = {r.seed: r.final["val_mlm_acc"] for r in runs.get(ref or "", []) if r.final}
+    ref_hours = {r.seed: r.final["hours"] for r in runs.get(ref or "", []) if r.final}
     rows = []
     for arm in arms:
         done = [r for r in runs.get(arm, []) if r.complete and r.final]
@@ -190,6 +203,10 @@ def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str 
         acc = [r.final["val_mlm_acc"] for r in done]
         diffs = [r.final["val_mlm_acc"] - ref_final[r.seed] for r in done if r.seed in ref_final]
         costs = [run_costs(r) for r in done]
+        # accuracy when the same seed's reference run had finished: the equal-wall-clock comparison
+        at_ref = {r.seed: value_at(*r.series("val_mlm_acc", "hours"), ref_hours[r.seed])
+                  for r in done if r.seed in ref_hours}
+        at_ref_delta = [v - ref_final[k] for k, v in at_ref.items() if v is not None]
         rows.append({
             "arm": arm, "seeds": len(done), "per_seed": {r.seed: r.final["val_mlm_acc"] for r in done},
             "val_mlm_acc": spread(acc),
@@ -200,6 +217,8 @@ def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str 
             "backprop_seq_per_s": spread([c["backprop_seq_per_s"] for c in costs if c["backprop_seq_per_s"]]),
             "time_scoring": _mean_or_none([c["time_scoring"] for c in costs]),
             "time_train": _mean_or_none([_sum_or_none(c, ("forward", "backward", "optimizer")) for c in costs]),
+            "acc_at_ref_hours": spread([v for v in at_ref.values() if v is not None]),
+            "delta_at_ref_hours": spread(at_ref_delta) if arm != ref and at_ref_delta else None,
         })
     return rows
 
@@ -313,7 +332,7 @@ def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str 
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         if not r.get("seeds"):
-            lines.append(f"| {labels.get(r['arm'], r['arm'])} | 0 | not run | | | | | | |")
+            lines.append(f"| {labels.get(r['arm'], r['arm'])} | 0 | no complete run | | | | | | |")
             continue
         lines.append(
             f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r['val_mlm_acc'])} | {_range(r['val_mlm_acc'])}"
@@ -321,6 +340,29 @@ def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str 
             f" | {_range(r['delta_vs_ref']) if r['delta_vs_ref'] else ''}"
             f" | {_pm(r['val_mlm_loss'], 3)} | {_pm(r['hours'], 1, 60.0)} | {_pm(r['backprop_seq_per_s'], 0)} |"
         )
+    return "\n".join(lines)
+
+
+def markdown_equal_time(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None) -> str:
+    """Accuracy of each arm when its seed's reference run had finished (same wall clock)."""
+    lines = [f"| arm | val MLM acc at {ref}'s final wall clock (mean ± std) | Δ vs {ref} (paired, mean ± std)"
+             " | Δ min–max |", "|---|---|---|---|"]
+    for r in rows:
+        if not r.get("seeds"):
+            continue
+        d = r.get("delta_at_ref_hours")
+        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {_pm(r.get('acc_at_ref_hours'))} | "
+                     f"{_pm(d) if d else '(reference)'} | {_range(d) if d else ''} |")
+    return "\n".join(lines)
+
+
+def markdown_per_seed(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    seeds = sorted({int(k) for r in rows for k in (r.get("per_seed") or {})})
+    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (1 + len(seeds))]
+    for r in rows:
+        per = {int(k): v for k, v in (r.get("per_seed") or {}).items()}
+        lines.append(f"| {labels.get(r['arm'], r['arm'])} | "
+                     + " | ".join(f"{per[s]:.4f}" if s in per else "–" for s in seeds) + " |")
     return "\n".join(lines)
 
 

@@ -18,6 +18,7 @@ from benchmarks.study_report import (
     spread,
     target_table,
     time_to_target,
+    value_at,
 )
 
 
@@ -35,6 +36,15 @@ def test_time_to_target_first_crossing_unreached_and_first_point():
     assert time_to_target([], [], 0.3) is None
     with pytest.raises(ValueError):
         time_to_target([1, 2], [0.1], 0.3)
+
+
+def test_value_at_interpolates_and_holds_the_final_value():
+    xs, ys = [1.0, 2.0, 4.0], [0.1, 0.3, 0.4]
+    assert value_at(xs, ys, 1.5) == pytest.approx(0.2)
+    assert value_at(xs, ys, 3.0) == pytest.approx(0.35)
+    assert value_at(xs, ys, 2.0) == pytest.approx(0.3)
+    assert value_at(xs, ys, 9.0) == 0.4  # finished before then: its final accuracy
+    assert value_at(xs, ys, 0.5) is None and value_at([], [], 1.0) is None
 
 
 def test_auto_targets_round_down_vanilla_final_and_ninety_percent():
@@ -87,6 +97,9 @@ def test_final_table_paired_delta_and_spread():
     assert sift["delta_vs_ref"]["mean"] == pytest.approx(0.07)
     assert sift["delta_vs_ref"]["min"] == pytest.approx(0.04) and sift["delta_vs_ref"]["max"] == pytest.approx(0.10)
     assert sift["per_seed"] == {0: 0.30, 1: 0.26} and sift["backprop_samples"] == 200
+    # equal wall clock: vanilla ends at 0.2 h, when sift (twice as slow) is at its step-10 evaluation
+    assert sift["acc_at_ref_hours"]["mean"] == pytest.approx((0.15 + 0.12) / 2)
+    assert sift["delta_at_ref_hours"]["mean"] == pytest.approx((0.15 - 0.20 + 0.12 - 0.22) / 2)
 
 
 def test_target_table_not_reached_and_speedup():
