@@ -122,11 +122,15 @@ def run_state(plan: RunPlan) -> tuple[str, int]:
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
-    """A run config without its locations: a study directory or its data may move; the data's identity
-    is checked through the hash of its index.json instead."""
+    """A run config without what cannot change its result: its locations (a study directory or its data
+    may move; the data's identity is checked through the hash of its index.json instead) and, for
+    vanilla, the selection settings it never reads (so a vanilla run can be shared between studies that
+    differ only in those)."""
     out = json.loads(json.dumps(config))
     out.get("data", {}).pop("path", None)
     out.get("train", {}).pop("out_dir", None)
+    if out.get("sift", {}).get("policy") == "none":
+        out["sift"] = {"policy": "none"}
     return out
 
 

@@ -162,3 +162,14 @@ def test_portable_arg_strips_machine_paths():
     assert study.portable_arg("/scratch/me/english-128") == ".../english-128"
     assert study.portable_arg(str(study.REPO / "configs" / "x.yaml")) == "configs/x.yaml"
     assert study.portable_arg("data.path=/a/b/c") == "data.path=.../c"
+
+
+def test_comparable_ignores_locations_and_vanilla_selection_settings():
+    base = {"data": {"path": "/a", "mask_prob": 0.15}, "train": {"out_dir": "/x", "steps": 5},
+            "sift": {"policy": "none", "warmup_steps": 10}}
+    moved = {"data": {"path": "/b", "mask_prob": 0.15}, "train": {"out_dir": "/y", "steps": 5},
+             "sift": {"policy": "none", "warmup_steps": 99}}
+    assert study.comparable(base) == study.comparable(moved)  # vanilla never reads sift.warmup_steps
+    sift = [{**c, "sift": {**c["sift"], "policy": "topk"}} for c in (base, moved)]
+    assert study.comparable(sift[0]) != study.comparable(sift[1])
+    assert study.comparable({**base, "train": {"out_dir": "/x", "steps": 6}}) != study.comparable(base)
