@@ -135,19 +135,47 @@ def source_scores(model, parts: dict[str, list], criterion: str, exit_layer: int
 
 
 def kept_shares(scores: dict[str, np.ndarray], weights: dict[str, float], *, gross: int, keep: int,
-                batches_: int, rng: np.random.Generator) -> dict[str, float]:
+                batches_: int, rng: np.random.Generator,
+                stat: dict[str, np.ndarray] | None = None) -> dict[str, float]:
     """Share of each source among the rows a top-``keep`` policy keeps from gross batches of ``gross``
-    rows, each row drawn from source s with probability ``weights[s]`` (then uniformly within it)."""
+    rows, each row drawn from source s with probability ``weights[s]`` (then uniformly within it).
+
+    With ``stat`` (a per-row quantity aligned with ``scores``), also its mean over the kept rows
+    (key "stat_kept") and over all drawn rows ("stat_drawn").
+    """
     names = sorted(scores)
     p = np.array([weights[s] for s in names], dtype=np.float64)
     p /= p.sum()
     kept = np.zeros(len(names))
+    stat_kept = stat_drawn = 0.0
     for _ in range(batches_):
         src = rng.choice(len(names), size=gross, p=p)
-        vals = np.array([scores[names[s]][rng.integers(len(scores[names[s]]))] for s in src])
+        rows = [rng.integers(len(scores[names[s]])) for s in src]
+        vals = np.array([scores[names[s]][r] for s, r in zip(src, rows)])
         top = np.argsort(-vals, kind="stable")[:keep]
         kept += np.bincount(src[top], minlength=len(names))
-    return {s: float(k / kept.sum()) for s, k in zip(names, kept)}
+        if stat is not None:
+            st = np.array([stat[names[s]][r] for s, r in zip(src, rows)])
+            stat_kept += st[top].mean() / batches_
+            stat_drawn += st.mean() / batches_
+    out = {s: float(k / kept.sum()) for s, k in zip(names, kept)}
+    if stat is not None:
+        out.update(stat_kept=float(stat_kept), stat_drawn=float(stat_drawn))
+    return out
+
+
+def frequent_share(parts: dict[str, list], top: int = 10) -> dict[str, np.ndarray]:
+    """Per row: the fraction of its masked labels that are among the ``top`` most frequent labels over
+    all the given rows (what a model at the unigram stage predicts well)."""
+    labels = np.concatenate([b["mlm_labels"].numpy().ravel() for bs in parts.values() for b in bs])
+    counts = np.bincount(labels[labels >= 0])
+    frequent = np.argsort(-counts)[:top]
+    out = {}
+    for source, bs in parts.items():
+        lab = np.concatenate([b["mlm_labels"].numpy() for b in bs])
+        valid = lab >= 0
+        out[source] = (np.isin(lab, frequent) & valid).sum(1) / np.maximum(valid.sum(1), 1)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -182,7 +210,9 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
     train_rows = {s: ix["splits"]["train"]["rows"] for s, ix in index.items()}
     val = {s: batches(d, "validation", 0) for s, d in parts.items()}
     train = {s: batches(d, "train", args.rows) for s, d in parts.items()}
-    result: dict[str, Any] = {"train_rows": train_rows,
+    frequent = frequent_share(train)
+    result: dict[str, Any] = {"train_rows": train_rows, "rows_scored_per_source": args.rows,
+                              "frequent_share_by_source": {s: float(v.mean()) for s, v in frequent.items()},
                               "validation_rows": {s: ix["splits"]["validation"]["rows"] for s, ix in index.items()},
                               "runs": {}}
     for run_dir in runs:
@@ -195,10 +225,11 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
             rng = np.random.default_rng([seed, 0x50C])
             entry["mean_exit_score"] = {s: float(v["exit"].mean()) for s, v in scores.items()}
             entry["mean_exact_loss"] = {s: float(v["exact"].mean()) for s, v in scores.items()}
-            entry["kept_share_exit"] = kept_shares({s: v["exit"] for s, v in scores.items()}, train_rows, gross=G,
-                                                   keep=B, batches_=args.batches, rng=rng)
-            entry["kept_share_exact"] = kept_shares({s: v["exact"] for s, v in scores.items()}, train_rows, gross=G,
-                                                    keep=B, batches_=args.batches, rng=rng)
+            for kind in ("exit", "exact"):
+                shares = kept_shares({s: v[kind] for s, v in scores.items()}, train_rows, gross=G, keep=B,
+                                     batches_=args.batches, rng=rng, stat=frequent)
+                entry[f"frequent_share_{kind}"] = {"kept": shares.pop("stat_kept"), "drawn": shares.pop("stat_drawn")}
+                entry[f"kept_share_{kind}"] = shares
         result["runs"][f"{arm}/seed{seed}"] = entry
         log.info("%s/seed%d done", arm, seed)
     return result
@@ -215,15 +246,27 @@ def markdown(result: dict[str, Any]) -> str:
         vals = [e[key][source][sub] if sub else e[key][source] for e in entries if key in e]
         return sum(vals) / len(vals) if vals else None
 
-    lines = ["Share of training rows: " + ", ".join(f"{s} {result['train_rows'][s] / total:.1%}" for s in sources), "",
+    freq = result.get("frequent_share_by_source", {})
+    lines = ["Share of training rows: " + ", ".join(f"{s} {result['train_rows'][s] / total:.1%}" for s in sources),
+             "", "Share of masked labels among the 10 most frequent tokens, per source: "
+             + ", ".join(f"{s} {freq[s]:.1%}" for s in sources if s in freq), "",
              "| arm | " + " | ".join(f"{s} val acc" for s in sources) + " | "
-             + " | ".join(f"{s} kept share (exit / exact)" for s in sources) + " |",
-             "|" + "---|" * (1 + 2 * len(sources))]
+             + " | ".join(f"{s} kept share (exit / exact)" for s in sources)
+             + " | frequent-token share: drawn / kept (exit) / kept (exact) |",
+             "|" + "---|" * (2 + 2 * len(sources))]
     for arm, entries in arms.items():
         cells = [f"{mean(entries, 'per_source', s, 'val_mlm_acc'):.4f}" for s in sources]
         for s in sources:
             k, x = mean(entries, "kept_share_exit", s), mean(entries, "kept_share_exact", s)
             cells.append("–" if k is None else f"{k:.1%} / {x:.1%}")
+        f = [e for e in entries if "frequent_share_exit" in e]
+        if f:
+            drawn = sum(e["frequent_share_exit"]["drawn"] for e in f) / len(f)
+            k_exit = sum(e["frequent_share_exit"]["kept"] for e in f) / len(f)
+            k_exact = sum(e["frequent_share_exact"]["kept"] for e in f) / len(f)
+            cells.append(f"{drawn:.1%} / {k_exit:.1%} / {k_exact:.1%}")
+        else:
+            cells.append("–")
         lines.append(f"| {arm} (n={len(entries)}) | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
