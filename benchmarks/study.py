@@ -406,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
                 write_marker(plan, data_id)
         events = EventLog(out / "study-log.jsonl")
         t0, load0 = time.time(), load_average()
+        signal.signal(signal.SIGTERM, _interrupt)  # a killed study stops its runs too, resumably
         try:
             codes = execute(plans, parallel=spec.parallel, events=events, keep_checkpoints=args.keep_checkpoints,
                             env={})
@@ -426,6 +427,10 @@ def main(argv: list[str] | None = None) -> int:
               "rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str, Any], argv: list[str], *,

@@ -18,9 +18,10 @@ ARGS = ["--config", str(TINY_RUN), "--seeds", "0,1", "--arms", "vanilla,loss:1",
         "--keep-checkpoints"]
 
 
-def study(out: Path, data: Path, *extra: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def study(out: Path, data: Path, *extra: str, timeout: float = 300,
+          env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launcher.cli", "study", *ARGS, "--data", str(data), "--out", str(out), *extra]
-    env = base_env()
+    env = base_env(env_extra)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         env.pop(var, None)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -106,3 +107,16 @@ def test_a_changed_config_is_refused_not_mixed(done, tiny_data, tmp_path):
     shutil.copytree(done, out)
     result = study(out, tiny_data, "optim.lr=0.002")
     assert result.returncode == 2 and "made with another config" in result.stderr
+
+
+def test_a_run_killed_mid_way_fails_the_study_and_resumes_on_rerun(done, tiny_data, tmp_path):
+    one = ("--arms", "loss:1", "--seeds", "0,")
+    killed = study(tmp_path, tiny_data, *one, env_extra={"SIFT_FAULT": "after_save:10"})
+    assert killed.returncode == 1 and "1 run(s) failed: loss-1/seed0" in killed.stderr
+    assert [e["action"] for e in events(tmp_path)] == ["start", "failed"]
+    assert not (tmp_path / "report" / "results.json").read_text().count('"incomplete_runs": []')
+    again = study(tmp_path, tiny_data, *one)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [(e["action"], e.get("step")) for e in events(tmp_path)][2:] == [("resume", 10), ("done", None)]
+    want = evals(done / "runs" / "loss-1" / "seed0")[-1]["val_mlm_loss"]
+    assert evals(tmp_path / "runs" / "loss-1" / "seed0")[-1]["val_mlm_loss"] == want
