@@ -344,6 +344,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="a study preset under configs/ (default: cpu)")
     src.add_argument("--config", help="a study YAML (a run config plus a `study:` section) or a plain run config")
+    p.add_argument("--name", help="the study's name in reports and the default --out (default: from the file)")
     p.add_argument("--data", help="prepared shards (a `sift prepare` output directory); overrides data.path")
     p.add_argument("--out", help="study directory (runs, logs; default: runs/<study name>)")
     p.add_argument("--report", help="where the report goes (default: <out>/report)")
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = build_spec(source, seeds=args.seeds, arms=args.arms, targets=args.targets,
                           parallel=args.parallel, overrides=args.overrides)
+        spec.name = args.name or spec.name
         data, out, report_dir = resolve_paths(args, spec)
         if not args.report_only and not args.dry_run:
             ensure_data(spec, data)
@@ -445,7 +447,7 @@ def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str
     record.update({
         "name": spec.name, "source": _repo_relative(Path(spec.source)), "seeds": spec.seeds,
         "arms": [a.name for a in spec.arms], "num_layers": spec.num_layers, "targets": spec.targets,
-        "parallel": spec.parallel, "base": spec.base, "overrides": spec.overrides,
+        "parallel": spec.parallel, "base": spec.base, "overrides": [portable_arg(o) for o in spec.overrides],
         "data": {"path": data.name, **data_id},
     })
     record.setdefault("invocations", [])

@@ -281,8 +281,14 @@ def fidelity_table(arms: Sequence[tuple[str, str, int]], runs: dict[str, list[Ru
             vals = [rec[key] for rec in pool if lo * total_steps < rec["step"] <= hi * total_steps]
             return statistics.fmean(vals) if vals else None
 
+        per_seed_last = {}
+        for r in runs.get(name, []):
+            vals = [rec["spearman"] for rec in r.steps if "spearman" in rec and rec["step"] > 2 / 3 * total_steps]
+            if vals:
+                per_seed_last[r.seed] = statistics.fmean(vals)
         rows.append({
             "arm": name, "criterion": criterion, "exit_layer": exit_layer, "records": len(fid),
+            "spearman_last_third_per_seed": per_seed_last,
             "spearman": window(0, 1, "spearman"), "spearman_first_third": window(0, 1 / 3, "spearman"),
             "spearman_last_third": window(2 / 3, 1, "spearman"),
             "topk_overlap": window(0, 1, "topk_overlap"),
@@ -377,19 +383,24 @@ def markdown_targets(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
                 cells.append(f"{s['mean'] * scale:,.{digits}f} {_range(s, digits, scale)}")
                 cells.append(_num(s.get("speedup_vs_ref"), ".2f"))
             else:
-                cells.append(f"not reached ({s['reached']}/{r['seeds']} seeds)")
+                hits = ", ".join(f"seed {k}: {v * scale:,.{digits}f}" for k, v in s["per_seed"].items() if v is not None)
+                cells.append(f"not reached ({s['reached']}/{r['seeds']} seeds{'; ' + hits if hits else ''})")
                 cells.append("–")
         lines.append(f"| {r['target']:.3f} | {labels.get(r['arm'], r['arm'])} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def markdown_fidelity(rows: list[dict[str, Any]]) -> str:
-    lines = ["| criterion | exit | Spearman (all) | first ⅓ | last ⅓ | top-B overlap (all) | first ⅓ | last ⅓ |"
-             " kept score | dropped score | scoring s/step | fwd+bwd+opt s/step |", "|" + "---|" * 12]
+    lines = ["| criterion | exit | Spearman (all) | first ⅓ | last ⅓ | last ⅓, worst seed | top-B overlap (all) |"
+             " first ⅓ | last ⅓ | kept score | dropped score | scoring s/step | fwd+bwd+opt s/step |",
+             "|" + "---|" * 13]
     for r in rows:
+        per = r.get("spearman_last_third_per_seed") or {}
+        worst = min(per.items(), key=lambda kv: kv[1]) if per else None
         lines.append(
             f"| {r['criterion']} | {r['exit_layer']} | {_num(r['spearman'], '.3f')} | {_num(r['spearman_first_third'], '.3f')}"
-            f" | {_num(r['spearman_last_third'], '.3f')} | {_num(r['topk_overlap'], '.3f')}"
+            f" | {_num(r['spearman_last_third'], '.3f')} | {f'{worst[1]:.3f} (seed {worst[0]})' if worst else '–'}"
+            f" | {_num(r['topk_overlap'], '.3f')}"
             f" | {_num(r['topk_overlap_first_third'], '.3f')} | {_num(r['topk_overlap_last_third'], '.3f')}"
             f" | {_num(r['kept_score'], '.3f')} | {_num(r['dropped_score'], '.3f')}"
             f" | {_num(r['time_scoring'], '.3f')} | {_num(r['time_train'], '.3f')} |"

@@ -130,6 +130,7 @@ def test_fidelity_table_windows():
     assert row["spearman_last_third"] == pytest.approx(0.8)  # steps 70, 80, 90
     assert row["kept_score"] == 6.0 and row["time_scoring"] == pytest.approx(0.1)
     assert row["time_train"] == pytest.approx(0.5)
+    assert row["spearman_last_third_per_seed"] == {0: pytest.approx(0.8)}
 
 
 def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_torn_line(tmp_path):
