@@ -1,0 +1,1 @@
+"""Benchmarks: throughput (`sift bench`, benchmarks/throughput.py); see benchmarks/README.md."""

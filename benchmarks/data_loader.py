@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shlex
 import subprocess
 import sys
@@ -70,6 +71,23 @@ def machine() -> dict:
     }
 
 
+def cpu_seconds() -> float:
+    """CPU time of this process plus its reaped children: a machine-load-independent cost measure."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def process_cpu(pids: list[int]) -> float:
+    """CPU seconds of this process plus the live processes ``pids`` (from /proc/<pid>/stat)."""
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    total = me.ru_utime + me.ru_stime
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+    return total
+
+
 def loadavg() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
@@ -109,16 +127,17 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
                                          (2, 512, "nsp_pairs")]:  # fmt: skip
         out = work / f"ds{seq_len}-{objective}-{num_proc}"
         load = loadavg()
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), cpu_seconds()
         index = run_prepare([str(SHARED_CORPUS), "--out", str(out), "--tokenizer", tokenizer, "--seq-len",
                              str(seq_len), "--objective", objective, "--num-proc", str(num_proc)])  # fmt: skip
-        wall = time.perf_counter() - t
+        wall, cpu = time.perf_counter() - t, cpu_seconds() - cpu
         st = index["prepare"]["stats"]
         runs.append({
             "num_proc": num_proc, "seq_len": seq_len, "objective": objective, "documents": st["documents"],
             "tokens": st["tokens"], "wall_seconds": round(wall, 2), "tokenize_seconds": st["tokenize_seconds"],
             "tokens_per_second": st["tokens_per_second"],
             "tokens_per_second_per_process": round(st["tokens_per_second"] / num_proc),
+            "cpu_seconds_whole_command": round(cpu, 2), "tokens_per_cpu_second": round(st["tokens"] / cpu),
             "rows": {s: v["rows"] for s, v in index["splits"].items()}, "fill": st["fill"],
             "load_before": load, "load_after": loadavg(),
         })  # fmt: skip
@@ -128,7 +147,8 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
     return results, work / "ds512-nsp_pairs-1"
 
 
-def bench_loader(dataset: Path, draws: int = 400) -> list[dict]:
+def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict]:
+    """Each configuration ``repeats`` times (fresh loader each time); the median is the headline."""
     import torch
 
     from data_pipeline.loader import build_loader
@@ -138,26 +158,37 @@ def bench_loader(dataset: Path, draws: int = 400) -> list[dict]:
     ds = ShardDataset.open(dataset)
     out = []
     for workers in (0, 2):
-        loader = build_loader(
-            ds, seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: G, num_workers=workers
-        )
-        it = iter(loader)
-        for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
-            next(it)
-        load = loadavg()
-        t = time.perf_counter()
-        real = 0
-        for batch in islice(it, draws):
-            real += int(batch["attention_mask"].sum())
-        dt = time.perf_counter() - t
-        del it
-        seqs = draws * G
+        runs = []
+        for r in range(repeats):
+            loader = build_loader(ds, seed=r, rank=0, world_size=1, batch_size_for_draw=lambda d: G,
+                                  num_workers=workers)  # fmt: skip
+            it = iter(loader)
+            for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
+                next(it)
+            pids = [w.pid for w in getattr(it, "_workers", [])]  # DataLoader internals: benchmark only
+            load = loadavg()
+            t, cpu = time.perf_counter(), process_cpu(pids)
+            real = 0
+            for batch in islice(it, draws):
+                real += int(batch["attention_mask"].sum())
+            dt, cpu = time.perf_counter() - t, process_cpu(pids) - cpu
+            del it
+            runs.append({
+                "sequences_per_second": round(draws * G / dt), "real_tokens_per_second": round(real / dt),
+                # CPU of the main process plus its workers during the timed draws: the cost per sequence,
+                # whatever else the machine is running.
+                "sequences_per_cpu_second": round(draws * G / cpu),
+                "load_before": load,
+            })  # fmt: skip
+        median = sorted(runs, key=lambda x: x["sequences_per_second"])[len(runs) // 2]
+        seqs = median["sequences_per_second"]
         out.append({
-            "num_workers": workers, "seq_len": SEQ_LEN, "rows_per_draw": G, "draws": draws,
-            "sequences_per_second": round(seqs / dt), "padded_tokens_per_second": round(seqs * SEQ_LEN / dt),
-            "real_tokens_per_second": round(real / dt),
-            "sequences_per_second_per_process": round(seqs / dt / max(1, workers)),
-            "load_before": load,
+            "num_workers": workers, "seq_len": SEQ_LEN, "rows_per_draw": G, "draws_per_run": draws,
+            "sequences_per_second": seqs, "padded_tokens_per_second": seqs * SEQ_LEN,
+            "real_tokens_per_second": median["real_tokens_per_second"],
+            "sequences_per_second_per_process": round(seqs / max(1, workers)),
+            "sequences_per_cpu_second": median["sequences_per_cpu_second"],
+            "runs": runs,
         })  # fmt: skip
         log.info("loader %s", out[-1])
     return out
@@ -166,14 +197,15 @@ def bench_loader(dataset: Path, draws: int = 400) -> list[dict]:
 def bench_sampler(n: int = 10_000_000) -> dict:
     from data_pipeline.sampler import DrawSampler, epoch_permutation
 
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), cpu_seconds()
     first = next(iter(DrawSampler(n, seed=0, rank=3, world_size=8, size_fn=lambda d: 64)))
-    startup = time.perf_counter() - t
+    startup, startup_cpu = time.perf_counter() - t, cpu_seconds() - cpu
     t = time.perf_counter()
     epoch_permutation(0, 1, n)
     perm = time.perf_counter() - t
     assert len(first.sample_ids) == 64
-    return {"samples": n, "first_draw_seconds": round(startup, 3), "permutation_seconds": round(perm, 3),
+    return {"samples": n, "first_draw_seconds": round(startup, 3), "first_draw_cpu_seconds": round(startup_cpu, 3),
+            "permutation_seconds": round(perm, 3),
             "target_seconds": 1.0}  # fmt: skip
 
 
@@ -201,7 +233,7 @@ def write_synthetic(root: Path, shards: int, rows_per_shard: int) -> None:
 def rss_probe(dataset: str) -> dict:
     """Run in a fresh process, shards evicted from the page cache first: memory after import, after
     open, after reading 100 draws of 64 random rows. RssAnon is the reader's own memory; RssFile counts
-    mapped page-cache pages of the shards (shared between processes and reclaimable)."""
+    mapped page-cache pages of the shards (read-ahead included; shared between processes, reclaimable)."""
     from data_pipeline.loader import build_loader
     from data_pipeline.reader import ShardDataset
 

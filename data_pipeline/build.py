@@ -308,7 +308,19 @@ def _write_dataset(
         )
     summary.seconds = time.perf_counter() - t0
     pass_seconds = time.perf_counter() - t_pass
-    index = {
+    index = _make_index(
+        args, out, writers, shards, summary, pass_seconds, num_proc, source, specials, vocab_size
+    )
+    write_index(out, index)  # last: this is what makes the directory a dataset
+    return index
+
+
+def _make_index(args, out: Path, writers: dict[str, ShardWriter], shards: dict, summary: Summary,
+                pass_seconds: float, num_proc: int, source: str, specials: dict[str, int],
+                vocab_size: int) -> dict[str, Any]:  # fmt: skip
+    """The ``index.json`` content (schema: data_pipeline/README.md)."""
+    dtype = token_dtype_for(vocab_size)
+    return {
         "format": FORMAT_NAME,
         "format_version": FORMAT_VERSION,
         "created_by": "sift-train data_pipeline.prepare",
@@ -316,7 +328,7 @@ def _write_dataset(
         "seq_len": args.seq_len,
         "objective": args.objective,
         "token_dtype": dtype.name,
-        "rows_per_shard": rows_per_shard,
+        "rows_per_shard": writers["train"].rows_per_shard,
         "vocab_size": vocab_size,
         "special_ids": specials,
         "tokenizer": TOKENIZER_DIR,
@@ -331,7 +343,7 @@ def _write_dataset(
                 k: v for k, v in vars(args).items() if k not in ("inputs", "out", "log_level", "overwrite")
             },
             "stats": {
-                "documents": total_docs,
+                "documents": summary.read.documents,
                 "documents_per_split": summary.docs,
                 "short_documents_skipped": summary.short_docs,
                 "undecodable_bytes_replaced": summary.read.replaced_bytes,
@@ -349,5 +361,3 @@ def _write_dataset(
             },
         },
     }
-    write_index(out, index)  # last: this is what makes the directory a dataset
-    return index

@@ -1,8 +1,10 @@
 """Training rows from tokenized documents: NSP sentence pairs, or MLM-only packed sentences.
 
 Input per document: its word-piece ids (n,) and sentence lengths (m,). Sentences are kept whole; only a
-sentence too long for a row is cut into near-equal pieces. Both builders fill rows close to ``seq_len``
-(padding is compute wasted on every layer), and are deterministic given the numpy ``Generator``.
+"sentence" longer than half a row (``nsp_pairs``) or a quarter of a row (``mlm_packed``: a long one
+that does not fit would leave that much padding) is cut into near-equal pieces. Both builders fill rows
+close to ``seq_len`` (padding is compute wasted on every layer), and are deterministic given the numpy
+``Generator``.
 
 * ``nsp_pairs``: ``[CLS] A [SEP] B [SEP]``. Consecutive sentences are gathered until they reach the
   target length; A is a random prefix of them. With probability 1/2 (or when only one piece was
@@ -174,7 +176,7 @@ def mlm_packed(docs: list[Doc], cfg: InstanceConfig) -> Rows:
     used = 0
     for ids, lens in docs:
         boundary = bool(parts)  # a [SEP] goes between this document and the previous one
-        for start, end in sentence_pieces(lens, cap).tolist():
+        for start, end in sentence_pieces(lens, max(8, cap // 4)).tolist():  # see the module docstring
             need = end - start + (1 if boundary else 0)
             if used + need > cap:
                 out.add(parts, segment_b=None, nsp=-1)

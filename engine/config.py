@@ -72,7 +72,8 @@ class SiftConfig:
     """No selection after this fraction of train.steps (greedy selection can hurt asymptotically)."""
     schedule: str = "serial"
     """serial: score, then train (the reference). pipelined: score the next gross batch while this
-    one trains (a side CUDA stream on GPU); its scores are one optimizer step stale."""
+    one trains (a side CUDA stream on GPU); its scores are one optimizer step stale. No effect under
+    policy none, which scores nothing."""
     fidelity_every: int = 0
     """Every K steps, also compute exact full-model losses on the gross batch and log the Spearman
     correlation and top-B overlap with the early-exit scores (0 = never)."""
@@ -193,8 +194,6 @@ def validate(cfg: RunConfig) -> list[str]:
             )
     if s.stop_fraction is not None and not 0.0 < s.stop_fraction <= 1.0:
         p.append(f"sift.stop_fraction: must be in (0, 1] or null, got {s.stop_fraction}")
-    if s.policy == "none" and s.schedule == "pipelined":
-        p.append("sift.schedule=pipelined needs a selecting policy (topk or random); policy none scores nothing")
     if not 0.0 < cfg.data.mask_prob < 1.0:
         p.append(f"data.mask_prob: must be in (0, 1), got {cfg.data.mask_prob}")
     if o.lr <= 0:

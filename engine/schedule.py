@@ -222,6 +222,9 @@ class PipelinedSchedule(Schedule):
     def micro_step(self, draw: int, fidelity: bool = False) -> MicroOut:
         s = self.streams
         if self._pending is None:  # first micro-step, or just resumed: score batch k serially
+            # The side stream must also see every weight write queued so far (DeepSpeed's init, a
+            # checkpoint load); later micro-steps order it after their optimizer step instead.
+            self._params_ready = s.record(s.main)
             batch, ready = self._fetch()
             Streams.wait(s.main, ready)
             scores, self._resume_scores = self._resume_scores, None

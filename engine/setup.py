@@ -50,7 +50,7 @@ def build_schedule(cfg: RunConfig, engine: Any, model: SiftBert, *, stage: int, 
         gather = partial(ds.gathered, stage=3) if stage == 3 else None
         scorer = Scorer(model, cfg.sift.exit_layer, cfg.sift.criterion, device=device, gather=gather)
     streams = Streams(device)
-    cls = PipelinedSchedule if cfg.sift.schedule == "pipelined" else SerialSchedule
+    cls = PipelinedSchedule if cfg.sift.schedule == "pipelined" and scorer is not None else SerialSchedule
     return cls(engine, scorer, policy=cfg.sift.policy, micro_batch_size=cfg.train.micro_batch_size,
                seed=cfg.train.seed, rank=rank, prefetcher=DevicePrefetcher(batches, device, streams),
                streams=streams, timer=timer)

@@ -118,6 +118,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
          "nonfinite_total": 0, "hours": 0.0}
     pending_scores = rng_state = None
     tag = ckpt.find_latest(ckpt_root) if cfg.train.resume else None
+    if not cfg.train.resume and (ckpt_root / ckpt.LATEST).exists():
+        raise ConfigError([f"train.resume=false but {out_dir} already holds checkpoints; choose a new "
+                           "train.out_dir (or resume)"], "run config")
     if tag is not None:
         record = ckpt.verify(ckpt_root, tag)
         try:
@@ -148,6 +151,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     n_eval = cfg.train.eval_samples or len(eval_set)
     n_eval -= n_eval % (world * cfg.train.eval_batch_size)  # equal full batches on every rank
+    if n_eval == 0:
+        raise ConfigError([f"split {cfg.data.eval_split!r} of {cfg.data.path} has {len(eval_set)} rows, fewer than "
+                           f"one batch per rank (world {world} x train.eval_batch_size {cfg.train.eval_batch_size})"],
+                          "run config vs data")
     metrics = MetricLogger(out_dir, enabled=rank == 0, tensorboard=cfg.train.tensorboard,
                            progress=cfg.train.progress, total_steps=total, initial_step=c["step"])
     acc = StepAccumulator()

@@ -6,9 +6,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
-# DeepSpeed picks its accelerator at import time; without CUDA the CPU accelerator (gloo) is the one.
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# DeepSpeed picks its accelerator at import time: the CPU one (gloo) where there is no CUDA.
+if not torch.cuda.is_available():
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -17,8 +19,6 @@ SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english-reference.parq
 
 
 def pytest_collection_modifyitems(config, items):
-    import torch
-
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
@@ -33,3 +33,21 @@ def shared_corpus() -> Path:
     if not SHARED_CORPUS.is_file():
         pytest.skip(f"shared corpus not present at ../shared/corpus/ (looked for {SHARED_CORPUS.name})")
     return SHARED_CORPUS
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64 with a
+    committed tokenizer (WordPiece training is not deterministic, and the golden loss curve needs
+    identical token ids in every session)."""
+    from data_pipeline import prepare
+    from data_pipeline.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("tiny-data")
+    corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
+    out = root / "data"
+    tokenizer = REPO_ROOT / "tests" / "assets" / "tokenizer-512"
+    code = prepare.main([str(corpus), "--out", str(out), "--seq-len", "64", "--tokenizer", str(tokenizer),
+                         "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1", "--log-level", "WARNING"])
+    assert code == 0
+    return out

@@ -72,15 +72,19 @@ class ExitPath:
                 seen.setdefault(id(p), p)
         return list(seen.values())
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(G, P, V) MLM logits of layer j's hidden states at the masked positions."""
+    def masked_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(G, P, H) layer j's hidden states at the masked positions."""
         hidden = self.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
         mask = create_bidirectional_mask(
             config=self.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
         )
         for layer in self.layers:
             hidden = layer(hidden, mask)
-        return self.head(_gather_positions(hidden, batch["mlm_positions"]))
+        return _gather_positions(hidden, batch["mlm_positions"])
+
+    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(G, P, V) MLM logits of layer j's hidden states at the masked positions."""
+        return self.head(self.masked_hidden(batch))
 
     def replicate(self, device: torch.device | str, dtype: torch.dtype) -> ExitPath:
         """A fresh, unshared copy of these modules' structure (weights filled by the caller).

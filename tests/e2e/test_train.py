@@ -11,7 +11,7 @@ import pytest
 
 from engine import checkpoint as ckpt
 from tests.dist.common import REPO
-from tests.e2e.conftest import evals, losses, train
+from tests.runs import evals, losses, train
 
 GOLDEN = REPO / "tests" / "assets" / "golden" / "tiny-run-losses.json"
 
@@ -118,3 +118,23 @@ def test_nonfinite_losses_are_skipped_then_abort_with_a_checkpoint(tiny_data, tm
     assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000004"
     record = ckpt.verify(tmp_path / "checkpoints", "step00000004")
     assert record["nonfinite_total"] == 3 and record["step"] == 4
+
+
+def test_init_from_an_exported_checkpoint(run_a, tmp_path):
+    """model.init_from loads a local Hugging Face directory (here: our own export) instead of random init."""
+    import torch
+
+    from engine.config import ModelConfig
+    from engine.export import main as export_main
+    from engine.models.bert import ModelError, build_model
+
+    assert export_main([str(run_a), "--out", str(tmp_path / "hf")]) == 0
+    cfg = ModelConfig(init_from=str(tmp_path / "hf"))
+    model = build_model(cfg, vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)
+    again = build_model(cfg, vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)
+    for p, q in zip(model.parameters(), again.parameters()):
+        assert torch.equal(p, q)
+    with pytest.raises(ModelError, match="vocabulary of 512 tokens but the data's tokenizer has 30522"):
+        build_model(cfg, vocab_size=30522, seq_len=64, pad_id=0, use_nsp=True)
+    with pytest.raises(ModelError, match="not a Hugging Face checkpoint directory"):
+        build_model(ModelConfig(init_from=str(tmp_path)), vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)

@@ -47,8 +47,6 @@ def test_every_problem_is_reported_at_once(tmp_path):
 def test_inconsistent_values(tmp_path):
     with pytest.raises(ConfigError, match="B / keep = 13.3333 must be a whole number"):
         load_config(None, ["train.micro_batch_size=4", "sift.keep=0.3"])
-    with pytest.raises(ConfigError, match="pipelined needs a selecting policy"):
-        load_config(None, ["sift.policy=none", "sift.schedule=pipelined"])
 
 
 def test_bad_files_and_overrides(tmp_path):

@@ -84,6 +84,7 @@ def test_overwrite_removes_the_old_index_first(corpus, tmp_path, monkeypatch):
     out = tmp_path / "ds"
     assert prepare.main(argv(corpus, out)) == 0
     old = json.loads((out / "index.json").read_text())
+
     def crash(root, index):
         raise RuntimeError("crash")
 

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from data_pipeline.sampler import (
     DrawSampler,
+    EpochPermutation,
     draw_start,
     epoch_permutation,
     positions_to_samples,
@@ -60,6 +61,16 @@ def test_epoch_permutation_is_uniform_on_small_n():
     assert all(abs(c - expected) < 0.3 * expected for c in counts.values()), counts
 
 
+def test_lazy_permutation_equals_the_full_one_in_any_access_order():
+    n = 32768 * 5 + 11
+    full = epoch_permutation(7, 2, n)
+    lazy = EpochPermutation(7, 2, n)
+    rng = np.random.default_rng(0)
+    for offsets in (np.array([n - 40_000, 3]), rng.integers(0, n, 1000), np.arange(n - 5, n)):
+        assert np.array_equal(lazy.take(offsets), full[offsets])
+    assert np.array_equal(EpochPermutation(7, 2, n).take(np.arange(n)), full)
+
+
 def test_bucketed_permutation_spreads_rows_across_the_whole_range():
     n = 32768 * 4
     p = epoch_permutation(0, 0, n).astype(np.int64)
@@ -68,7 +79,7 @@ def test_bucketed_permutation_spreads_rows_across_the_whole_range():
     assert quarters.min() > 0.2 * (n // 4)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     n=st.integers(1, 40),
     world=st.integers(1, 8),
@@ -95,7 +106,7 @@ def test_every_sample_exactly_once_per_epoch_and_ranks_disjoint(n, world, sizes,
         assert len(pairs) == world * size
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 @given(
     n=st.integers(1, 50),
     world_a=st.integers(1, 8),
@@ -114,7 +125,7 @@ def test_resume_at_any_world_size_continues_the_stream_exactly(n, world_a, world
     assert np.array_equal(ids, stream_ids)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, database=None)
 @given(
     n=st.integers(1, 30),
     world=st.integers(1, 8),

@@ -84,3 +84,14 @@ def test_head_only_at_masked_positions_matches_stock_head():
     pos = batch["mlm_positions"]
     expected = stock.gather(1, pos[..., None].expand(-1, -1, stock.shape[-1]))
     torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("criterion", ["loss", "entropy"])
+def test_chunked_scoring_equals_one_chunk(criterion):
+    model = tiny_model().eval()
+    batch = random_batch(G=7)
+    P, V = batch["mlm_labels"].shape[1], model.config.vocab_size
+    whole = exit_scores(model.exit_path(2), batch, criterion)
+    for rows in (1, 3):  # chunks of 1 and 3 rows (the last one shorter)
+        chunked = exit_scores(model.exit_path(2), batch, criterion, chunk_elements=rows * P * V)
+        torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)

@@ -1,4 +1,4 @@
-"""Fixtures for end-to-end runs: one tiny prepared dataset per session, and a way to run `sift train`."""
+"""Helpers to run `sift train` in tests and read what it wrote."""
 
 from __future__ import annotations
 
@@ -7,26 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests.dist.common import REPO, base_env
 
 TINY_RUN = REPO / "tests" / "assets" / "tiny-run.yaml"
-
-
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64."""
-    from data_pipeline import prepare
-    from data_pipeline.demo_corpus import write_demo_corpus
-
-    root = tmp_path_factory.mktemp("tiny-data")
-    corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
-    out = root / "data"
-    code = prepare.main([str(corpus), "--out", str(out), "--seq-len", "64", "--vocab-size", "512",
-                         "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1", "--log-level", "WARNING"])
-    assert code == 0
-    return out
 
 
 def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None,

@@ -1,0 +1,496 @@
+"""Throughput of vanilla vs SIFT serial vs SIFT pipelined, side by side in one process (`sift bench`).
+
+    sift bench --preset cpu-tiny                                  # CPU smoke test, well under a minute
+    sift bench --preset gpu-base --seq-lens 512 --exits 1 --criteria loss
+    python -m benchmarks.throughput --preset gpu-base --compile both
+
+Every variant builds a fresh model (same seed) and DeepSpeed engine, runs warm-up steps, then times
+``--steps`` micro-steps (one optimizer step each): CUDA events at the step boundaries on the training
+stream on GPU, perf_counter on CPU. The data are in-memory synthetic batches (benchmarks/synthetic.py),
+so this measures the engine and the schedules, not the data pipeline. Outputs: JSON, a markdown table
+and a PNG chart (benchmarks/report.py). See benchmarks/README.md for what each number means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import os
+import platform
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from benchmarks import flops as F
+from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
+
+REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("vanilla", "serial", "pipelined")
+PHASES = ("data", "scoring", "forward", "backward", "optimizer")
+log = logging.getLogger("sift.bench")
+
+
+@dataclass(frozen=True, slots=True)
+class Preset:
+    model: str
+    """engine/models/presets.py name."""
+    vocab: int
+    seq_lens: tuple[int, ...]
+    micro_batch: int
+    """B: back-propagated rows per step (vanilla draws only B)."""
+    keep: float
+    """B / G."""
+    precision: str
+    zero_stage: int
+    steps: int
+    warmup: int
+    exits: tuple[int, ...] = (1, 2, 3, 6, 12)
+    criteria: tuple[str, ...] = ("loss", "entropy")
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default)."""
+
+
+PRESETS: dict[str, Preset] = {
+    # The issue's configuration: BERT-base, bf16, B = 32, G = 64, one GPU, fused AdamW, ZeRO-1.
+    "gpu-base": Preset(model="base", vocab=30522, seq_lens=(128, 512), micro_batch=32, keep=0.5,
+                       precision="bf16", zero_stage=1, steps=50, warmup=10),
+    # CI smoke test of the harness on 2 CPU cores: a 2-layer BERT, a small vocabulary, a few steps; one
+    # thread, because OpenMP threads on a shared, oversubscribed machine stall each other by 10x or more.
+    "cpu-tiny": Preset(model="tiny", vocab=8192, seq_lens=(64,), micro_batch=8, keep=0.5,
+                       precision="fp32", zero_stage=1, steps=8, warmup=2, threads=1),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Variant:
+    kind: str
+    seq_len: int
+    exit_layer: int | None = None
+    criterion: str | None = None
+    compile: bool = False
+
+    @property
+    def name(self) -> str:
+        base = "vanilla" if self.kind == "vanilla" else f"{self.kind}-j{self.exit_layer}-{self.criterion}"
+        return f"T{self.seq_len}-{base}" + ("-compiled" if self.compile else "")
+
+    def overrides(self, p: Preset, extra: list[str]) -> list[str]:
+        o = [f"model.preset={p.model}", f"train.micro_batch_size={p.micro_batch}", f"sift.keep={p.keep}",
+             f"deepspeed.precision={p.precision}", f"deepspeed.zero_stage={p.zero_stage}",
+             f"deepspeed.config={REPO / 'ds_configs' / 'zero1.json'}", f"train.compile={str(self.compile).lower()}",
+             "sift.warmup_steps=0", "train.grad_accum=1", f"train.steps={p.steps + p.warmup}"]
+        if self.kind == "vanilla":
+            o += ["sift.policy=none", "sift.schedule=serial"]
+        else:
+            o += ["sift.policy=topk", f"sift.schedule={self.kind}", f"sift.exit_layer={self.exit_layer}",
+                  f"sift.criterion={self.criterion}"]
+        return o + extra
+
+
+def grid(p: Preset, variants: tuple[str, ...], compiles: tuple[bool, ...], num_layers: int) -> list[Variant]:
+    """Vanilla, then serial and pipelined side by side for each exit and criterion; exits clipped to L."""
+    exits = sorted({min(j, num_layers) for j in p.exits})
+    out = []
+    for T in p.seq_lens:
+        for c in compiles:
+            if "vanilla" in variants:
+                out.append(Variant("vanilla", T, compile=c))
+            for j in exits:
+                for crit in p.criteria:
+                    out += [Variant(k, T, j, crit, c) for k in ("serial", "pipelined") if k in variants]
+    return out
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+class StepClock:
+    """Step-boundary timestamps: CUDA events on the training stream (read once at the end), or
+    perf_counter on CPU. Step k lasts from boundary k to boundary k + 1, so nothing between steps is lost."""
+
+    def __init__(self, cuda: bool):
+        self.cuda = cuda
+        self.marks: list[Any] = []
+
+    def mark(self) -> None:
+        if self.cuda:
+            ev = torch.cuda.Event(enable_timing=True)
+            ev.record()
+            self.marks.append(ev)
+        else:
+            self.marks.append(time.perf_counter())
+
+    def intervals(self) -> list[float]:
+        if self.cuda:
+            self.marks[-1].synchronize()
+            return [a.elapsed_time(b) / 1e3 for a, b in zip(self.marks, self.marks[1:])]
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def sync(cuda: bool) -> None:
+    if cuda:
+        torch.cuda.synchronize()
+
+
+def ensure_distributed() -> None:
+    """A one-rank process group (DeepSpeed needs one); respects a launcher's environment if set."""
+    import torch.distributed as dist
+
+    from engine import ds
+
+    if dist.is_available() and dist.is_initialized():
+        return
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    ds.init_distributed(None)
+
+
+def dims_of(model: Any, seq_len: int, vocab: int) -> F.BertDims:
+    c = model.config
+    return F.BertDims(layers=c.num_hidden_layers, hidden=c.hidden_size, ffn=c.intermediate_size, vocab=vocab,
+                      seq_len=seq_len, masked=F.masked_slots(seq_len), nsp=model.use_nsp)
+
+
+@dataclass
+class Measured:
+    times: list[float]
+    trained: int
+    scored: int
+    nonfinite: int
+    phases: dict[str, float]
+    loss_mean: float
+    wall_s: float
+
+
+def measure(sched: Any, timer: Any, p: Preset, cuda: bool, after_warmup: Callable[[], None] | None) -> Measured:
+    """Warm up, then time ``p.steps`` micro-steps at their boundaries; one host sync at the end."""
+    for d in range(p.warmup):
+        sched.micro_step(d)
+    sync(cuda)
+    timer.flush()  # discard the warm-up's phases (compilation, first-step scoring on the main stream)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    if after_warmup is not None:
+        after_warmup()
+    clock, losses, trained, scored, nonfinite = StepClock(cuda), [], 0, 0, 0
+    wall0 = time.perf_counter()
+    clock.mark()
+    for d in range(p.warmup, p.warmup + p.steps):
+        mo = sched.micro_step(d)
+        clock.mark()
+        losses.append(mo.out["loss"].detach())
+        nonfinite += not mo.finite
+        trained += mo.rows_trained if mo.finite else 0
+        scored += mo.rows_scored
+    times = clock.intervals()
+    sync(cuda)  # the pipelined schedule has the next batch's scoring in flight
+    return Measured(times, trained, scored, nonfinite, timer.flush(),
+                    torch.stack(losses).float().mean().item(), time.perf_counter() - wall0)
+
+
+def profile(sched: Any, first_draw: int, steps: int, cuda: bool, path: Path) -> None:
+    """``steps`` more micro-steps under torch.profiler: a Chrome/Perfetto trace (.json.gz) and a table of
+    the top operators (.txt), for finding out why a variant misses its target."""
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        for d in range(first_draw, first_draw + steps):
+            sched.micro_step(d)
+        sync(cuda)
+    prof.export_chrome_trace(str(path.with_suffix(".json.gz")))
+    key = "cuda_time_total" if cuda else "cpu_time_total"
+    path.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
+
+
+def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
+                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
+                profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """Build (as `sift train` does), measure, free; one result row (ratios are added later)."""
+    from engine.config import ConfigError, load_config
+    from engine.models.bert import build_model
+    from engine.setup import build_engine, build_schedule
+    from engine.streams import PhaseTimer
+
+    cuda = device.type == "cuda"
+    cfg = load_config(None, v.overrides(p, extra))
+    B, G = cfg.train.micro_batch_size, cfg.gross_batch_size
+    baseline = torch.cuda.memory_allocated() if cuda else None  # whatever earlier variants left behind
+    baseline_reserved = torch.cuda.memory_reserved() if cuda else None
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model, vocab_size=p.vocab, seq_len=v.seq_len, pad_id=PAD, use_nsp=True)
+    if v.exit_layer is not None and v.exit_layer > model.num_layers:
+        raise ConfigError([f"{v.name}: exit layer {v.exit_layer} > {model.num_layers} layers"], "sift bench")
+    engine, stage, precision = build_engine(cfg, model, world_size=1, cuda=cuda)
+    timer = PhaseTimer(cuda)
+    sched = build_schedule(cfg, engine, model, stage=stage, batches=cycle(pools[(G, v.seq_len)]), device=device,
+                           rank=0, timer=timer)
+    sync(cuda)
+    mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
+    build_s = time.perf_counter() - t0
+
+    m = measure(sched, timer, p, cuda, after_warmup)
+    peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
+    # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
+    # training stream, so this is the footprint of scoring concurrently with training.
+    peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
+    dims = dims_of(model, v.seq_len, p.vocab)
+    if profile_dir is not None:  # after the timed steps, so it cannot perturb them
+        profile(sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
+
+    destroy = getattr(engine, "destroy", None)  # DeepSpeed's own teardown (optimizer hooks, buffers)
+    if destroy is not None:
+        destroy()
+    del sched, engine, model, timer, destroy
+    free_memory(cuda, v.compile)
+    row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, dims=dims, peak=peak)
+    row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
+               wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
+               peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
+    return row
+
+
+def free_memory(cuda: bool, compiled: bool) -> None:
+    """Release the variant's engine before the next is built (their peaks must not overlap)."""
+    gc.collect()
+    if compiled:
+        torch._dynamo.reset()  # fresh compilation per variant; no recompile-limit carry-over
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def summarize(v: Variant, times: list[float], *, trained: int, scored: int, phases: dict[str, float],
+              dims: F.BertDims, peak: float | None) -> dict[str, Any]:
+    """Step-time statistics, throughputs, FLOP rates and MFU of one variant.
+
+    Rates use the median step time: the steady state, robust to a stray slow step (a GC pause, a
+    neighbour on a shared machine); the mean is kept too (on a dedicated GPU the two agree)."""
+    n = len(times)
+    p10, med, p90 = (float(x) for x in np.percentile(times, [10, 50, 90]))
+    trained_per_step, scored_per_step = trained / n, scored / n
+    train_flops = trained_per_step * F.train_flops_per_seq(dims)
+    score_flops = scored_per_step * F.scoring_flops_per_seq(dims, v.exit_layer) if v.exit_layer else 0.0
+    tflops_train, tflops_total = train_flops / med / 1e12, (train_flops + score_flops) / med / 1e12
+    return {
+        "name": v.name, "variant": v.kind, "seq_len": v.seq_len, "exit_layer": v.exit_layer,
+        "criterion": v.criterion, "compile": v.compile, "steps": n,
+        "step_time_s": {"median": med, "p10": p10, "p90": p90, "mean": float(np.mean(times))},
+        "backprop_seq_per_s": trained_per_step / med,
+        "backprop_tokens_per_s": trained_per_step * v.seq_len / med,
+        "scored_seq_per_s": scored_per_step / med,
+        "flops_per_seq": {"train": F.train_flops_per_seq(dims),
+                          "scoring": F.scoring_flops_per_seq(dims, v.exit_layer) if v.exit_layer else 0.0},
+        "model_tflops": {"train": tflops_train, "with_scoring": tflops_total},
+        "mfu": {"train": tflops_train * 1e12 / peak if peak else None,
+                "with_scoring": tflops_total * 1e12 / peak if peak else None},
+        "phases_s": {k: phases.get(k, 0.0) / n for k in PHASES},
+    }
+
+
+def add_ratios(rows: list[dict[str, Any]]) -> None:
+    """overhead_ratio: back-propagated seq/s over vanilla's (same T, compile); overlap_efficiency
+    (pipelined rows): (serial - pipelined median step time) / serial scoring time per step."""
+    def key(r: dict[str, Any], kind: str) -> tuple:
+        return (kind, r["seq_len"], r["compile"]) + ((r["exit_layer"], r["criterion"]) if kind != "vanilla" else ())
+
+    index = {key(r, r["variant"]): r for r in rows}
+    for r in rows:
+        base = index.get(key(r, "vanilla"))
+        r["overhead_ratio"] = r["backprop_seq_per_s"] / base["backprop_seq_per_s"] if base else None
+        r["overlap_efficiency"] = None
+        serial = index.get(key(r, "serial")) if r["variant"] == "pipelined" else None
+        if serial and serial["phases_s"]["scoring"] > 0:
+            saved = serial["step_time_s"]["median"] - r["step_time_s"]["median"]
+            r["overlap_efficiency"] = saved / serial["phases_s"]["scoring"]
+
+
+# ----------------------------------------------------------------------------- environment
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    with_name = Path("/proc/cpuinfo")
+    if with_name.is_file():
+        for line in with_name.read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return f"CPU: {cpu}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
+
+
+def version(dist: str) -> str | None:
+    try:  # by metadata: only engine/ds.py imports deepspeed
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
+    cuda = device.type == "cuda"
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "cuda": torch.version.cuda if cuda else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": version("deepspeed"),
+        "transformers": version("transformers"),
+        "command": "python -m benchmarks.throughput " + shlex.join(argv),
+        "ds_accelerator": os.environ.get("DS_ACCELERATOR"),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "timing": "CUDA events at step boundaries" if cuda else "time.perf_counter at step boundaries",
+    }
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def csv(kind: type) -> Any:
+    return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="sift bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
+                   help="auto: gpu-base on CUDA, cpu-tiny otherwise")
+    p.add_argument("--variants", type=csv(str), default=VARIANTS, help="comma list of vanilla,serial,pipelined")
+    p.add_argument("--exits", type=csv(int), help="exit layers (clipped to the model depth); default 1,2,3,6,12")
+    p.add_argument("--criteria", type=csv(str), help="loss,entropy (default both)")
+    p.add_argument("--seq-lens", type=csv(int), help="sequence lengths (gpu-base: 128,512; cpu-tiny: 64)")
+    p.add_argument("--steps", type=int, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, help="untimed steps per variant (compilation happens here)")
+    p.add_argument("--micro-batch", type=int, help="B, back-propagated rows per step")
+    p.add_argument("--keep", type=float, help="B / G (default 0.5: G = 2B)")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--zero", type=int, choices=[0, 1, 2], help="ZeRO stage (default 1)")
+    p.add_argument("--compile", choices=["off", "on", "both"], default="off",
+                   help="train.compile: torch.compile the encoder layers (both: run each variant twice)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (cpu-tiny: 1)")
+    p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the GPU's bf16 dense peak)")
+    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
+    p.add_argument("--name", help="output file stem (default throughput-<preset>)")
+    p.add_argument("--no-chart", action="store_true", help="skip the PNG")
+    p.add_argument("--profile-dir", help="also write a torch.profiler trace and top-op table per variant here")
+    p.add_argument("--profile-steps", type=int, default=3, help="micro-steps per profile (after the timed ones)")
+    p.add_argument("overrides", nargs="*", help="extra run-config overrides, e.g. model.attn_implementation=eager")
+    args = p.parse_args(argv)
+    bad = [v for v in args.variants if v not in VARIANTS]
+    if bad:
+        p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+    if args.criteria and any(c not in ("loss", "entropy") for c in args.criteria):
+        p.error("--criteria: choose from loss, entropy")
+    if any(n is not None and n < 1 for n in (args.steps, args.warmup, args.profile_steps)):
+        p.error("--steps, --warmup and --profile-steps must be >= 1")
+    return args
+
+
+def resolve_preset(args: argparse.Namespace, cuda: bool) -> tuple[str, Preset]:
+    name = args.preset if args.preset != "auto" else ("gpu-base" if cuda else "cpu-tiny")
+    p = PRESETS[name]
+    changes = {"exits": args.exits, "criteria": args.criteria, "seq_lens": args.seq_lens, "steps": args.steps,
+               "warmup": args.warmup, "micro_batch": args.micro_batch, "keep": args.keep,
+               "precision": args.precision, "zero_stage": args.zero, "threads": args.threads}
+    return name, replace(p, **{k: v for k, v in changes.items() if v is not None})
+
+
+def model_layers(p: Preset, extra: list[str]) -> int:
+    from engine.config import load_config
+    from engine.models.presets import PRESETS as SIZES
+
+    cfg = load_config(None, [f"model.preset={p.model}", *extra])
+    return cfg.model.num_layers or SIZES[cfg.model.preset].num_layers
+
+
+def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> None:
+    from benchmarks import report
+
+    out.mkdir(parents=True, exist_ok=True)
+    add_ratios(result["rows"])
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / f"{stem}.md").write_text(report.markdown(result))
+    if chart:
+        report.chart(result, out / f"{stem}.png")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from engine import ds
+    from engine.config import ConfigError
+    from engine.ds_config import DSConfigError
+
+    ensure_distributed()
+    device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    cuda = device.type == "cuda"
+    name, p = resolve_preset(args, cuda)
+    if p.threads:
+        torch.set_num_threads(p.threads)
+    env = environment(device, argv)
+    peak = F.peak_flops(env["device"], p.precision, args.peak_tflops)
+    prof_dir = Path(args.profile_dir) if args.profile_dir else None
+    if prof_dir is not None:
+        prof_dir.mkdir(parents=True, exist_ok=True)
+    out, stem = Path(args.out), args.name or f"throughput-{name}"
+    compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
+    try:
+        variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
+        shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
+        pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda) for g, T in shapes}
+        result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
+                           "overrides": list(args.overrides), "peak_flops": peak,
+                           "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
+                           "flop_formula": F.FORMULA},
+                  "rows": []}
+        log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
+                 p.warmup, p.steps)
+        for v in variants:
+            row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
+                              profile_dir=prof_dir, profile_steps=args.profile_steps)
+            result["rows"].append(row)
+            write_outputs(result, out, stem, chart=False)  # a crash later keeps what was measured
+            log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
+                     1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
+                     1e3 * row["step_time_s"]["p90"], row["backprop_seq_per_s"])
+    except (ConfigError, DSConfigError) as e:
+        print(f"sift bench: error: {e}", file=sys.stderr)
+        return 2
+    write_outputs(result, out, stem, chart=not args.no_chart)
+    print((out / f"{stem}.md").read_text())
+    print(f"wrote {out / stem}.json, .md" + ("" if args.no_chart else ", .png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

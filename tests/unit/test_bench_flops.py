@@ -1,0 +1,69 @@
+"""The benchmark's FLOP model, MFU peaks, grid and ratios, and its synthetic batches (pure, fast)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from benchmarks import flops as F
+from benchmarks.synthetic import CLS, FIRST_WORD, PAD, SEP, make_batch
+from benchmarks.throughput import PRESETS, Variant, add_ratios, grid
+
+BASE512 = F.BertDims(layers=12, hidden=768, ffn=3072, vocab=30522, seq_len=512, masked=F.masked_slots(512))
+
+
+def test_bert_base_figures_of_the_issue():
+    # Exit-1 scoring of G = 64 adds 7.8% to the training FLOPs of B = 32 ...
+    share = 64 * F.scoring_flops_per_seq(BASE512, 1) / (32 * F.train_flops_per_seq(BASE512))
+    assert share == pytest.approx(0.078, abs=5e-4)
+    # ... and 1,300 back-propagated sequences/s on an H100 is about 40% MFU.
+    mfu = 1300 * F.train_flops_per_seq(BASE512) / F.peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    assert mfu == pytest.approx(0.40, abs=0.01)
+
+
+def test_exit_at_the_last_layer_is_the_forward_without_nsp():
+    no_nsp = dataclasses.replace(BASE512, nsp=False)
+    assert F.scoring_flops_per_seq(BASE512, 12) == F.forward_flops_per_seq(no_nsp)
+    assert F.forward_flops_per_seq(BASE512) - F.forward_flops_per_seq(no_nsp) == 2 * 768 * 768 + 4 * 768
+
+
+def test_peaks():
+    assert F.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert F.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
+    assert F.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
+    assert F.peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None
+    assert F.peak_flops("CPU", "fp32", override_tflops=2.0) == 2e12
+
+
+def test_grid_clips_exits_and_pairs_serial_with_pipelined():
+    p = PRESETS["cpu-tiny"]
+    g = grid(p, ("vanilla", "serial", "pipelined"), (False,), num_layers=2)
+    assert g[0] == Variant("vanilla", 64)
+    assert {v.exit_layer for v in g[1:]} == {1, 2}
+    assert [v.kind for v in g[1:3]] == ["serial", "pipelined"] and len(g) == 1 + 2 * 2 * 2
+
+
+def test_ratios():
+    def row(kind, step, scoring=0.0, j=None):
+        return {"variant": kind, "seq_len": 64, "compile": False, "exit_layer": j, "criterion": j and "loss",
+                "backprop_seq_per_s": 8 / step, "step_time_s": {"median": step}, "phases_s": {"scoring": scoring}}
+
+    rows = [row("vanilla", 1.0), row("serial", 1.2, scoring=0.3, j=1), row("pipelined", 1.1, scoring=0.3, j=1)]
+    add_ratios(rows)
+    assert [r["overhead_ratio"] for r in rows] == pytest.approx([1.0, 1 / 1.2, 1 / 1.1])
+    assert rows[2]["overlap_efficiency"] == pytest.approx(0.1 / 0.3)
+    assert rows[0]["overlap_efficiency"] is None and rows[1]["overlap_efficiency"] is None
+
+
+def test_synthetic_batch_follows_the_contract():
+    b = make_batch(64, 128, 30522, seed=3)
+    assert b["input_ids"].shape == (64, 128) and b["mlm_positions"].shape == (64, 20)
+    real = b["attention_mask"].bool()
+    assert (b["input_ids"][:, 0] == CLS).all() and (b["input_ids"][~real] == PAD).all()
+    assert (b["input_ids"][real] != PAD).all() and real.float().mean() > 0.8
+    assert ((b["input_ids"] == SEP).sum(1) == 2).all()
+    valid = b["mlm_labels"] >= 0
+    assert valid.any(1).all() and (b["mlm_labels"][valid] >= FIRST_WORD).all()
+    assert torch.equal(make_batch(64, 128, 30522, seed=3)["input_ids"], b["input_ids"])
