@@ -154,14 +154,18 @@ def build_loader(
 
 
 def eval_rows(n: int, rank: int, world_size: int, num_samples: int | None = None) -> np.ndarray:
-    """Rows rank ``rank`` evaluates: its contiguous share of the first ``num_samples`` rows (all if None).
+    """Rows rank ``rank`` evaluates: its contiguous share of ``num_samples`` rows spread evenly over the
+    split (all rows if None).
 
-    Shares differ in size by at most one row, so ranks may yield different numbers of batches.
+    Evenly spaced rather than the first ``num_samples``: rows follow the input's document order, and an
+    input sorted by source would otherwise be evaluated on its first source only. Shares differ in size
+    by at most one row, so ranks may yield different numbers of batches.
     """
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} outside world of size {world_size}")
     total = n if num_samples is None else min(int(num_samples), n)
-    return np.arange(total * rank // world_size, total * (rank + 1) // world_size, dtype=np.int64)
+    share = np.arange(total * rank // world_size, total * (rank + 1) // world_size, dtype=np.int64)
+    return share * n // max(total, 1)  # i -> floor(i * n / total): the identity when total == n
 
 
 def eval_batches(
@@ -174,7 +178,7 @@ def eval_batches(
     num_samples: int | None = None,
     mask_prob: float = 0.15,
 ) -> Iterator[Batch]:
-    """Deterministic, unshuffled, finite: this rank's share of the first ``num_samples`` rows (see
+    """Deterministic, unshuffled, finite: this rank's share of ``num_samples`` evenly spaced rows (see
     ``eval_rows``) in batches of ``batch_size`` (the last may be smaller), with masks keyed on
     (seed, ``EVAL_EPOCH``, sample): the same on every call, at every world size."""
     if batch_size < 1:

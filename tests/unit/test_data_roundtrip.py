@@ -186,11 +186,20 @@ def test_eval_batches_are_fixed_and_split_across_ranks(nsp_dir):
         parts = [torch.cat([b["sample_ids"] for b in eval_batches(ds, seed=0, rank=r, world_size=world,
                                                                   batch_size=2, num_samples=n - 1)])
                  for r in range(world)]  # fmt: skip
-        assert torch.equal(torch.cat(parts), torch.arange(n - 1))
+        assert torch.equal(torch.cat(parts), torch.from_numpy(eval_rows(n, 0, 1, n - 1)))
         ids = torch.cat([b["input_ids"] for r in range(world)
                          for b in eval_batches(ds, seed=0, rank=r, world_size=world, batch_size=2)])  # fmt: skip
         assert torch.equal(ids, torch.cat([b["input_ids"] for b in first]))  # masks do not depend on world
     assert len(eval_rows(10, 2, 3)) + len(eval_rows(10, 0, 3)) + len(eval_rows(10, 1, 3)) == 10
+
+
+def test_eval_subset_spans_the_split():
+    """A validation subset is spread over the whole split (rows follow input order, often by source)."""
+    assert eval_rows(10, 0, 1, 5).tolist() == [0, 2, 4, 6, 8]
+    assert eval_rows(10, 0, 1).tolist() == list(range(10))
+    parts = [eval_rows(1000, r, 3, 100) for r in range(3)]
+    ids = np.concatenate(parts)
+    assert len(ids) == 100 and len(set(ids.tolist())) == 100 and ids.min() == 0 and ids.max() >= 990
 
 
 def test_masking_config_excludes_every_special(nsp_dir):

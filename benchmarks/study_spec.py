@@ -1,0 +1,255 @@
+"""What a study runs: its arms, seeds and targets, the base run config, and how an arm becomes overrides.
+
+A study file is a run config (the sections of engine/config.py) plus a `study:` section:
+
+    study:
+      name: study-cpu
+      seeds: [0, 1, 2]
+      arms: default            # or a list: [vanilla, random, "loss:1", "entropy:L/2", "loss:L"]
+      targets: auto            # or a list of validation MLM accuracies, e.g. [0.30, 0.35]
+      parallel: 1              # runs at a time
+      prepare:                 # optional: how to make data.path when it does not exist
+        inputs: [../shared/corpus/english-reference.parquet]   # relative to the repository root
+        args: [--text-field, text, --seq-len, "128", --vocab-size, "8192"]
+
+Every arm shares the base config, hence the same shards, validation split, evaluation schedule and
+step count; an arm only sets the selection policy, criterion and exit layer.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from engine.models.presets import PRESETS
+
+ARM_GRAMMAR = "vanilla | random | loss:J | entropy:J, with J a layer number, L (the last) or L/2"
+STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare")
+# Keys an arm sets; overriding them for the whole study would silently merge arms.
+RESERVED = ("sift.policy", "sift.criterion", "sift.exit_layer", "train.seed", "train.out_dir")
+
+
+class StudyError(ValueError):
+    """A study the user asked for that cannot run (bad preset, arm, seed list, data path)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Arm:
+    """One configuration of the grid; `name` is also its directory."""
+
+    name: str
+    policy: str  # none | random | topk
+    criterion: str = "loss"
+    exit_layer: int = 1
+
+    @property
+    def selects(self) -> bool:
+        return self.policy != "none"
+
+    def overrides(self) -> list[str]:
+        if self.policy == "none":  # vanilla draws B per step; the pipelined schedule needs a scorer
+            return ["sift.policy=none", "sift.schedule=serial"]
+        return [f"sift.policy={self.policy}", f"sift.criterion={self.criterion}", f"sift.exit_layer={self.exit_layer}"]
+
+    def label(self) -> str:
+        """How plots and tables name the arm."""
+        if self.policy == "none":
+            return "vanilla (B per step)"
+        if self.policy == "random":
+            return "random B of G (control)"
+        return f"{self.criterion}-SIFT, exit {self.exit_layer}"
+
+
+VANILLA = Arm("vanilla", "none")
+# The control draws the same G and keeps B at random. It still runs the cheapest scorer (exit 1), so its
+# wall clock carries the same scoring cost as exit-1 SIFT and only the choice of rows differs.
+RANDOM = Arm("random", "random", "loss", 1)
+
+
+def default_exits(num_layers: int) -> list[int]:
+    """{1, 2, L/2, L} within 1..L, deduplicated: [1, 2] for L = 2, [1, 2, 4] for 4, [1, 2, 6, 12] for 12."""
+    return sorted({j for j in (1, 2, num_layers // 2, num_layers) if 1 <= j <= num_layers})
+
+
+def sift_arm(criterion: str, exit_layer: int) -> Arm:
+    return Arm(f"{criterion}-{exit_layer}", "topk", criterion, exit_layer)
+
+
+def default_arms(num_layers: int) -> list[Arm]:
+    exits = default_exits(num_layers)
+    return [VANILLA, RANDOM, *(sift_arm(c, j) for c in ("loss", "entropy") for j in exits)]
+
+
+def _layer(token: str, num_layers: int, spec: str) -> int:
+    token = token.strip().upper()
+    if token == "L":
+        return num_layers
+    if token == "L/2":
+        return max(1, num_layers // 2)
+    if not re.fullmatch(r"\d+", token):
+        raise StudyError(f"arm {spec!r}: exit {token!r} is not a layer number, L or L/2 ({ARM_GRAMMAR})")
+    j = int(token)
+    if not 1 <= j <= num_layers:
+        raise StudyError(f"arm {spec!r}: exit layer {j} outside 1..{num_layers} (the model has {num_layers} layers)")
+    return j
+
+
+def parse_arm(spec: str, num_layers: int) -> Arm:
+    """`vanilla`, `random`, `loss:J` or `entropy:J` -> an Arm (StudyError on anything else)."""
+    text = str(spec).strip().lower()
+    if text == "vanilla":
+        return VANILLA
+    if text == "random":
+        return RANDOM
+    criterion, sep, layer = text.partition(":")
+    if criterion in ("loss", "entropy") and sep:
+        return sift_arm(criterion, _layer(layer, num_layers, spec))
+    raise StudyError(f"arm {spec!r} is not understood; expected {ARM_GRAMMAR}")
+
+
+def parse_arms(specs: list[str] | str, num_layers: int) -> list[Arm]:
+    """A list of arm specs (or "default"), deduplicated in order; the `default` token expands in place."""
+    items = [specs] if isinstance(specs, str) else list(specs)
+    arms: list[Arm] = []
+    for item in items:
+        for spec in (s for s in str(item).split(",") if s.strip()):
+            expanded = default_arms(num_layers) if spec.strip().lower() == "default" else [parse_arm(spec, num_layers)]
+            arms += [a for a in expanded if a not in arms]
+    if not arms:
+        raise StudyError("no arms to run")
+    return arms
+
+
+@dataclass(slots=True)
+class PrepareRecipe:
+    """`sift prepare INPUTS --out data.path ARGS`, run when data.path holds no dataset yet."""
+
+    inputs: list[str]
+    args: list[str]
+
+
+@dataclass(slots=True)
+class StudySpec:
+    name: str
+    seeds: list[int]
+    arms: list[Arm]
+    targets: list[float] | None  # None: derived from the vanilla arm (see study_report.auto_targets)
+    parallel: int
+    base: dict[str, Any]  # the run-config tree shared by every arm
+    num_layers: int
+    prepare: PrepareRecipe | None = None
+    source: str = ""
+    overrides: list[str] = field(default_factory=list)
+
+
+def model_layers(tree: dict[str, Any]) -> int:
+    model = tree.get("model") or {}
+    if model.get("num_layers"):
+        return int(model["num_layers"])
+    preset = model.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise StudyError(f"model.preset {preset!r} is not one of {', '.join(PRESETS)}")
+    return PRESETS[preset].num_layers
+
+
+def _seeds(value: Any) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise StudyError(f"study.seeds: a count must be >= 1, got {value}")
+        return list(range(value))
+    if isinstance(value, str):
+        if value.strip().isdigit():  # "3": a count, like the YAML integer; "5," is the single seed 5
+            return _seeds(int(value))
+        value = [v for v in re.split(r"[,\s]+", value) if v]
+    try:
+        seeds = [int(v) for v in value]
+    except (TypeError, ValueError):
+        raise StudyError(f"study.seeds: expected a count or a list of integers, got {value!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise StudyError(f"study.seeds: expected distinct non-negative integers, got {value!r}")
+    return seeds
+
+
+def _targets(value: Any) -> list[float] | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return None
+    if isinstance(value, str):
+        value = [v for v in re.split(r"[,\s]+", value) if v]
+    if isinstance(value, (int, float)):
+        value = [value]
+    try:
+        targets = sorted({float(v) for v in value})
+    except (TypeError, ValueError):
+        raise StudyError(f"study.targets: expected 'auto' or accuracies in (0, 1), got {value!r}") from None
+    if not targets or not all(0.0 < t < 1.0 for t in targets):
+        raise StudyError(f"study.targets: expected 'auto' or accuracies in (0, 1), got {value!r}")
+    return targets
+
+
+def _prepare(value: Any) -> PrepareRecipe | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not value.get("inputs"):
+        raise StudyError("study.prepare: expected a mapping with `inputs` (and optional `args`)")
+    return PrepareRecipe([str(v) for v in value["inputs"]], [str(v) for v in value.get("args") or []])
+
+
+def read_study_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A study or run config YAML -> (study section, run-config tree)."""
+    try:
+        tree = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as e:
+        raise StudyError(f"cannot read {path}: {e.strerror}") from None
+    except yaml.YAMLError as e:
+        raise StudyError(f"{path} is not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise StudyError(f"{path}: the top level must be a mapping of sections")
+    study = tree.pop("study", None) or {}
+    if not isinstance(study, dict):
+        raise StudyError(f"{path}: `study` must be a mapping")
+    unknown = sorted(set(study) - set(STUDY_KEYS))
+    if unknown:
+        raise StudyError(f"{path}: unknown study key(s) {', '.join(unknown)} (known: {', '.join(STUDY_KEYS)})")
+    return study, tree
+
+
+def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets: Any = None,
+               parallel: int | None = None, overrides: list[str] | None = None) -> StudySpec:
+    """The study file plus command-line choices (which win over the file's `study` section)."""
+    study, tree = read_study_file(path)
+    overrides = list(overrides or [])
+    clash = [o for o in overrides if o.partition("=")[0].strip() in RESERVED]
+    if clash:
+        raise StudyError(f"override(s) {', '.join(clash)} would change what an arm is; use --arms/--seeds instead")
+    layers = model_layers(_with_overrides(tree, overrides))
+    n_parallel = parallel if parallel is not None else int(study.get("parallel", 1))
+    if n_parallel < 1:
+        raise StudyError(f"parallel must be >= 1, got {n_parallel}")
+    return StudySpec(
+        name=str(study.get("name") or Path(path).stem),
+        seeds=_seeds(seeds if seeds is not None else study.get("seeds", 3)),
+        arms=parse_arms(arms if arms is not None else study.get("arms", "default"), layers),
+        targets=_targets(targets if targets is not None else study.get("targets")),
+        parallel=n_parallel,
+        base=tree,
+        num_layers=layers,
+        prepare=_prepare(study.get("prepare")),
+        source=str(path),
+        overrides=overrides,
+    )
+
+
+def _with_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """The tree with model.* overrides applied (enough to know the depth before full validation)."""
+    out = copy.deepcopy(tree)
+    for item in overrides:
+        key, _, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if len(parts) == 2 and parts[0] == "model":
+            out.setdefault("model", {})[parts[1]] = yaml.safe_load(raw) if raw.strip() else None
+    return out

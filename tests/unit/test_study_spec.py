@@ -1,0 +1,175 @@
+"""Study specs: the arm grammar, the default grid, presets, and the errors a user can cause (exit 2)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from benchmarks import study
+from benchmarks.study_spec import (
+    RANDOM,
+    VANILLA,
+    StudyError,
+    build_spec,
+    default_arms,
+    default_exits,
+    parse_arm,
+    parse_arms,
+)
+from engine.config import load_config
+from tests.dist.common import REPO
+
+
+def test_default_exits_deduplicate_for_shallow_models():
+    assert default_exits(1) == [1]
+    assert default_exits(2) == [1, 2]
+    assert default_exits(3) == [1, 2, 3]
+    assert default_exits(4) == [1, 2, 4]
+    assert default_exits(12) == [1, 2, 6, 12]
+
+
+def test_default_grid_for_bert_base():
+    names = [a.name for a in default_arms(12)]
+    assert names == ["vanilla", "random", "loss-1", "loss-2", "loss-6", "loss-12",
+                     "entropy-1", "entropy-2", "entropy-6", "entropy-12"]
+
+
+def test_arm_grammar():
+    assert parse_arm("vanilla", 4) == VANILLA and parse_arm(" Random ", 4) == RANDOM
+    a = parse_arm("entropy:L/2", 12)
+    assert (a.name, a.policy, a.criterion, a.exit_layer) == ("entropy-6", "topk", "entropy", 6)
+    assert parse_arm("loss:L", 4).exit_layer == 4
+    assert parse_arm("loss:3", 4).overrides() == ["sift.policy=topk", "sift.criterion=loss", "sift.exit_layer=3"]
+    assert VANILLA.overrides() == ["sift.policy=none", "sift.schedule=serial"]
+    assert "sift.policy=random" in RANDOM.overrides()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("loss:5", "outside 1..4"), ("loss:0", "outside 1..4"), ("loss:x", "not a layer number"),
+    ("greedy:1", "not understood"), ("loss", "not understood"), ("", "not understood"),
+])
+def test_bad_arms_are_study_errors(spec, message):
+    with pytest.raises(StudyError, match=message):
+        parse_arm(spec, 4)
+
+
+def test_parse_arms_expands_default_and_drops_duplicates():
+    arms = parse_arms("vanilla,loss:1,default", 2)
+    assert [a.name for a in arms] == ["vanilla", "loss-1", "random", "loss-2", "entropy-1", "entropy-2"]
+    assert [a.name for a in parse_arms(["loss:L", "loss:2"], 2)] == ["loss-2"]
+
+
+def write(tmp_path, tree):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return path
+
+
+def test_build_spec_reads_the_study_section_and_cli_wins(tmp_path):
+    path = write(tmp_path, {"model": {"preset": "mini"}, "study": {"name": "x", "seeds": 2, "targets": [0.3, 0.2],
+                                                                  "arms": ["vanilla", "entropy:L"]}})
+    spec = build_spec(path)
+    assert (spec.name, spec.seeds, spec.targets, spec.num_layers) == ("x", [0, 1], [0.2, 0.3], 4)
+    assert [a.name for a in spec.arms] == ["vanilla", "entropy-4"] and "study" not in spec.base
+    assert build_spec(path, seeds="3").seeds == [0, 1, 2] and build_spec(path, seeds="5,").seeds == [5]
+    spec = build_spec(path, seeds="3,5", arms="random", targets="auto", overrides=["model.num_layers=6"])
+    assert spec.seeds == [3, 5] and [a.name for a in spec.arms] == ["random"] and spec.targets is None
+    assert spec.num_layers == 6
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"overrides": ["sift.policy=random"]}, "would change what an arm is"),
+    ({"overrides": ["train.seed=3"]}, "would change what an arm is"),
+    ({"seeds": "0,0"}, "distinct"), ({"seeds": "a"}, "integers"), ({"seeds": 0}, ">= 1"),
+    ({"targets": "1.5"}, "accuracies in"), ({"parallel": 0}, ">= 1"), ({"arms": "loss:9"}, "outside"),
+])
+def test_build_spec_errors(tmp_path, kwargs, message):
+    with pytest.raises(StudyError, match=message):
+        build_spec(write(tmp_path, {"model": {"preset": "tiny"}}), **kwargs)
+
+
+def test_unknown_study_key_and_unreadable_file(tmp_path):
+    with pytest.raises(StudyError, match="unknown study key"):
+        build_spec(write(tmp_path, {"study": {"seed": 1}}))
+    with pytest.raises(StudyError, match="cannot read"):
+        build_spec(tmp_path / "absent.yaml")
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"], ids=["preset-cpu", "preset-gpu"])  # an id "gpu" would read as the gpu marker
+def test_presets_are_valid_run_configs_for_every_arm(preset, tmp_path):
+    spec = build_spec(study.PRESETS[preset])
+    assert len(spec.seeds) >= 2 and spec.arms[0] == VANILLA
+    base = write(tmp_path, spec.base)
+    for arm in spec.arms:
+        cfg = load_config(base, arm.overrides())
+        assert cfg.train.eval_every <= cfg.train.steps
+    # the corpus is referenced relative to the repository, never by a machine's absolute path
+    assert spec.prepare is not None and spec.prepare.inputs == ["../shared/corpus/english-reference.parquet"]
+
+
+def run_main(argv, capsys):
+    code = study.main(argv)
+    return code, capsys.readouterr()
+
+
+def test_missing_data_dir_exits_2(tmp_path, capsys):
+    code, out = run_main(["--config", str(REPO / "tests/assets/tiny-run.yaml"), "--data", str(tmp_path / "none"),
+                          "--out", str(tmp_path / "study")], capsys)
+    assert code == 2 and "no prepared dataset" in out.err and "Traceback" not in out.err
+
+
+def test_bad_arm_and_bad_override_exit_2(tmp_path, capsys):
+    base = ["--config", str(REPO / "tests/assets/tiny-run.yaml"), "--data", str(tmp_path), "--out", str(tmp_path / "s")]
+    code, out = run_main([*base, "--arms", "vanilla,loss:7"], capsys)
+    assert code == 2 and "outside 1..2" in out.err
+    code, out = run_main([*base, "--dry-run", "train.steps=0"], capsys)
+    assert code == 2 and "train.steps" in out.err
+
+
+def test_bad_preset_exits_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        study.main(["--preset", "tpu"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_preset_without_its_corpus_says_so(tmp_path, capsys, monkeypatch):
+    """A clone without ../shared/: the CPU preset cannot make its data and says what to do instead."""
+    spec_path = tmp_path / "study.yaml"
+    tree = yaml.safe_load(study.PRESETS["cpu"].read_text())
+    tree["study"]["prepare"]["inputs"] = ["../no-such-dir/corpus.parquet"]
+    spec_path.write_text(yaml.safe_dump(tree))
+    code, out = run_main(["--config", str(spec_path), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "s")],
+                         capsys)
+    assert code == 2 and "pass --data DIR" in out.err
+
+
+def test_dry_run_lists_every_run(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "index.json").write_text(json.dumps({"seq_len": 64, "splits": {}}))
+    code, out = run_main(["--config", str(REPO / "tests/assets/tiny-run.yaml"), "--data", str(data), "--out",
+                          str(tmp_path / "s"), "--seeds", "2", "--dry-run"], capsys)
+    assert code == 0
+    lines = [ln for ln in out.out.splitlines() if ln.startswith("  ")]
+    assert len(lines) == 2 * 6 and all(" new " in ln for ln in lines)  # 6 arms for a 2-layer model
+    assert lines[0].split()[0] == "vanilla/seed0" and lines[6].split()[0] == "vanilla/seed1"
+
+
+def test_portable_arg_strips_machine_paths():
+    assert study.portable_arg("--seeds") == "--seeds"
+    assert study.portable_arg("/scratch/me/english-128") == ".../english-128"
+    assert study.portable_arg(str(study.REPO / "configs" / "x.yaml")) == "configs/x.yaml"
+    assert study.portable_arg("data.path=/a/b/c") == "data.path=.../c"
+
+
+def test_comparable_ignores_locations_and_vanilla_selection_settings():
+    base = {"data": {"path": "/a", "mask_prob": 0.15}, "train": {"out_dir": "/x", "steps": 5},
+            "sift": {"policy": "none", "warmup_steps": 10}}
+    moved = {"data": {"path": "/b", "mask_prob": 0.15}, "train": {"out_dir": "/y", "steps": 5},
+             "sift": {"policy": "none", "warmup_steps": 99}}
+    assert study.comparable(base) == study.comparable(moved)  # vanilla never reads sift.warmup_steps
+    sift = [{**c, "sift": {**c["sift"], "policy": "topk"}} for c in (base, moved)]
+    assert study.comparable(sift[0]) != study.comparable(sift[1])
+    assert study.comparable({**base, "train": {"out_dir": "/x", "steps": 6}}) != study.comparable(base)
