@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.dist.common import REPO, base_env
+from tests.distributed.common import REPO, base_env
 
 TINY_RUN = REPO / "tests" / "assets" / "tiny-run.yaml"
 

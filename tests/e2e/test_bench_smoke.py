@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.common import REPO, base_env
+from tests.distributed.common import REPO, base_env
 
 # --exits 12 on the 2-layer model: clipped to exit 2.
 EXPECTED = {"T64-vanilla", *(f"T64-{kind}-j2-{crit}" for kind in ("serial", "pipelined") for crit in ("loss", "entropy"))}

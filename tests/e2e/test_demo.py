@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from tests.dist.common import REPO, base_env
+from tests.distributed.common import REPO, base_env
 
 
 def sift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from launcher.cli import main as sift
-from tests.dist.common import REPO, free_port
+from tests.distributed.common import REPO, free_port
 from tests.runs import TINY_RUN, losses, train
 
 pytestmark = pytest.mark.dist

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.dist.common import REPO, base_env
+from tests.distributed.common import REPO, base_env
 from tests.runs import TINY_RUN, evals
 
 ARGS = ["--config", str(TINY_RUN), "--seeds", "0,1", "--arms", "vanilla,loss:1", "--targets", "0.02,0.9",

@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from engine import checkpoint as ckpt
-from tests.dist.common import REPO
+from tests.distributed.common import REPO
 from tests.runs import evals, losses, train
 
 GOLDEN = REPO / "tests" / "assets" / "golden" / "tiny-run-losses.json"

@@ -19,7 +19,7 @@ from benchmarks.study_spec import (
     parse_arms,
 )
 from engine.config import load_config
-from tests.dist.common import REPO
+from tests.distributed.common import REPO
 
 
 def test_default_exits_deduplicate_for_shallow_models():

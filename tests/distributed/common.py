@@ -4,10 +4,12 @@ and a failure reports each rank's own output."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,32 +34,32 @@ def run_ranks(argv: list[str], world: int, *, cwd: Path, timeout: float = 300,
               env: dict[str, str] | None = None, check: bool = True) -> list[subprocess.CompletedProcess]:
     """Start ``python argv...`` as ranks 0..world-1 and wait for all; returns each rank's result."""
     port = str(free_port())
-    procs = []
-    for rank in range(world):
-        rank_env = base_env(env)
-        rank_env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-                         "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-        log = (cwd / f"rank{rank}.log").open("w+")
-        procs.append((subprocess.Popen([sys.executable, *argv], cwd=cwd, env=rank_env, stdout=log,
-                                       stderr=subprocess.STDOUT), log))
-    deadline = time.monotonic() + timeout
-    results, timed_out = [], False
-    for p, log in procs:
-        try:
-            p.wait(timeout=max(1.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-    for p, _ in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    for rank, (p, log) in enumerate(procs):
-        log.seek(0)
-        results.append(subprocess.CompletedProcess(argv, p.returncode, log.read(), ""))
-        log.close()
+    with contextlib.ExitStack() as stack:
+        procs = []
+        for rank in range(world):
+            rank_env = base_env(env)
+            rank_env.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+                             "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+            log = stack.enter_context(tempfile.TemporaryFile("w+"))  # not in cwd: that is the repository
+            procs.append((subprocess.Popen([sys.executable, *argv], cwd=cwd, env=rank_env, stdout=log,
+                                           stderr=subprocess.STDOUT), log))
+        deadline = time.monotonic() + timeout
+        timed_out = False
+        for p, _ in procs:
+            try:
+                p.wait(timeout=max(1.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                timed_out = True
+        results = []
+        for p, log in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            log.seek(0)
+            results.append(subprocess.CompletedProcess(argv, p.returncode, log.read(), ""))
     if timed_out or (check and any(r.returncode != 0 for r in results)):
         report = "\n".join(
             f"--- rank {i} exit {r.returncode} ---\n{r.stdout[-4000:]}" for i, r in enumerate(results)
         )
-        raise AssertionError(f"{'timed out after %ss' % timeout if timed_out else 'a rank failed'}:\n{report}")
+        raise AssertionError(f"{f'timed out after {timeout}s' if timed_out else 'a rank failed'}:\n{report}")
     return results

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from tests.dist.common import REPO, run_ranks
+from tests.distributed.common import REPO, run_ranks
 from tests.runs import TINY_RUN, evals, losses
 
 pytestmark = pytest.mark.dist
