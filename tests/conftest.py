@@ -2,23 +2,40 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-# DeepSpeed picks its accelerator at import time: the CPU one (gloo) where there is no CUDA.
-if not torch.cuda.is_available():
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+def pytest_configure(config):
+    # A bare `pytest` from an interpreter without the project installed would fail to import every test
+    # module; say so once, naming the interpreter, before collection starts.
+    missing = [m for m in ("torch", "deepspeed", "transformers", "pyarrow", "engine")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise pytest.UsageError(
+            f"{', '.join(missing)} not importable from {sys.executable}: run the tests in the environment the "
+            'README sets up (`pip install torch==2.13.0 && pip install -e ".[dev]"`, then `python -m pytest -q`)'
+        )
+    import torch
+
+    # DeepSpeed picks its accelerator at import time: the CPU one (gloo) where there is no CUDA.
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_CORPUS = REPO_ROOT.parent / "shared" / "corpus" / "english-reference.parquet"
 
 
 def pytest_collection_modifyitems(config, items):
+    import torch
+
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA")
