@@ -149,8 +149,8 @@ def mask_tokens(
     random_below = round((cfg.replace_mask + cfg.replace_random) * (1 << 24))
     replaced = np.where(u < mask_below, cfg.mask_token_id, originals)
     replaced = np.where((u >= mask_below) & (u < random_below), allowed_ids.numpy()[v], replaced)
-    replaced = np.where(valid, replaced, originals)  # unused slots write back the original token
 
     input_ids = tok.copy()
-    np.put_along_axis(input_ids, positions, replaced, axis=1)
+    rows, slots = np.nonzero(valid)  # only the used slots: unused ones point at position 0 too
+    input_ids[rows, positions[rows, slots]] = replaced[rows, slots]
     return torch.from_numpy(input_ids), torch.from_numpy(positions), torch.from_numpy(labels)

@@ -153,3 +153,15 @@ def test_config_validation():
         MaskingConfig(mask_token_id=MASK, vocab_size=VOCAB, special_ids=SPECIALS, mask_prob=0.0)
     with pytest.raises(ValueError):
         MaskingConfig(mask_token_id=VOCAB, vocab_size=VOCAB, special_ids=SPECIALS)
+
+
+def test_a_masked_first_position_stays_masked():
+    """Unused slots point at position 0; they must not write its original token back over a [MASK]."""
+    tokens = torch.randint(len(SPECIALS), VOCAB, (512, 16))  # no [CLS]: position 0 is a candidate
+    lengths = torch.full((512,), 16)
+    cfg = MaskingConfig(mask_token_id=MASK, vocab_size=VOCAB, special_ids=SPECIALS, replace_mask=1.0,
+                        replace_random=0.0)
+    ids, positions, labels = mask_tokens(tokens, lengths, cfg, row_seeds(3, 0, np.arange(512)))
+    first = ((positions == 0) & (labels != IGNORE_INDEX)).any(dim=1)
+    assert first.sum() > 10  # ~2/16 of the rows mask position 0
+    assert (ids[first, 0] == MASK).all()
