@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import DataError
 
 INDEX_NAME = "index.json"
@@ -82,26 +83,8 @@ def sha256_dir(path: str | os.PathLike) -> str:
 
 def write_index(root: str | os.PathLike, index: dict[str, Any]) -> Path:
     """Write ``index.json`` atomically: readers see either no index or the complete one."""
-    root = Path(root)
-    tmp = root / f".{INDEX_NAME}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(index, f, indent=2, sort_keys=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    final = root / INDEX_NAME
-    os.replace(tmp, final)
-    # Make the rename itself durable (a crash right after must not bring the old state back).
-    try:
-        dfd = os.open(root, os.O_RDONLY)
-    except OSError:
-        return final
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
+    final = Path(root) / INDEX_NAME
+    atomic_write_text(final, json.dumps(index, indent=2, sort_keys=False) + "\n")
     return final
 
 

@@ -24,6 +24,8 @@ from typing import Any
 
 import torch
 
+from data_pipeline.atomic import atomic_write_text
+
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
@@ -42,15 +44,6 @@ def tag_for(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"sift_rank{rank:05d}.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def save_rank_state(root: Path, tag: str, rank: int, state: dict[str, Any]) -> None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from engine.models.presets import PRESETS
+
 
 class ConfigError(ValueError):
     """A run config that cannot be used; the message lists every problem found."""
@@ -160,6 +162,7 @@ CHOICES = {
     "optim.decay": ("linear", "constant"),
     "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
     "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+    "model.preset": tuple(PRESETS),
 }
 
 

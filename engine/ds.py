@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -68,10 +68,9 @@ def zero_stage(engine: Any) -> int:
 
 
 @contextmanager
-def gathered(params: list[torch.nn.Parameter], stage: int) -> Iterator[None]:
-    """Under ZeRO-3, all-gather exactly ``params`` for the duration (read-only); a no-op otherwise."""
-    ctx = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if stage == 3 else nullcontext()
-    with ctx:
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """ZeRO-3: all-gather exactly ``params`` for the duration (read-only)."""
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
 
 

@@ -14,13 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config import ConfigError
+
 AUTO = "auto"
 
 
-class DSConfigError(ValueError):
-    def __init__(self, problems: list[str], source: str):
-        self.problems = problems
-        super().__init__(f"{source}: {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+class DSConfigError(ConfigError):
+    """A DeepSpeed JSON that cannot be used with this run; lists every problem."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import Batch
+from data_pipeline.batch import Batch, to_device
+from engine.scoring import eval_mode
 
 
 def evaluate(engine: Any, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
@@ -17,22 +18,18 @@ def evaluate(engine: Any, batches: Iterable[Batch], device: torch.device) -> dic
     Every rank must get the same number of batches (ZeRO-3 gathers parameters collectively in each
     forward); the caller sizes the validation set to a multiple of world x batch size.
     """
-    module = engine.module
-    was_training = module.training
-    module.eval()
     # mlm loss sum, mlm correct, mlm count, nsp correct, nsp count
     sums = torch.zeros(5, dtype=torch.float64, device=device)
-    with torch.no_grad():
+    with torch.no_grad(), eval_mode([engine.module]):
         for batch in batches:
-            out = engine(**{k: v.to(device, non_blocking=True) for k, v in batch.items()})
+            out = engine(**to_device(batch, device, non_blocking=True))
             count = out["mlm_count"].double()
-            sums[0] += out["mlm_loss"].double() * count
+            sums[0] += out["mlm_sum"].double()
             sums[1] += out["mlm_correct"].double()
             sums[2] += count
             if "nsp_correct" in out:
                 sums[3] += out["nsp_correct"].double()
                 sums[4] += out["nsp_count"].double()
-    module.train(was_training)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(sums)
     loss, correct, count, nsp_correct, nsp_count = sums.tolist()

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from data_pipeline.batch import Batch, batch_rows, select_rows
 from engine.models.bert import ExitPath, SiftBert
-from engine.scoring import exit_scores
+from engine.scoring import eval_mode, exit_scores
 from engine.selection import SELECTORS, kept_dropped_means, selection_generator, spearman, topk_overlap
 from engine.streams import DevicePrefetcher, PhaseTimer, Streams
 
@@ -42,25 +42,21 @@ class Scorer:
     def __init__(self, model: SiftBert, exit_layer: int, criterion: str, *, device: torch.device,
                  gather: Gather | None = None):
         self.criterion = criterion
-        self._live = model.exit_path(exit_layer)
+        live = model.exit_path(exit_layer)
         self._gather = gather
         if gather is None:
-            self.path: ExitPath = self._live
+            self.path: ExitPath = live
         else:
-            dtype = next(iter(self._live.parameters())).dtype
-            self.path = self._live.replicate(device, dtype)
+            self._src = list(live.parameters())
+            self.path = live.replicate(device, self._src[0].dtype)
+            self._dst = list(self.path.parameters())
             self.refresh()
-
-    @property
-    def replicated(self) -> bool:
-        return self._gather is not None
 
     def refresh(self) -> None:
         if self._gather is None:
             return
-        src, dst = self._live.parameters(), self.path.parameters()
-        with torch.no_grad(), self._gather(src):
-            for s, d in zip(src, dst, strict=True):
+        with torch.no_grad(), self._gather(self._src):
+            for s, d in zip(self._src, self._dst, strict=True):
                 d.copy_(s.data.view(d.shape))
 
     def __call__(self, batch: Batch) -> torch.Tensor:
@@ -116,10 +112,18 @@ class Schedule:
 
     def __init__(self, engine: Any, scorer: Scorer | None, *, policy: str, micro_batch_size: int, seed: int,
                  rank: int, prefetcher: DevicePrefetcher, streams: Streams, timer: PhaseTimer):
-        self.engine, self.scorer = engine, scorer
+        self.engine, self.scorer, self.policy = engine, scorer, policy
         self.select = SELECTORS.get(policy)
         self.B, self.seed, self.rank = micro_batch_size, seed, rank
         self.prefetcher, self.streams, self.timer = prefetcher, streams, timer
+
+    @property
+    def pending_scores(self) -> torch.Tensor | None:
+        """Scores already computed for the next batch (the pipelined schedule; saved in checkpoints)."""
+        return None
+
+    def set_pending_scores(self, scores: torch.Tensor | None) -> None:
+        """On resume: the scores the interrupted run had computed for its next batch."""
 
     # -- pieces ---------------------------------------------------------------------------------
 
@@ -128,18 +132,14 @@ class Schedule:
             return self.prefetcher.next()
 
     def _keep(self, batch: Batch, scores: torch.Tensor, draw: int) -> tuple[Batch, torch.Tensor]:
-        gen = selection_generator(self.seed, draw, self.rank)
+        gen = selection_generator(self.seed, draw, self.rank) if self.policy == "random" else None
         kept = self.select(scores, self.B, gen)
         return select_rows(batch, kept), kept
 
     def _fidelity(self, batch: Batch, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact per-sequence MLM losses of the full model (eval mode, no grad) vs the exit scores."""
-        module = self.engine.module
-        was_training = module.training
-        module.eval()
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode([self.engine.module]):
             exact = self.engine(**batch)["mlm_per_seq"]
-        module.train(was_training)
         return spearman(scores, exact), topk_overlap(scores, exact, self.B)
 
     def _train(self, kept: Batch, after_forward: Callable[[], None] | None = None,
@@ -202,11 +202,9 @@ class PipelinedSchedule(Schedule):
 
     @property
     def pending_scores(self) -> torch.Tensor | None:
-        """Scores already computed for the next batch (saved in checkpoints for an exact resume)."""
         return None if self._pending is None else self._pending[1]
 
     def set_pending_scores(self, scores: torch.Tensor | None) -> None:
-        """On resume: the scores the interrupted run had computed for its next batch."""
         self._resume_scores = scores
 
     def _score_async(self, batch: Batch, ready: torch.cuda.Event | None) -> tuple[torch.Tensor, Any]:

@@ -11,8 +11,6 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-POLICIES = ("topk", "random", "none")
-
 
 def topk_indices(scores: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """(G,) scores -> (k,) row indices of the k highest scores, ascending.
@@ -59,11 +57,11 @@ def selection_generator(seed: int, draw: int, rank: int) -> torch.Generator:
 
 
 def kept_dropped_means(scores: torch.Tensor, kept: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean score of the kept rows and of the dropped rows (device tensors, no sync)."""
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    mask[kept] = True
-    dropped = (~mask).sum().clamp(min=1)
-    return scores[mask].mean(), torch.where(mask, torch.zeros_like(scores), scores).sum() / dropped
+    """Mean score of the kept rows and of the dropped rows (device tensors, no sync: no boolean-mask
+    indexing, whose output size the host would have to read)."""
+    kept_sum = scores.index_select(0, kept).sum()
+    n_kept, n = kept.numel(), scores.numel()
+    return kept_sum / max(n_kept, 1), (scores.sum() - kept_sum) / max(n - n_kept, 1)
 
 
 def _ranks(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from functools import partial
 from typing import Any
 
 import torch
@@ -47,7 +46,7 @@ def build_schedule(cfg: RunConfig, engine: Any, model: SiftBert, *, stage: int, 
     """The serial or pipelined schedule over host batches (moved to the device on a copy stream)."""
     scorer = None
     if cfg.sift.policy != "none":
-        gather = partial(ds.gathered, stage=3) if stage == 3 else None
+        gather = ds.gathered if stage == 3 else None
         scorer = Scorer(model, cfg.sift.exit_layer, cfg.sift.criterion, device=device, gather=gather)
     streams = Streams(device)
     cls = PipelinedSchedule if cfg.sift.schedule == "pipelined" and scorer is not None else SerialSchedule

@@ -13,7 +13,7 @@ from contextlib import contextmanager, nullcontext, suppress
 
 import torch
 
-from data_pipeline.batch import Batch
+from data_pipeline.batch import Batch, to_device
 
 
 class Streams:
@@ -59,9 +59,9 @@ class DevicePrefetcher:
     def _fetch(self) -> tuple[Batch, torch.cuda.Event | None]:
         host = next(self.it)
         if not self.streams.cuda:
-            return {k: v.to(self.device) for k, v in host.items()}, None
+            return to_device(host, self.device), None
         with self.streams.on(self.streams.copy):
-            dev = {k: v.to(self.device, non_blocking=True) for k, v in host.items()}
+            dev = to_device(host, self.device, non_blocking=True)
         return dev, self.streams.record(self.streams.copy)
 
     def next(self) -> tuple[Batch, torch.cuda.Event | None]:

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from data_pipeline.atomic import atomic_write_text
 from data_pipeline.loader import build_loader, eval_batches
 from data_pipeline.reader import ShardDataset
 from engine import checkpoint as ckpt
@@ -39,7 +40,6 @@ from engine.config import ConfigError, RunConfig, load_config, to_dict
 from engine.evaluate import evaluate
 from engine.metrics import MetricLogger, StepAccumulator
 from engine.models.bert import build_model
-from engine.schedule import PipelinedSchedule
 from engine.selection import selection_active
 from engine.setup import build_engine, build_schedule
 from engine.streams import PhaseTimer
@@ -146,7 +146,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                           mask_prob=cfg.data.mask_prob)
     schedule = build_schedule(cfg, engine, model, stage=stage, batches=iter(loader), device=device, rank=rank,
                               timer=timer)
-    if pending_scores is not None and isinstance(schedule, PipelinedSchedule):
+    if pending_scores is not None:
         schedule.set_pending_scores(pending_scores.to(device))
 
     n_eval = cfg.train.eval_samples or len(eval_set)
@@ -159,7 +159,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                            progress=cfg.train.progress, total_steps=total, initial_step=c["step"])
     acc = StepAccumulator()
     hours0, t_interval, streak = c["hours"], time.time(), 0
-    interval = {"backprop": 0, "scored": 0}
+    interval = {"backprop": 0, "scored": 0, "steps": 0}
 
     def hours() -> float:
         return hours0 + (time.time() - t_start) / 3600.0
@@ -179,7 +179,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         tag = ckpt.tag_for(c["step"])
         ds.save_checkpoint(engine, ckpt_root, tag)
         _kill_if("during_save", c["step"])
-        pending = schedule.pending_scores if isinstance(schedule, PipelinedSchedule) else None
+        pending = schedule.pending_scores
         ckpt.save_rank_state(ckpt_root, tag, rank, {
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state() if cuda else None,
@@ -230,6 +230,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if not mo.stepped:
             continue
         c["step"] += 1
+        interval["steps"] += 1
         step = c["step"]
 
         if step % cfg.train.log_every == 0 or step == total:
@@ -237,7 +238,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             dt = max(now - t_interval, 1e-9)
             stats = acc.flush()
             phases = timer.flush()
-            steps_in = cfg.train.log_every if step % cfg.train.log_every == 0 else step % cfg.train.log_every
             record = {
                 "step": step, "lr": engine.get_lr()[0], **stats,
                 "backprop_seq_per_s": interval["backprop"] / dt,
@@ -245,11 +245,11 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                 "tokens_per_s": interval["backprop"] * meta.seq_len / dt,
                 "backprop_samples": c["backprop_samples"], "scored_samples": c["scored_samples"],
                 "hours": hours(), "selecting": rows > B,
-                **{f"time_{k}": v / steps_in for k, v in phases.items()},
+                **{f"time_{k}": v / interval["steps"] for k, v in phases.items()},
             }
             metrics.write(record)
             metrics.progress(step, {"loss": stats.get("loss", float("nan")), "seq/s": record["backprop_seq_per_s"]})
-            t_interval, interval = now, {"backprop": 0, "scored": 0}
+            t_interval, interval = now, {"backprop": 0, "scored": 0, "steps": 0}
         if step % cfg.train.eval_every == 0 or step == total:
             last_eval = do_eval()
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == total:
@@ -261,7 +261,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                "nonfinite_skipped": c["nonfinite_total"], "hours": hours(), "final_eval": last_eval,
                "out_dir": str(out_dir)}
     if rank == 0:
-        ckpt.atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
+        atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     metrics.close()
     return summary
 

@@ -42,6 +42,8 @@ def test_every_problem_is_reported_at_once(tmp_path):
     msg = str(e.value)
     assert "sift.policy: 'greedy' is not one of topk, random, none" in msg
     assert "train.micro_batch_size: must be >= 1" in msg and "sift.keep: must be in (0, 1]" in msg
+    with pytest.raises(ConfigError, match="model.preset: 'huge' is not one of tiny"):
+        load_config(None, ["model.preset=huge"])
 
 
 def test_inconsistent_values(tmp_path):
