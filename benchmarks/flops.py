@@ -21,7 +21,6 @@ scored sequence, so scoring G = 64 for B = 32 adds 7.8% (the issue's figure).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 FORMULA = ("training = 3 x forward; forward/seq = T L (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV) + NSP (2h^2 + 4h); "
@@ -48,10 +47,6 @@ class BertDims:
     masked: int
     """P: masked-position slots per sequence."""
     nsp: bool = True
-
-
-def masked_slots(seq_len: int, mask_prob: float = 0.15) -> int:
-    return max(1, math.ceil(mask_prob * seq_len))
 
 
 def layer_flops_per_position(d: BertDims) -> float:

@@ -20,7 +20,6 @@ import logging
 import os
 import platform
 import shlex
-import socket
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ import torch
 
 from benchmarks import flops as F
 from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
+from data_pipeline.batch import max_predictions
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
@@ -146,26 +146,27 @@ def sync(cuda: bool) -> None:
 
 
 def ensure_distributed() -> None:
-    """A one-rank process group (DeepSpeed needs one); respects a launcher's environment if set."""
+    """A one-rank process group (DeepSpeed needs one), found as `sift train` finds its rank."""
     import torch.distributed as dist
 
     from engine import ds
+    from launcher.dist_env import LaunchError, prepare_process
 
     if dist.is_available() and dist.is_initialized():
         return
-    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
-        os.environ.setdefault(key, value)
-    if "MASTER_PORT" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    try:
+        world = prepare_process(os.environ).world_size
+    except LaunchError as e:
+        raise SystemExit(f"sift bench: error: {e}") from None
+    if world != 1:
+        raise SystemExit(f"sift bench: error: it measures one device in one process, but the launcher started {world}")
     ds.init_distributed(None)
 
 
 def dims_of(model: Any, seq_len: int, vocab: int) -> F.BertDims:
     c = model.config
     return F.BertDims(layers=c.num_hidden_layers, hidden=c.hidden_size, ffn=c.intermediate_size, vocab=vocab,
-                      seq_len=seq_len, masked=F.masked_slots(seq_len), nsp=model.use_nsp)
+                      seq_len=seq_len, masked=max_predictions(seq_len, 0.15), nsp=model.use_nsp)
 
 
 @dataclass
@@ -195,14 +196,16 @@ def measure(sched: Any, timer: Any, p: Preset, cuda: bool, after_warmup: Callabl
     for d in range(p.warmup, p.warmup + p.steps):
         mo = sched.micro_step(d)
         clock.mark()
-        losses.append(mo.out["loss"].detach())
+        if mo.finite:  # a skipped step's loss would make the mean NaN; it is counted instead
+            losses.append(mo.out["loss"].detach())
         nonfinite += not mo.finite
         trained += mo.rows_trained if mo.finite else 0
         scored += mo.rows_scored
     times = clock.intervals()
     sync(cuda)  # the pipelined schedule has the next batch's scoring in flight
     return Measured(times, trained, scored, nonfinite, timer.flush(),
-                    torch.stack(losses).float().mean().item(), time.perf_counter() - wall0)
+                    torch.stack(losses).float().mean().item() if losses else float("nan"),
+                    time.perf_counter() - wall0)
 
 
 def profile(sched: Any, first_draw: int, steps: int, cuda: bool, path: Path) -> None:

@@ -22,7 +22,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping, MutableMapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from launcher.errors import LaunchError
 from launcher.hostlist import expand_hostlist, expand_tasks_per_node
@@ -244,6 +244,22 @@ def export(dist: DistEnv, env: MutableMapping[str, str]) -> None:
         "MASTER_ADDR": dist.master_addr,
         "MASTER_PORT": str(dist.master_port),
     })
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_process(env: MutableMapping[str, str]) -> DistEnv:
+    """``resolve`` and ``export`` this process's rank; a lone process without MASTER_PORT gets a free
+    port, so that two one-process runs on one machine do not collide."""
+    dist = resolve(env)
+    if dist.source == "single" and "MASTER_PORT" not in env:
+        dist = replace(dist, master_port=free_port())
+    export(dist, env)
+    return dist
 
 
 def wait_for_master(addr: str, port: int, timeout_s: float) -> None:

@@ -226,7 +226,7 @@ def _preflight(args: argparse.Namespace, prepared: Prepared) -> None:
             raise LaunchError(f"{tool!r} is not on PATH: {_INSTALL_HINTS.get(tool, 'install it or fix PATH')}")
     if not args.module and not Path(args.script).is_file():
         raise LaunchError(f"training script {args.script!r} not found from {os.getcwd()}; run from the repository "
-                          f"root, or pass --script PATH / --module launcher.train")
+                          f"root, or pass --script PATH (or --script launcher.train --module)")
 
 
 def _write_files(files: Mapping[str, str]) -> list[str]:

@@ -13,31 +13,20 @@ standard RANK/WORLD_SIZE/MASTER_* variables, and hands over to engine/train.py.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (`deepspeed launcher/train.py`): put the repo root first
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launcher.dist_env import LaunchError, export, resolve, wait_for_master
+from launcher.dist_env import LaunchError, prepare_process, wait_for_master
 
 MASTER_WAIT_S = float(os.environ.get("SIFT_MASTER_TIMEOUT", "300"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     try:
-        dist = resolve(os.environ)
-        if dist.source == "single" and "MASTER_PORT" not in os.environ:
-            os.environ["MASTER_PORT"] = str(_free_port())  # two one-process runs on a machine must not collide
-            dist = resolve(os.environ)
-        export(dist, os.environ)
+        dist = prepare_process(os.environ)
         if dist.rank != 0:
             wait_for_master(dist.master_addr, dist.master_port, MASTER_WAIT_S)
     except LaunchError as e:

@@ -10,8 +10,9 @@ import torch
 from benchmarks import flops as F
 from benchmarks.synthetic import CLS, FIRST_WORD, PAD, SEP, make_batch
 from benchmarks.throughput import PRESETS, Variant, add_ratios, grid
+from data_pipeline.batch import max_predictions
 
-BASE512 = F.BertDims(layers=12, hidden=768, ffn=3072, vocab=30522, seq_len=512, masked=F.masked_slots(512))
+BASE512 = F.BertDims(layers=12, hidden=768, ffn=3072, vocab=30522, seq_len=512, masked=max_predictions(512, 0.15))
 
 
 def test_bert_base_figures_of_the_issue():
