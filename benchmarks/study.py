@@ -402,8 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     record = write_study_record(out, spec, data, data_id, argv, invocation=not args.report_only)
     codes: dict[str, int] = {}
     if not args.report_only:
-        for plan in plans:
-            check_marker(plan, data_id)
+        for plan in plans:  # each was checked against its marker above
             if not (plan.dir / MARKER).is_file():
                 write_marker(plan, data_id)
         events = EventLog(out / "study-log.jsonl")

@@ -11,7 +11,7 @@ import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -132,13 +132,12 @@ class MeanCurve:
     mean: list[float]
     lo: list[float]  # min over seeds
     hi: list[float]  # max over seeds
-    std: list[float] = field(default_factory=list)
 
 
 def mean_curve(runs: Sequence[RunCurves], key: str = "val_mlm_acc", x: str = "backprop_samples") -> MeanCurve:
     common = sorted(set.intersection(*(set(e["step"] for e in r.evals) for r in runs))) if runs else []
     by_run = [{e["step"]: e for e in r.evals} for r in runs]
-    out = MeanCurve([], [], [], [], [], [])
+    out = MeanCurve([], [], [], [], [])
     for s in common:
         ys = [b[s][key] for b in by_run]
         out.steps.append(s)
@@ -146,7 +145,6 @@ def mean_curve(runs: Sequence[RunCurves], key: str = "val_mlm_acc", x: str = "ba
         out.mean.append(statistics.fmean(ys))
         out.lo.append(min(ys))
         out.hi.append(max(ys))
-        out.std.append(statistics.stdev(ys) if len(ys) > 1 else 0.0)
     return out
 
 
@@ -155,7 +153,7 @@ def paired_difference(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: 
     masks), over the seeds both have; x is the arm's mean back-propagated samples."""
     ref_by_seed = {r.seed: {e["step"]: e for e in r.evals} for r in ref}
     pairs = [(r, ref_by_seed[r.seed]) for r in runs if r.seed in ref_by_seed]
-    out = MeanCurve([], [], [], [], [], [])
+    out = MeanCurve([], [], [], [], [])
     if not pairs:
         return out
     common = sorted(set.intersection(*(set(e["step"] for e in r.evals) & set(b) for r, b in pairs)))
@@ -167,7 +165,6 @@ def paired_difference(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: 
         out.mean.append(statistics.fmean(diffs))
         out.lo.append(min(diffs))
         out.hi.append(max(diffs))
-        out.std.append(statistics.stdev(diffs) if len(diffs) > 1 else 0.0)
     return out
 
 

@@ -47,10 +47,6 @@ class Arm:
     criterion: str = "loss"
     exit_layer: int = 1
 
-    @property
-    def selects(self) -> bool:
-        return self.policy != "none"
-
     def overrides(self) -> list[str]:
         if self.policy == "none":  # vanilla draws B per step; the pipelined schedule needs a scorer
             return ["sift.policy=none", "sift.schedule=serial"]
