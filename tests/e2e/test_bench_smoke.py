@@ -22,8 +22,9 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     argv = ["-m", "benchmarks.throughput", "--preset", "cpu-tiny", "--exits", "12", "--steps", "3",
             "--warmup", "1", "--out", str(out), "--name", "smoke"]
-    env = base_env({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-    env.pop("MASTER_PORT", None)  # the harness picks a free one
+    env = base_env()
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(var, None)  # a plain process, no launcher: the harness finds rank 0 of 1 and a free port
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "smoke.json").read_text()), out
