@@ -74,8 +74,8 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 def sha256_dir(path: str | os.PathLike) -> str:
     """Hash of a directory's regular files: names and contents, in sorted order (tokenizer identity)."""
     h = hashlib.sha256()
-    for p in sorted(Path(path).rglob("*")):
-        if p.is_file():
+    for p in sorted(Path(path).rglob("*"), key=lambda q: q.relative_to(path).as_posix()):
+        if p.is_file():  # sorted by relative path string, as data_pipeline/README.md documents
             h.update(p.relative_to(path).as_posix().encode() + b"\0")
             h.update(sha256_file(p).encode() + b"\n")
     return h.hexdigest()

@@ -69,7 +69,8 @@ class SiftConfig:
     keep: float = 0.5
     """B / G: the fraction of the gross micro-batch that is back-propagated."""
     warmup_steps: int = 0
-    """No selection (draw B, like vanilla) for the first N optimizer steps (the paper: 20K of 800K)."""
+    """No selection (draw B, like vanilla) for the first N optimizer steps (the paper: 20K of 800K);
+    counted in draws / gradient-accumulation steps, so a skipped non-finite micro-batch counts too."""
     stop_fraction: float | None = None
     """No selection after this fraction of train.steps (greedy selection can hurt asymptotically)."""
     schedule: str = "serial"
@@ -110,7 +111,8 @@ class TrainConfig:
     """Flush step metrics (one host sync) every N steps; each JSONL record averages those steps."""
     eval_every: int = 100
     eval_samples: int = 512
-    """Validation sequences per evaluation (0 = the whole split)."""
+    """Validation sequences per evaluation (0 = the whole split), rounded down to a multiple of
+    world size x eval_batch_size so that every rank runs the same number of full batches."""
     eval_batch_size: int = 32
     save_every: int = 0
     """Checkpoint every N steps (0 = only at the end)."""
