@@ -71,7 +71,7 @@ class SiftConfig:
     criterion: str = "loss"
     """loss: mean masked-token cross-entropy at the exit; entropy: mean predictive entropy there."""
     exit_layer: int = 1
-    """Score with the embeddings + the first j encoder layers + the MLM head (j = L: exact loss)."""
+    """Score with the embeddings + the first j blocks + the model's own output head (j = L: exact loss)."""
     keep: float = 0.5
     """B / G: the fraction of the gross micro-batch that is back-propagated."""
     warmup_steps: int = 0
@@ -167,9 +167,17 @@ class RunConfig:
         return "none" if self.sift.policy == "none" else self.method
 
     @property
+    def selecting(self) -> bool:
+        """Does one of the methods select rows (draw G = B / sift.keep, train on B)?"""
+        from engine.methods import METHODS
+
+        names = [] if self.effective_method == "none" else self.effective_method.split("+")
+        return any(getattr(METHODS.get(n.strip()), "selects", False) for n in names)
+
+    @property
     def gross_batch_size(self) -> int:
-        """G = B / keep when SIFT selects; B otherwise."""
-        if "sift" not in self.effective_method.split("+"):
+        """G = B / keep when a method selects rows; B otherwise."""
+        if not self.selecting:
             return self.train.micro_batch_size
         return round(self.train.micro_batch_size / self.sift.keep)
 
@@ -250,7 +258,7 @@ def validate(cfg: RunConfig) -> list[str]:
     p += [f"{k}: must be >= 0, got {v}" for k, v in nonneg.items() if v < 0]
     if not 0.0 < s.keep <= 1.0:
         p.append(f"sift.keep: must be in (0, 1], got {s.keep}")
-    elif "sift" in cfg.effective_method.split("+"):
+    elif cfg.selecting:
         gross = t.micro_batch_size / s.keep
         if abs(gross - round(gross)) > 1e-6:
             p.append(

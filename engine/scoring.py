@@ -39,8 +39,8 @@ def token_entropy(logits: torch.Tensor) -> torch.Tensor:
 def per_sequence_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
     """(G, P) values, (G, P) bool -> (G,) mean over the valid slots.
 
-    A row with no masked token scores 0: the minimum of both criteria, so such a row is kept only when
-    fewer than B rows have any masked token (it has nothing to teach the MLM objective).
+    A row with no target token scores 0: the minimum of both criteria, so such a row is kept only when
+    fewer than B rows have any target token (it has nothing to teach the token-level objective).
     """
     total = torch.where(valid, values, torch.zeros_like(values)).sum(dim=1)
     return total / valid.sum(dim=1).clamp(min=1)

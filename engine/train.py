@@ -186,7 +186,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 def describe(cfg: RunConfig) -> str:
     """The selection settings in one phrase, for the start-up log line."""
-    if "sift" not in cfg.effective_method.split("+"):
+    if not cfg.selecting:
         return "every drawn row trained"
     s = cfg.sift
     return (f"G={cfg.gross_batch_size}, {s.policy} selection, {s.criterion} exit at layer {s.exit_layer}, "

@@ -19,7 +19,7 @@ POINT, _, STEP = os.environ.get("SIFT_FAULT", "").partition(":")
 
 
 def _at(point: str, step: int) -> bool:
-    return POINT == point and STEP == str(step)
+    return point == POINT and str(step) == STEP
 
 
 def _kill(point: str):

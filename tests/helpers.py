@@ -85,11 +85,11 @@ def batch_stream(rows_for_draw, start: int = 0, T: int = 32):
 
 
 def methods_for(model, engine, *, B: int, method: str = "sift", grad_accum: int = 1, seed: int = 0,
-                device: str = "cpu", **sift) -> MethodStack:
+                device: str = "cpu", plugins: tuple[str, ...] = (), **sift) -> MethodStack:
     """The run's methods as `sift train` builds them (``sift`` keys as keyword arguments), attached to a
     model and an engine (PlainEngine or DeepSpeed's)."""
     overrides = [f"method={method}", f"train.micro_batch_size={B}", f"train.grad_accum={grad_accum}",
-                 f"train.seed={seed}",
+                 f"train.seed={seed}", f"train.plugins=[{','.join(plugins)}]",
                  *(f"sift.{k}={v}" for k, v in sift.items())]
     methods = build_methods(load_config(None, overrides))
     attach_methods(methods, model, engine, stage=0, device=torch.device(device), rank=0, world_size=1)
