@@ -109,6 +109,10 @@ class Sift(Method):
     def after_step(self, ctx: MicroContext) -> None:
         self.scorer.refresh()
 
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.scorer.refresh()  # ZeRO-3: the replica was filled before the checkpoint's weights were loaded
+
     def stats(self) -> dict[str, torch.Tensor]:
         out, self._stats = self._stats, {}
         return out

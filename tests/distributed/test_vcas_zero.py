@@ -1,5 +1,6 @@
 """2-rank SIFT + VCAS on CPU (gloo) under ZeRO 0-3: the controller's ratios agree across ranks, a killed
-ZeRO-3 run resumes exactly, and its export loads in transformers."""
+ZeRO-3 run resumes exactly (controller, SIFT's scorer replica, VCAS's saved batches), and its export
+loads in transformers."""
 
 from __future__ import annotations
 
