@@ -63,12 +63,12 @@ def run_all(arms: list[str], data: Path, runs: Path, steps: int, parallel: int) 
             arm = pending.pop(0)
             cmd = command(arm, data, runs, steps)
             with open(runs / f"{arm}.log", "w") as log:  # the child keeps its own descriptor
-                pid = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT).pid
-            running[pid] = (arm, cmd, time.time())
+                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running[proc.pid] = (arm, cmd, time.time(), proc)  # referenced: subprocess must not reap it
         pid, status, usage = os.wait4(-1, 0)  # per-child CPU time, which Popen.wait does not give
         if pid not in running:
             continue
-        arm, cmd, t0 = running.pop(pid)
+        arm, cmd, t0, _ = running.pop(pid)
         done[arm] = {"command": " ".join(cmd[1:]), "exit": os.waitstatus_to_exitcode(status),
                      "wall_s": time.time() - t0, "cpu_s": usage.ru_utime + usage.ru_stime}
     return done
