@@ -250,3 +250,17 @@ def test_config_errors():
     cfg = load_config(None, ["method=sift+vcas", "train.compile=true"])
     with pytest.raises(ConfigError, match="train.compile: not supported with method vcas"):
         prepare_methods(cfg, tiny_model())
+
+
+def test_a_family_without_block_linears_is_a_config_error(monkeypatch):
+    from engine.models.bert import SiftBert
+
+    cfg = load_config(None, ["method=vcas"])
+    monkeypatch.setattr(SiftBert, "block_linears", ())
+    with pytest.raises(ConfigError, match="model family 'bert' declares no block Linears"):
+        prepare_methods(cfg, tiny_model())
+    from engine.models.base import BlockLinear
+
+    monkeypatch.setattr(SiftBert, "block_linears", (BlockLinear("attention.self.nope", token_local=True),))
+    with pytest.raises(ConfigError, match="'attention.self.nope', which is not an nn.Linear"):
+        prepare_methods(cfg, tiny_model())
