@@ -264,3 +264,27 @@ def test_a_family_without_block_linears_is_a_config_error(monkeypatch):
     monkeypatch.setattr(SiftBert, "block_linears", (BlockLinear("attention.self.nope", token_local=True),))
     with pytest.raises(ConfigError, match="'attention.self.nope', which is not an nn.Linear"):
         prepare_methods(cfg, tiny_model())
+
+
+def test_flop_model():
+    """Ratio 1 is the model's own training count; Linears scale with rho (1 + nu); the rest does not."""
+    from engine.methods.vcas.flops import VcasFlops
+    from engine.methods.vcas.layers import Site
+    from engine.models.base import FlopCounts
+
+    h, i, T, L = 8, 32, 16, 2
+    base = FlopCounts(layers=L, block=T * (8 * h * h + 4 * h * i + 4 * T * h), head=100.0, extra=10.0)
+    shapes = [(h, h, True), (h, h, False), (h, h, False), (h, h, True), (h, i, True), (i, h, True)]
+    sites = tuple(Site(b * 6 + k, b, "x", local, n_in, n_out) for b in range(L)
+                  for k, (n_in, n_out, local) in enumerate(shapes))
+    f = VcasFlops(base, T, sites)
+    assert f.exact() == base.train() and f.ratio([1.0] * L, [1.0] * 12) == 1.0
+    linear = T * (8 * h * h + 4 * h * i)  # per block
+    rest = base.forward() + 2 * (base.head + base.extra) + 2 * L * (base.block - linear)
+    assert f.train([0.5, 1.0], [0.5] * 12) == pytest.approx(rest + linear * (0.5 * 1.5 + 1.0 * 1.5))
+    live = VcasFlops(base, T, sites, live_tokens=4)  # last block: Q, O, up, down at 4 of 16 positions
+    local = T * (2 * h * h * 2 + 2 * h * i * 2)
+    assert live.exact() == pytest.approx(base.train() - 2 * local * (1 - 4 / 16))
+    assert f.calibration([1.0, 1.0], 2) == 2 * f.exact()  # no sampled passes while rho = 1
+    assert f.calibration([0.5, 1.0], 2) == pytest.approx(2 * f.exact() + 4 * f.train([0.5, 1.0], [1.0] * 12))
+    assert f.ratio([1.0] * L, [1.0] * 12, batches=2, every=10) == pytest.approx(1.2)
