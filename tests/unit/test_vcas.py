@@ -288,3 +288,16 @@ def test_flop_model():
     assert f.calibration([1.0, 1.0], 2) == 2 * f.exact()  # no sampled passes while rho = 1
     assert f.calibration([0.5, 1.0], 2) == pytest.approx(2 * f.exact() + 4 * f.train([0.5, 1.0], [1.0] * 12))
     assert f.ratio([1.0] * L, [1.0] * 12, batches=2, every=10) == pytest.approx(1.2)
+
+
+def test_non_finite_statistics_keep_the_ratios(monkeypatch):
+    model = tiny_model(seed=3)
+    vcas = vcas_for(model, "vcas.tau_act=1e9", "vcas.alpha=0.3")
+    for d in range(2):
+        vcas.before_forward(random_batch(G=B, seed=d), ctx(d))
+    nan = float("nan")
+    monkeypatch.setattr(Tally, "estimates", lambda self: Estimates([nan] * 18, *([[0.0] * 18] * 3), [1.0] * 3,
+                                                                   [1.0] * 3))
+    before = vcas.ratios
+    vcas.calibrate(step=0, rank=0)
+    assert vcas.ratios == before and vcas.stats()["vcas_calib_skipped"] == 1.0

@@ -13,6 +13,8 @@ of them are position-wise) and, for the exact last-block saving, ``SiftModel.liv
 
 from __future__ import annotations
 
+import logging
+import math
 from collections import deque
 from typing import Any
 
@@ -27,6 +29,8 @@ from engine.methods.vcas.controller import Estimates, Ratios, Tally, down_nu, up
 from engine.methods.vcas.flops import VcasFlops
 from engine.methods.vcas.layers import Pass, Recorder, Shared, Site, install
 from engine.models.base import Batch, SiftModel
+
+log = logging.getLogger(__name__)
 
 # Tags that keep the stateless streams apart.
 _TRAIN, _CALIB, _DROPOUT, _ENTRIES = 1, 2, 3, 4
@@ -180,8 +184,12 @@ class Vcas(Method):
                     self._grad_pass(batch, plan)
                     tally.add_sampled(plan.recorder.grads, plan.recorder.w_var)
         est = self._average_over_ranks(tally.estimates())
-        self.ratios = update(r, est, self.cfg)
         self.calibrations += 1
+        if not all(math.isfinite(x) for x in est.vector()):  # a non-finite batch: the same on every rank
+            log.warning("VCAS calibration after step %d: non-finite statistics; ratios kept", step + 1)
+            self._stats["vcas_calib_skipped"] = 1.0
+            return
+        self.ratios = update(r, est, self.cfg)
         sgd = max(sum(est.sgd), 1e-30)
         self._stats |= {"vcas_var_sgd": sum(est.sgd), "vcas_var_act": sum(est.act) / sgd,
                         "vcas_var_w": sum(est.w) / sgd,
@@ -213,7 +221,8 @@ class Vcas(Method):
         if len(state["rho"]) != L or len(state["nu"]) != n:
             raise ValueError(f"vcas state has {len(state['rho'])} block and {len(state['nu'])} Linear ratios, the "
                              f"model {L} blocks and {n} sampled Linears")
-        self.ratios = Ratios(float(state["s"]), [float(x) for x in state["rho"]], [float(x) for x in state["nu"]])
+        if self.cfg.adaptive:  # fixed ratios come from the config, also on resume
+            self.ratios = Ratios(float(state["s"]), [float(x) for x in state["rho"]], [float(x) for x in state["nu"]])
         self.calibrations = int(state["calibrations"])
         device = self.run.device if self.run is not None else torch.device("cpu")
         self.recent.clear()
