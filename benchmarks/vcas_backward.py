@@ -5,7 +5,7 @@
 
 One BERT with VCAS installed (fixed ratios), synthetic masked batches of B rows (benchmarks/synthetic.py);
 per variant: warm-up, then the median of ``--steps`` timed forward + backward passes (CUDA events on
-GPU, perf_counter on CPU), next to VCAS's expected training-FLOP ratio (engine/methods/vcas/flops.py).
+GPU, process CPU time with one thread on CPU), next to VCAS's expected training-FLOP ratio (engine/methods/vcas/flops.py).
 Variants: plain autograd; VCAS at rho x nu in {1, 0.75, 0.5} x {1, 0.5, 0.25} with the exact last-block
 saving; and one adaptive calibration (M = 2), timed. It also checks that a calibration leaves the CPU and
 CUDA RNG states where they were. Writes vcas_backward-<device>.json and .md.
@@ -43,6 +43,8 @@ def build(preset: str, seq_len: int, device: torch.device, dtype: torch.dtype, B
 
 
 def timed(fn: Any, steps: int, warmup: int, cuda: bool) -> list[float]:
+    """Seconds per call: CUDA events on GPU; on CPU this process's CPU time (one thread), which a shared,
+    oversubscribed machine inflates far less than wall clock."""
     for _ in range(warmup):
         fn(-1)
     times = []
@@ -55,9 +57,9 @@ def timed(fn: Any, steps: int, warmup: int, cuda: bool) -> list[float]:
             b.synchronize()
             times.append(a.elapsed_time(b) / 1e3)
         else:
-            t0 = time.perf_counter()
+            t0 = time.process_time()
             fn(i)
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
     return times
 
 
@@ -76,6 +78,7 @@ def run(preset: str, T: int, B: int, steps: int, warmup: int, device: torch.devi
         def fn(i: int) -> None:
             batch = batches[i % len(batches)]
             vcas.cfg.live_positions = live
+            vcas.flops = None  # rebuilt by before_forward for this setting of live_positions
             vcas.ratios = Ratios(1.0, [1.0] * L, [1.0] * n) if ratios is None else Ratios(1.0, [ratios[0]] * L,
                                                                                           [ratios[1]] * n)
             vcas.before_forward(batch, MicroContext(draw=i + 1000, step=0, rank=0, world_size=1, grad_accum=1))
@@ -113,7 +116,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     lines = [f"# VCAS forward + backward: {meta['device']}", "",
              f"- command: `{meta['command']}`; git commit {meta['git_commit']}; {meta['date']}",
              f"- torch {meta['torch']}, transformers {meta['transformers']}; BERT preset {meta['preset']}, "
-             f"B = {meta['B']}, {meta['dtype']}, {meta['steps']} timed passes after {meta['warmup']} warm-up",
+             f"B = {meta['B']}, {meta['dtype']}, {meta['steps']} timed passes after {meta['warmup']} warm-up; "
+             f"timing: {meta['timing']}; load average at the start {meta['load']}",
              "- no DeepSpeed, no optimizer step: one forward and one backward per pass (plain: stock autograd). "
              "FLOP ratio: VCAS's expected training FLOPs over exact training's (engine/methods/vcas/flops.py); "
              "time ratio: median pass time over plain autograd's. The calibration row is one whole calibration, "
@@ -144,12 +148,15 @@ def main(argv: list[str] | None = None) -> int:
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
+    if not cuda:
+        torch.set_num_threads(1)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
     meta = {"device": device_name(device), "command": "python -m benchmarks.vcas_backward " + " ".join(argv),
             "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": version("transformers"), "preset": args.preset,
             "B": args.micro_batch, "dtype": str(dtype).removeprefix("torch."), "steps": args.steps,
-            "warmup": args.warmup}
+            "warmup": args.warmup, "timing": "CUDA events" if cuda else "process CPU time, 1 thread",
+            "load": Path("/proc/loadavg").read_text().split()[:3] if Path("/proc/loadavg").is_file() else None}
     rows = []
     for T in (int(x) for x in args.seq_lens.split(",")):
         rows += run(args.preset, T, args.micro_batch, args.steps, args.warmup, device, dtype)
