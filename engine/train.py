@@ -97,7 +97,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     methods = prepare_methods(cfg, model)
     torch.manual_seed(t.seed * 1_000_003 + rank + 1)  # per-rank dropout streams
     engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda)
-    attach_methods(methods, model, engine, stage=stage, device=device, rank=rank, world_size=world)
     log.info("world %d, device %s, ZeRO-%d, %s; B=%d grad_accum=%d; method %s (%s)", world, device.type, stage,
              precision, t.micro_batch_size, t.grad_accum, cfg.effective_method, describe(cfg))
 
@@ -108,6 +107,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                                         "tokenizer": train_set.tokenizer_path()})
     tag = checkpointer.latest(t.resume)
     saved = checkpointer.resume(tag, progress) if tag is not None else None
+    # After the weights are final: a method may copy them (SIFT's scorer replica under ZeRO-3).
+    attach_methods(methods, model, engine, stage=stage, device=device, rank=rank, world_size=world)
     methods.load_state_dict((saved or {}).get("methods", {}))
 
     # ------------------------------------------------------------------ loop parts
