@@ -96,3 +96,28 @@ def test_chunked_scoring_equals_one_chunk(criterion):
     for rows in (1, 3):  # chunks of 1 and 3 rows (the last one shorter)
         chunked = exit_scores(model.exit_path(2), batch, criterion, chunk_elements=rows * P * V)
         torch.testing.assert_close(chunked, whole, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_our_attention_mask_matches_transformers_and_needs_no_host_read(impl, monkeypatch):
+    """Under SDPA the layers get a broadcast (G, 1, 1, T) key mask built on the device (transformers'
+    own mask creation reads `padding_mask.all()` to the host); the outputs equal the stock model's."""
+    from transformers import masking_utils
+
+    model = tiny_model(dropout=0.0).eval()
+    model.hf.config._attn_implementation = impl
+    batch = random_batch(G=6, short_rows=3)
+    with torch.no_grad():
+        stock = model.hf.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              token_type_ids=batch["token_type_ids"]).last_hidden_state
+        if impl == "sdpa":
+            def refuse(*_, **__):
+                raise AssertionError("transformers read the padding mask to the host")
+            monkeypatch.setattr(masking_utils, "_ignore_bidirectional_mask_sdpa", refuse)
+        path = model.exit_path(model.num_layers)
+        mine = path.hidden(batch)
+        out = model(**batch)
+    pos = batch["mlm_positions"]
+    expected = stock.gather(1, pos[..., None].expand(-1, -1, stock.shape[-1]))
+    torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(out["loss"])
