@@ -61,6 +61,18 @@ def _kill_if(point: str, step: int) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def abort_message(streak: int, step: int, at_start: bool, root: Path, diverged: str, good: str | None) -> str:
+    """Why training stopped, where its state went, and where a resume starts."""
+    where = (f"the last good checkpoint is {root / good} (a resume starts there)" if good is not None
+             else "there is no good checkpoint (a resume starts from scratch)")
+    causes = ("the first steps of this run were already non-finite: possible causes are a corrupt checkpoint or "
+              "corrupt data, or settings that overflow at once (optim.lr, deepspeed.precision)" if at_start
+              else "the steps before were finite: possible causes are corrupt input data, an fp16 overflow "
+                   "(try deepspeed.precision=bf16), or a learning rate too high for this model (optim.lr)")
+    return (f"{streak} non-finite losses in a row at step {step}, each skipped; the diverged state is saved in "
+            f"{root / diverged} for inspection (never resumed); {where}. {causes[0].upper()}{causes[1:]}.")
+
+
 def check_against_data(cfg: RunConfig, meta: Any, num_layers: int) -> list[str]:
     """Problems that only show once the data and the model are known."""
     p = []
@@ -175,8 +187,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                  f", nsp acc {result['val_nsp_acc']:.4f}" if "val_nsp_acc" in result else "")
         return record
 
-    def save() -> None:
-        tag = ckpt.tag_for(c["step"])
+    def save(tag: str | None = None) -> None:
+        tag = tag or ckpt.tag_for(c["step"])
         ds.save_checkpoint(engine, ckpt_root, tag)
         _kill_if("during_save", c["step"])
         pending = schedule.pending_scores
@@ -200,6 +212,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         if cuda and rng_state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(rng_state["cuda_rng"])
     last_eval = None
+    draws0 = c["draws"]  # where this process started (for the abort message)
     while c["step"] < total:
         if _fault("poison_weights", c["step"]):  # diverged weights: every loss from here on is NaN
             with torch.no_grad():
@@ -216,11 +229,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             streak += 1
             log.warning("non-finite loss at step %d (draw %d): skipped (%d in a row)", c["step"], c["draws"] - 1, streak)
             if streak >= cfg.train.max_nonfinite:
-                save()
-                raise TrainingAborted(
-                    f"{streak} non-finite losses in a row at step {c['step']}; saved checkpoint "
-                    f"{ckpt_root / ckpt.tag_for(c['step'])}. Lower optim.lr, check the data, or use bf16."
-                )
+                # Never under a resumable name: the good checkpoints, latest and keep_last stay as they were.
+                save(ckpt.diverged_tag(c["step"]))
+                raise TrainingAborted(abort_message(streak, c["step"], c["draws"] - streak == draws0, ckpt_root,
+                                                    ckpt.diverged_tag(c["step"]), ckpt.last_good(ckpt_root)))
             continue
         streak = 0
         c["backprop_samples"] += world * mo.rows_trained
