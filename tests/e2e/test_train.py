@@ -145,3 +145,17 @@ def test_init_from_an_exported_checkpoint(run_a, tmp_path):
         build_model(cfg, vocab_size=30522, seq_len=64, pad_id=0, use_nsp=True)
     with pytest.raises(ModelError, match="not a Hugging Face checkpoint directory"):
         build_model(ModelConfig(init_from=str(tmp_path)), vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)
+
+
+def test_corrupt_shard_stops_training_with_the_default_config(tiny_data, tmp_path):
+    """Flipped bytes in a shard of the right size: the default config stops before training on it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / "train-00000.arrow"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(raw))
+    result = train(tmp_path / "run", data, "train.steps=2", "data.num_workers=1", check=False)
+    assert result.returncode == 2
+    assert f"shard {shard} fails its SHA-256 check against index.json" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()
