@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-config", default=None, help="dataset configuration (hub datasets)")
     g.add_argument("--hf-split", default="train", help="split to read from a hub dataset or DatasetDict")
     g.add_argument("--max-docs", type=int, default=None, help="read only the first N documents (smoke runs)")
+    g.add_argument(
+        "--max-undecodable",
+        type=float,
+        default=0.01,
+        help="refuse a text file with a larger share of bytes that are not UTF-8 (1 accepts any, replacing "
+        "them with U+FFFD)",
+    )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default=None, help="hub name or local directory (e.g. bert-base-uncased)")
     g.add_argument(
@@ -127,6 +134,8 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--num-proc must be >= 1, got {args.num_proc}")
     if args.max_docs is not None and args.max_docs < 1:
         problems.append(f"--max-docs must be >= 1, got {args.max_docs}")
+    if not 0.0 <= args.max_undecodable <= 1.0:
+        problems.append(f"--max-undecodable must be in [0, 1], got {args.max_undecodable}")
     if args.max_vocab_size is not None and args.max_vocab_size < 1:
         problems.append(f"--max-vocab-size must be >= 1, got {args.max_vocab_size}")
     if problems:
@@ -149,6 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("sift prepare: interrupted; no dataset was written", file=sys.stderr)
         return 130
+    except OSError as e:  # e.g. the disk filled up while writing shards
+        where = e.filename or args.out
+        print(f"sift prepare: error: {where}: {e.strerror or e}; no dataset was written", file=sys.stderr)
+        return 1
     except BrokenProcessPool as e:
         print(f"sift prepare: error: a tokenizer worker process died ({e}); out of memory? "
               "try a smaller --num-proc; no dataset was written", file=sys.stderr)  # fmt: skip
