@@ -119,7 +119,7 @@ def bench_checkpoint(work: Path, scale: float) -> dict:
     out["verify_cold_default_threads"] = timed(ckpt.verify, root, tag)
     ckpt._VERIFIED.clear()
     out["verify_warm_default_threads"] = timed(ckpt.verify, root, tag)
-    for key, r in out.items():
+    for r in out.values():
         if isinstance(r, dict) and "wall_s" in r:
             r["MB_per_s"] = round(total / MB / r["wall_s"])
     return out
