@@ -94,6 +94,9 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights from a checkpoint of any ZeRO stage, on CPU, without a process group."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from engine.checkpoint import verify
+
+    verify(root, tag)  # every file against its SHA-256 before DeepSpeed / torch.load unpickles any
     model_files = sorted((root / tag).glob("*model_states.pt"))
     optim_files = sorted((root / tag).glob("*optim_states.pt"))
     if optim_files:  # ZeRO 1-3: the fp32 master weights live in the optimizer shards

@@ -36,7 +36,18 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "train.stpes: unknown key (did you mean 'steps'?)" in msg
     assert "bogus: unknown key" in msg
     assert "optim.lr: expected float, got 'fast'" in msg
-    assert len(e.value.problems) == 3  # type/key errors first; value checks follow once those are fixed
+    # bad values in the same config are reported in the same message
+    assert "train.micro_batch_size: must be >= 1, got 0" in msg
+    assert "sift.policy: 'greedy' is not one of topk, random, none" in msg
+    assert len(e.value.problems) == 5
+    # a value of the wrong type is reported once, not again by the value checks (which see its default)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.micro_batch_size=four", "sift.keep=0.3", "train.stpes=1", "train.steps=0"])
+    assert e.value.problems == [
+        "train.micro_batch_size: expected int, got 'four'",
+        "train.stpes: unknown key (did you mean 'steps'?)",
+        "train.steps: must be >= 1, got 0",
+    ]
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "train:\n  micro_batch_size: 0\nsift:\n  policy: greedy\n  keep: 1.5\n"))
     msg = str(e.value)
