@@ -27,13 +27,18 @@ FORMULA = ("training = 3 x forward; forward/seq = T L (8h^2 + 4hi + 4Th) + P (2h
            "scoring/seq at exit j = T j (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV); P = ceil(0.15 T) masked slots, "
            "T counts padding")
 
-# Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendor data sheets, TFLOP/s. Matched in order
-# against torch.cuda.get_device_name(), so "H100 PCIe" must precede "H100".
+# Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets. The H100/H200 sheets
+# print only the "with sparsity" figures, twice the dense ones (H100 SXM and H200 SXM 1,979, H100 NVL 1,671,
+# H100 PCIe 1,513); the A100 and L40S sheets also give the dense ones (312; 362.05). Matched in order as
+# substrings of torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3" is the SXM part), so the H100
+# variants precede "H100". Other parts (an "H200 NVL" would match "H200") need --peak-tflops.
 PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H100", 989.0),
     ("H200", 989.0),
     ("A100", 312.0),
+    ("L40S", 362.0),
 )
 
 

@@ -32,6 +32,10 @@ def test_exit_at_the_last_layer_is_the_forward_without_nsp():
 
 def test_peaks():
     assert F.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert F.peak_flops("NVIDIA H100 NVL", "bf16") == 835e12
+    assert F.peak_flops("NVIDIA H200", "bf16") == 989e12
+    assert F.peak_flops("NVIDIA L40S", "bf16") == 362e12
+    assert F.peak_flops("NVIDIA L40", "bf16") is None and F.peak_flops("NVIDIA A10G", "bf16") is None
     assert F.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert F.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert F.peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None
