@@ -38,11 +38,13 @@ from benchmarks.throughput import PRESETS, Variant, build_variant, ensure_distri
 
 FRAMES = 4  # caller frames kept per record: enough to tell the schedule from DeepSpeed from torch
 _HERE = Path(__file__).resolve()
+_SKIP = {_HERE, Path(warnings.__file__).resolve()}  # this module and the warnings machinery
 
 
 def where() -> str:
-    """The innermost FRAMES Python frames of the current stack outside this module, innermost first."""
-    frames = [f for f in traceback.extract_stack() if Path(f.filename).resolve() != _HERE]
+    """The innermost FRAMES Python frames of the current stack outside this module and the warnings
+    module, innermost first."""
+    frames = [f for f in traceback.extract_stack() if Path(f.filename).resolve() not in _SKIP]
     out = []
     for f in frames[::-1][:FRAMES]:
         path = f.filename
