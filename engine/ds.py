@@ -58,7 +58,12 @@ def initialize(
     lr_scheduler: Any,
     config: dict[str, Any],
 ) -> Any:
-    """deepspeed.initialize with a client optimizer and schedule; returns the engine."""
+    """deepspeed.initialize with a client optimizer and schedule; returns the engine.
+
+    No training_data is passed (the schedules feed batches), which in DeepSpeed 0.19.8 leaves the
+    throughput timer to synchronize the device at every forward and step unless the config turns it off
+    (engine/ds_config.py does).
+    """
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, dist_init_required=False
     )

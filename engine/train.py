@@ -40,7 +40,7 @@ from engine.models import build_model
 from engine.models.base import DataFacts
 from engine.progress import Progress
 from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
-from engine.streams import PhaseTimer
+from engine.streams import PhaseTimer, training_stream
 from sift_common.atomic import atomic_write_text
 from sift_common.errors import SiftError
 from sift_common.logs import setup_logging
@@ -92,10 +92,14 @@ def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     progress = Progress()
-    # ------------------------------------------------------------------ distributed
     ds.init_distributed(cfg.deepspeed.dist_backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    with training_stream(device):  # CUDA: training outranks the scoring and copy streams, from the build on
+        return train(cfg, progress, device)
+
+
+def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
     out_dir, t = Path(cfg.train.out_dir), cfg.train
 

@@ -19,6 +19,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 
 from engine.config import ModelConfig
 from engine.models.base import Batch, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
+from engine.models.compat import first_tensor
 from engine.models.errors import ModelError
 from engine.models.presets import PRESETS
 from engine.scoring import per_sequence_mean, token_cross_entropy
@@ -85,7 +86,7 @@ class BertExit:
         hidden = self.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
         mask = attention_mask_for(self.config, batch["attention_mask"], hidden)
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            hidden = first_tensor(layer(hidden, mask))  # a tensor in transformers 5.x; tuples tolerated
         return _gather_positions(hidden, batch["mlm_positions"])
 
     def targets(self, batch: Batch) -> torch.Tensor:
