@@ -58,8 +58,9 @@ def test_side_stream_scores_equal_main_stream_scores(criterion):
 
 
 def test_pipelined_keeps_the_one_step_stale_scores():
-    """Batch d+1 is scored on the side stream with the weights before step d's update; a missing wait
-    before the optimizer step would mix old and new weights and break the equality."""
+    """Batch d+1 is scored on the side stream with the weights before step d's update, read from a
+    replica while step d writes the live weights; a refresh of the replica being read, or a missing wait
+    for the refresh, would mix old and new weights and break the equality."""
     model = base_ish()
     engine = PlainEngine(model, lr=3e-3)  # large steps, so stale and fresh scores differ clearly
     sched = pipelined(model, engine, "loss", cycle(batch_pool(G, T, V, size=4, pin=True)))
