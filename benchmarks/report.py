@@ -101,7 +101,7 @@ def chart(result: dict[str, Any], path: Path) -> None:
 
 def _throughput_panel(ax: Any, rows: list[dict[str, Any]], title: str) -> None:
     exits = sorted({r["exit_layer"] for r in rows if r["exit_layer"] is not None})
-    criteria = sorted({r["criterion"] for r in rows if r["criterion"]}, key=["loss", "entropy"].index)
+    criteria = sorted({r["criterion"] for r in rows if r["criterion"]}, key=lambda c: (c != "loss", c))
     series = [(k, c) for c in criteria for k in ("serial", "pipelined")]
     width = 0.8 / max(1, len(series))
     for i, (kind, crit) in enumerate(series):

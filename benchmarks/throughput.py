@@ -20,13 +20,10 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +33,9 @@ import torch
 from benchmarks import flops as F
 from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
 from engine.models.base import FlopCounts
+from engine.scoring import CRITERIA
+from sift_common.logs import setup_logging
+from sift_common.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
@@ -361,36 +361,17 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
 
 
-def version(dist: str) -> str | None:
-    try:  # by metadata: only engine/ds.py imports deepspeed
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
+    """Provenance (sift_common.provenance) plus the device and timing method; library versions also at
+    the top level, where the report reads them."""
     cuda = device.type == "cuda"
+    meta = provenance("python -m benchmarks.throughput " + shlex.join(argv))
     return {
+        **meta, **meta["versions"],
         "device": device_name(device),
         "device_type": device.type,
         "cuda": torch.version.cuda if cuda else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": version("deepspeed"),
-        "transformers": version("transformers"),
-        "command": "python -m benchmarks.throughput " + shlex.join(argv),
         "ds_accelerator": os.environ.get("DS_ACCELERATOR"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
         "timing": "CUDA events at step boundaries" if cuda else "time.perf_counter at step boundaries",
     }
 
@@ -420,7 +401,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="train.compile: torch.compile the encoder layers (both: run each variant twice)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (cpu-tiny: 1)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the GPU's bf16 dense peak)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
+    p.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     p.add_argument("--name", help="output file stem (default throughput-<preset>)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--profile-dir", help="also write a torch.profiler trace and top-op table per variant here")
@@ -430,7 +411,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     bad = [v for v in args.variants if v not in VARIANTS]
     if bad:
         p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
-    if args.criteria and any(c not in ("loss", "entropy") for c in args.criteria):
+    if args.criteria and any(c not in CRITERIA for c in args.criteria):
         p.error("--criteria: choose from loss, entropy")
     if any(n is not None and n < 1 for n in (args.steps, args.warmup, args.profile_steps)):
         p.error("--steps, --warmup and --profile-steps must be >= 1")
@@ -485,12 +466,10 @@ def finish(result: dict[str, Any], out: Path, stem: str, chart: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from engine import ds
-    from engine.config import ConfigError
-    from engine.ds_config import DSConfigError
 
     ensure_distributed()
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
@@ -505,30 +484,28 @@ def main(argv: list[str] | None = None) -> int:
         prof_dir.mkdir(parents=True, exist_ok=True)
     out, stem = Path(args.out), args.name or f"throughput-{name}"
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
-    try:
-        variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
-        shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
-        pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda) for g, T in shapes}
-        result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
-                           "overrides": list(args.overrides), "peak_flops": peak,
-                           "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
-                           "flop_formula": F.FORMULA},
-                  "rows": []}
-        log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
-                 p.warmup, p.steps)
-        for v in variants:
-            row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
-                              profile_dir=prof_dir, profile_steps=args.profile_steps)
-            result["rows"].append(row)
-            write_outputs(result, out, stem, chart=False)  # a crash later keeps what was measured
-            log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
-                     1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
-                     1e3 * row["step_time_s"]["p90"], row["backprop_seq_per_s"])
-    except (ConfigError, DSConfigError) as e:
-        print(f"sift bench: error: {e}", file=sys.stderr)
-        return 2
+    variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
+    shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
+    pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda) for g, T in shapes}
+    result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
+                       "overrides": list(args.overrides), "peak_flops": peak,
+                       "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
+                       "flop_formula": F.FORMULA},
+              "rows": []}
+    log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
+             p.warmup, p.steps)
+    for v in variants:
+        row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
+                          profile_dir=prof_dir, profile_steps=args.profile_steps)
+        result["rows"].append(row)
+        write_outputs(result, out, stem, chart=False)  # a crash later keeps what was measured
+        log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
+                 1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
+                 1e3 * row["step_time_s"]["p90"], row["backprop_seq_per_s"])
     return finish(result, out, stem, chart=not args.no_chart)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["bench", *sys.argv[1:]]))
