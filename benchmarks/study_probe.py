@@ -1,0 +1,128 @@
+"""A study run's probe, on its latest checkpoint once it has trained: which kinds of rows its selection
+keeps, and (when the engine cannot evaluate extra datasets itself) its accuracy on the held-out set.
+
+    python -m benchmarks.study_probe --run DIR --select loss:1 \\
+        --kind original=DATA_A:0.6 --kind duplicate=DATA_B:0.4 --heldout heldout=DATA_H
+
+* ``--select CRITERION:EXIT`` (repeatable) with ``--kind NAME=DIR:SHARE``: score ``--rows`` training rows
+  of each kind (a dataset per kind, prepared like the study's) with that early exit and with the full
+  model, then draw ``--batches`` gross batches of G rows, each row of kind k with probability SHARE_k,
+  and count the kinds among the B rows top-k keeps (by the exit's score, and by the exact loss). This is
+  the share of each kind a selecting arm back-propagates at these weights; vanilla and random keep the
+  drawn shares.
+* ``--heldout NAME=DIR``: the validation split of DIR evaluated like the engine's evaluation (the run's
+  eval_samples, batch size, and masks keyed on its seed), as ``NAME_val_mlm_acc`` etc.
+
+Writes DIR/probe.json: {"step", "kept": {"loss:1": {"exit": {kind: share}, "exact": {...},
+"drawn": {...}}}, "heldout": {"NAME_val_mlm_acc": ...}}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+
+from benchmarks.study_sources import batches, kept_shares, load_weights, source_scores  # noqa: E402
+from benchmarks.study_spec import StudyError  # noqa: E402
+
+log = logging.getLogger("sift.study.probe")
+
+
+def _pair(text: str, what: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name or not value:
+        raise StudyError(f"{what} {text!r}: expected NAME=VALUE")
+    return name, value
+
+
+def heldout_metrics(model: Any, cfg: Any, name: str, data: Path) -> dict[str, float]:
+    """The engine's evaluation on ``data``'s eval split: the same row count rule, batches and masks."""
+    import torch
+
+    from data_pipeline.loader import eval_batches
+    from data_pipeline.reader import ShardDataset
+
+    dataset = ShardDataset.open(data, cfg.data.eval_split)
+    n = cfg.train.eval_samples or len(dataset)
+    n = min(n, len(dataset))
+    n -= n % cfg.train.eval_batch_size
+    if n == 0:
+        raise StudyError(f"{data} has fewer {cfg.data.eval_split} rows than one evaluation batch")
+    loss = correct = count = 0.0
+    with torch.no_grad():
+        for b in eval_batches(dataset, seed=cfg.train.seed, rank=0, world_size=1,
+                              batch_size=cfg.train.eval_batch_size, num_samples=n, mask_prob=cfg.data.mask_prob):
+            out = model(**b)
+            loss += float(out["mlm_sum"])
+            correct += float(out["mlm_correct"])
+            count += float(out["mlm_count"])
+    return {f"{name}_val_mlm_acc": correct / max(count, 1.0), f"{name}_val_mlm_loss": loss / max(count, 1.0),
+            f"{name}_val_tokens": int(count)}
+
+
+def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]], heldout: dict[str, Path],
+          rows: int, n_batches: int) -> dict[str, Any]:
+    cfg, model = load_weights(run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
+    result: dict[str, Any] = {"step": summary.get("steps"), "kept": {}, "heldout": {}}
+    if selects and kinds:
+        parts = {k: batches(d, "train", rows) for k, (d, _) in kinds.items()}
+        weights = {k: w for k, (_, w) in kinds.items()}
+        G, B = round(cfg.train.micro_batch_size / cfg.sift.keep), cfg.train.micro_batch_size
+        for sel in selects:
+            criterion, _, exit_layer = sel.partition(":")
+            scores = source_scores(model, parts, criterion, int(exit_layer))
+            entry: dict[str, Any] = {"drawn": {k: w / sum(weights.values()) for k, w in weights.items()},
+                                     "rows_scored": {k: len(v["exit"]) for k, v in scores.items()},
+                                     "mean_exit_score": {k: float(v["exit"].mean()) for k, v in scores.items()},
+                                     "mean_exact_loss": {k: float(v["exact"].mean()) for k, v in scores.items()}}
+            for which in ("exit", "exact"):
+                rng = np.random.default_rng([cfg.train.seed, 0x9B0BE])  # the same draws for both
+                entry[which] = kept_shares({k: v[which] for k, v in scores.items()}, weights, gross=G, keep=B,
+                                           batches_=n_batches, rng=rng)
+            result["kept"][sel] = entry
+    for name, data in heldout.items():
+        result["heldout"].update(heldout_metrics(model, cfg, name, data))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--run", type=Path, required=True, help="a run directory with a checkpoint and config.yaml")
+    p.add_argument("--select", action="append", default=[], help="CRITERION:EXIT to probe (repeatable)")
+    p.add_argument("--kind", action="append", default=[], help="NAME=DIR:SHARE, a dataset of one kind of rows")
+    p.add_argument("--heldout", action="append", default=[], help="NAME=DIR, evaluated on its eval split")
+    p.add_argument("--rows", type=int, default=256, help="training rows scored per kind")
+    p.add_argument("--batches", type=int, default=2000, help="simulated gross batches")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        kinds = {}
+        for item in args.kind:
+            name, value = _pair(item, "--kind")
+            path, _, share = value.rpartition(":")
+            kinds[name] = (Path(path), float(share))
+        heldout = {n: Path(v) for n, v in (_pair(h, "--heldout") for h in args.heldout)}
+        result = probe(args.run, args.select, kinds, heldout, args.rows, args.batches)
+    except (StudyError, ValueError, OSError) as e:
+        print(f"study_probe: error: {e}", file=sys.stderr)
+        return 2
+    tmp = args.run / "probe.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(args.run / "probe.json")
+    log.info("probe of %s: %s", args.run, json.dumps(result)[:400])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
