@@ -86,6 +86,14 @@ def engine_has_extra_eval() -> bool:
     return "extra_eval" in {f.name for f in dataclasses.fields(DataConfig)}
 
 
+def heldout_evaluation(regime: Regime, extra_eval: bool) -> tuple[list[str], list[str]]:
+    """(run-config overrides, probe arguments) that evaluate the regime's held-out sets: by the engine at
+    every evaluation where it can (data.extra_eval), else by each run's probe on its final weights."""
+    if extra_eval:
+        return [f"data.extra_eval.{n}={d}" for n, d in regime.heldout.items()], []
+    return [], [a for n, d in regime.heldout.items() for a in ("--heldout", f"{n}={d}")]
+
+
 def selection_of(config: dict[str, Any]) -> str | None:
     """"criterion:exit" for a run config that keeps the top-scoring rows, else None."""
     sift = config.get("sift", {})
@@ -106,11 +114,8 @@ def plan_runs(spec: StudySpec, regime: Regime, *, extra_eval: bool | None = None
     """Every job of one regime, each config validated: with the continuation protocol the warm-up run,
     then per seed its start evaluation and every arm's run (seed-major: an interrupted study has whole
     seeds); without it, every (arm, seed) run from random init."""
-    extra_eval = engine_has_extra_eval() if extra_eval is None else extra_eval
-    common = [*spec.overrides, f"data.path={regime.data}"]
-    if extra_eval:
-        common += [f"data.extra_eval.{n}={d}" for n, d in regime.heldout.items()]
-    fallback = [] if extra_eval else [a for n, d in regime.heldout.items() for a in ("--heldout", f"{n}={d}")]
+    held, fallback = heldout_evaluation(regime, engine_has_extra_eval() if extra_eval is None else extra_eval)
+    common = [*spec.overrides, f"data.path={regime.data}", *held]
     kinds = [a for k, (d, w) in regime.kinds.items() for a in ("--kind", f"{k}={d}:{w}")]
     br = spec.branch
     protocol = [] if br is None else [f"train.steps={br.total}", f"optim.schedule_steps={br.total}"]
@@ -232,7 +237,7 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
 
     tree = dict(spec.regimes)
     source = Path(str(tree.get("input", "")))
-    tree["input"] = str(source if source.is_absolute() else REPO / source)
+    tree["input"] = str((source if source.is_absolute() else REPO / source).resolve())
     cfg = RegimeConfig.from_dict(tree)
     unknown = [n for n in names or [] if n not in cfg.names]
     if unknown:
@@ -323,6 +328,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--dry-run", action="store_true", help="print the plan (arms, seeds, run states) and exit")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints")
     p.add_argument("--regimes", help="with a `study.regimes` section: only these, e.g. clean,noisy")
+    p.add_argument("--warm-steps", type=int, help="the continuation protocol: vanilla warm-up steps (study.warm.steps)")
+    p.add_argument("--continue-steps", type=int, help="the continuation protocol: steps per arm (study.continue_steps)")
     p.add_argument("overrides", nargs="*", help="run-config overrides for every arm, e.g. train.steps=300")
     return p.parse_args(argv)
 
@@ -341,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     source = Path(args.config) if args.config else PRESETS[args.preset or "cpu"]
     try:
         spec = build_spec(source, seeds=args.seeds, arms=args.arms, targets=args.targets,
-                          parallel=args.parallel, overrides=args.overrides)
+                          parallel=args.parallel, overrides=args.overrides, warm_steps=args.warm_steps,
+                          continue_steps=args.continue_steps)
         spec.name = args.name or spec.name
         data, out, report_dir = resolve_paths(args, spec)
         names = [n.strip() for n in args.regimes.split(",") if n.strip()] if args.regimes else None

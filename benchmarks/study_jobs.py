@@ -34,6 +34,7 @@ log = logging.getLogger("sift.study")
 REPO = Path(__file__).resolve().parents[1]
 PROBE_FILE = "probe.json"
 CPU_FILE = "cputime.jsonl"
+BRANCH_FILE = "branch.json"  # in a continuation: the branch point (step, samples, hours of the warm-up run)
 
 
 @dataclass(slots=True)
@@ -93,7 +94,8 @@ def branch_from(warm_dir: Path, run_dir: Path, seed: int) -> str:
     """Start ``run_dir`` as a continuation of the warm-up run: copy its latest checkpoint into
     run_dir/checkpoints and mark it complete there, with the dropout RNG state re-seeded from ``seed``
     (so that a seed also draws its own dropout masks; data order, masks and random selection follow
-    train.seed already). Returns the tag. The engine then resumes it like an interrupted run."""
+    train.seed already), and write branch.json. Returns the tag. The engine then resumes it like an
+    interrupted run."""
     import torch
 
     from engine import checkpoint as ckpt
@@ -116,6 +118,8 @@ def branch_from(warm_dir: Path, run_dir: Path, seed: int) -> str:
     ckpt.save_rank_state(root, tag, 0, state)
     kept = {k: v for k, v in record.items() if k not in ("format_version", "tag", "files")}
     ckpt.mark_complete(root, tag, kept, keep_last=1)  # the manifest now lists the re-seeded file
+    point = {k: record.get(k) for k in ("step", "backprop_samples", "consumed_samples", "hours")}
+    (run_dir / BRANCH_FILE).write_text(json.dumps({"tag": tag, **point, "dropout_seed": dropout_seed(seed)}) + "\n")
     return tag
 
 

@@ -294,17 +294,26 @@ def build(cfg: RegimeConfig, out: Path) -> dict[str, Any]:
     Layout: corpus/<regime>.parquet, <regime>/ (a dataset), heldout/, kinds/<regime>-<kind>/ (a sample
     of each kind's training documents alone, for the kept-row diagnostic), regimes.json.
     """
+    if not Path(cfg.input).is_file():
+        raise StudyError(f"regime input {cfg.input} is not a file")
+    recipe = {k: v for k, v in _as_dict(cfg).items() if k not in ("names", "input")}
+    recipe["input_sha256"] = hashlib.sha256(Path(cfg.input).read_bytes()).hexdigest()  # not its location
+    recipe_path = out / "regimes-recipe.json"  # written first: what every file here was made with
+    if recipe_path.is_file() and json.loads(recipe_path.read_text()) != recipe:
+        raise StudyError(f"{out} holds regimes built with another recipe ({recipe_path}); remove the directory "
+                         "or build into another one (--data)")
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_path.write_text(json.dumps(recipe, indent=1) + "\n")
     manifest_path = out / "regimes.json"
-    if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("config") == _as_dict(cfg) and all((out / n / "index.json").is_file() for n in cfg.names):
-            return manifest
+    earlier = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+    if all(n in earlier.get("regimes", {}) and (out / n / "index.json").is_file() for n in cfg.names):
+        return earlier
     docs = read_corpus(cfg)
     held = [d for d in docs if cfg.heldout_group is not None and d.group == cfg.heldout_group]
     docs = [d for d in docs if cfg.heldout_group is None or d.group != cfg.heldout_group]
     names = ["clean", *[n for n in cfg.names if n != "clean"]]  # clean first: it makes the tokenizer
     vf = ["--val-fraction", str(cfg.val_fraction)]
-    manifest: dict[str, Any] = {"config": _as_dict(cfg), "regimes": {}}
+    manifest: dict[str, Any] = {"recipe": recipe, "regimes": earlier.get("regimes", {})}
     for name in names:
         variant = make_regime(name, docs, cfg)
         corpus = out / "corpus" / f"{name}.parquet"
@@ -363,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        cfg = RegimeConfig.from_dict({"input": args.input, "names": args.regimes.split(","),
+        cfg = RegimeConfig.from_dict({"input": str(Path(args.input).resolve()), "names": args.regimes.split(","),
                                       "text_field": args.text_field, "id_field": args.id_field,
                                       "group_field": args.group_field or None, "heldout_group": args.heldout_group,
                                       "seed": args.seed}, "command line")

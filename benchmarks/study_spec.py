@@ -278,9 +278,14 @@ def read_study_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets: Any = None,
-               parallel: int | None = None, overrides: list[str] | None = None) -> StudySpec:
+               parallel: int | None = None, overrides: list[str] | None = None, warm_steps: int | None = None,
+               continue_steps: int | None = None) -> StudySpec:
     """The study file plus command-line choices (which win over the file's `study` section)."""
     study, tree = read_study_file(path)
+    if warm_steps is not None:
+        study["warm"] = {**(study.get("warm") or {}), "steps": warm_steps}
+    if continue_steps is not None:
+        study["continue_steps"] = continue_steps
     overrides = list(overrides or [])
     layers = model_layers(_with_overrides(tree, overrides))
     arm_list = parse_arms(arms if arms is not None else study.get("arms", "default"), layers)
