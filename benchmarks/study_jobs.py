@@ -1,9 +1,11 @@
 """Running a study's jobs: training runs (warm-up, start evaluation, arms) as processes, with dependencies,
 N at a time, each followed by its probe; resumable from the state on disk.
 
-A job is one `launcher/train.py` process in its own directory. Its state is read from disk alone:
-``done`` (summary.json at its last step, and probe.json when it needs a probe), ``probe`` (trained, not
-yet probed), ``partial`` (a complete checkpoint to resume from) or ``new``. A continuation (an arm's run
+A job is one process in its own directory: `launcher/train.py`, or, for a job with a probe,
+`benchmarks/study_probe.py --train` (training, then the probe on its final checkpoint, in one process).
+Its state is read from disk alone: ``done`` (summary.json at its last step, and probe.json when it needs
+a probe), ``probe`` (trained, not yet probed: a probe-only process), ``partial`` (a complete checkpoint
+to resume from) or ``new``. A continuation (an arm's run
 or a start evaluation) begins with a copy of the warm-up run's checkpoint (``branch_from``), so the
 engine resumes it like any interrupted run.
 
@@ -287,8 +289,10 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
                 state, step = run_state(plan)
             action = "resume" if state == "partial" else "start"
             # Written at every start: the study (or its data) may have moved since the run was made.
-            (plan.dir / "config.yaml").write_text(yaml.safe_dump(plan.config, sort_keys=False))
-            cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(plan.dir / "config.yaml")]
+            config = plan.dir / "config.yaml"
+            config.write_text(yaml.safe_dump(plan.config, sort_keys=False))
+            cmd = ([sys.executable, "-m", "benchmarks.study_probe", "--train", str(config), *plan.probe] if plan.probe
+                   else [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(config)])
             phase = "train"
         logf.write(f"\n=== sift study: {action} {plan.key} at step {step} ({datetime.now().isoformat()}) ===\n")
         logf.flush()
@@ -308,10 +312,6 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
         rc, plan = r.proc.returncode, r.plan
         seconds = round(time.time() - r.t0, 1)
         state = run_state(plan)[0]
-        if rc == 0 and state == "probe":
-            todo.insert(0, plan)  # trained: its probe next, before anything else
-            events.write(run=plan.key, action="trained", seconds=seconds)
-            return
         codes[plan.key] = rc
         if rc == 0 and state == "done":
             events.write(run=plan.key, action="done", seconds=seconds)

@@ -12,6 +12,8 @@ keeps, and (when the engine cannot evaluate extra datasets itself) its accuracy 
   drawn shares.
 * ``--heldout NAME=DIR``: the validation split of DIR evaluated like the engine's evaluation (the run's
   eval_samples, batch size, and masks keyed on its seed), as ``NAME_val_mlm_acc`` etc.
+* ``--train CONFIG``: first train that run config (`sift train --config CONFIG`) in this process, and
+  probe only if it succeeds: the study's jobs do both in one process, which saves a start-up per run.
 
 Writes DIR/probe.json: {"step", "kept": {"loss:1": {"exit": {kind: share}, "exact": {...},
 "drawn": {...}}}, "heldout": {"NAME_val_mlm_acc": ...}}.
@@ -104,7 +106,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout", action="append", default=[], help="NAME=DIR, evaluated on its eval split")
     p.add_argument("--rows", type=int, default=256, help="training rows scored per kind")
     p.add_argument("--batches", type=int, default=2000, help="simulated gross batches")
+    p.add_argument("--train", type=Path, help="train this run config first (in this process)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.train is not None:
+        from launcher.train import main as train_main
+
+        code = train_main(["--config", str(args.train)])
+        if code:
+            return code
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         kinds = {}
