@@ -284,7 +284,16 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
             cmd, phase, action = [sys.executable, "-m", "benchmarks.study_probe", *plan.probe], "probe", "probe"
         else:
             if state == "new" and plan.branch is not None:
-                tag = branch_from(plan.branch, plan.dir, plan.seed)
+                try:
+                    tag = branch_from(plan.branch, plan.dir, plan.seed)
+                except (RuntimeError, OSError) as e:  # e.g. the warm-up's checkpoints were deleted
+                    free.append(slot)
+                    logf.close()
+                    failed.add(plan.key)
+                    codes[plan.key] = -1
+                    events.write(run=plan.key, action="failed", phase="branch", error=str(e))
+                    log.error("%-36s cannot branch: %s", plan.key, e)
+                    return
                 events.write(run=plan.key, action="branch", tag=tag)
                 state, step = run_state(plan)
             action = "resume" if state == "partial" else "start"
