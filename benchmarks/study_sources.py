@@ -112,9 +112,9 @@ def source_accuracy(model, parts: dict[str, list]) -> dict[str, dict[str, float]
             correct = count = loss = 0.0
             for b in bs:
                 r = model(**b)
-                correct += float(r["mlm_correct"])
-                count += float(r["mlm_count"])
-                loss += float(r["mlm_sum"])
+                correct += float(r["correct"])
+                count += float(r["loss_tokens"])
+                loss += float(r["loss_sum"])
             out[source] = {"val_mlm_acc": correct / max(count, 1), "val_mlm_loss": loss / max(count, 1),
                            "tokens": int(count)}
     return out
@@ -130,7 +130,7 @@ def source_scores(model, parts: dict[str, list], criterion: str, exit_layer: int
     with torch.no_grad():
         for source, bs in parts.items():
             out[source] = {"exit": np.concatenate([exit_scores(path, b, criterion).numpy() for b in bs]),
-                           "exact": np.concatenate([model(**b)["mlm_per_seq"].numpy() for b in bs])}
+                           "exact": np.concatenate([model(**b)["per_seq_loss"].numpy() for b in bs])}
     return out
 
 

@@ -35,7 +35,7 @@ import torch
 
 from benchmarks import flops as F
 from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
-from data_pipeline.batch import max_predictions
+from engine.models.base import FlopCounts
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
@@ -90,12 +90,12 @@ class Variant:
     def overrides(self, p: Preset, extra: list[str]) -> list[str]:
         o = [f"model.preset={p.model}", f"train.micro_batch_size={p.micro_batch}", f"sift.keep={p.keep}",
              f"deepspeed.precision={p.precision}", f"deepspeed.zero_stage={p.zero_stage}",
-             f"deepspeed.config={REPO / 'ds_configs' / 'zero1.json'}", f"train.compile={str(self.compile).lower()}",
+             "deepspeed.config=zero1.json", f"train.compile={str(self.compile).lower()}",
              "sift.warmup_steps=0", "train.grad_accum=1", f"train.steps={p.steps + p.warmup}"]
         if self.kind == "vanilla":
-            o += ["sift.policy=none", "sift.schedule=serial"]
+            o += ["method=none"]
         else:
-            o += ["sift.policy=topk", f"sift.schedule={self.kind}", f"sift.exit_layer={self.exit_layer}",
+            o += ["method=sift", "sift.policy=topk", f"sift.schedule={self.kind}", f"sift.exit_layer={self.exit_layer}",
                   f"sift.criterion={self.criterion}"]
         return o + extra
 
@@ -154,19 +154,10 @@ def ensure_distributed() -> None:
 
     if dist.is_available() and dist.is_initialized():
         return
-    try:
-        world = prepare_process(os.environ).world_size
-    except LaunchError as e:
-        raise SystemExit(f"sift bench: error: {e}") from None
+    world = prepare_process(os.environ).world_size
     if world != 1:
-        raise SystemExit(f"sift bench: error: it measures one device in one process, but the launcher started {world}")
+        raise LaunchError(f"it measures one device in one process, but the launcher started {world}")
     ds.init_distributed(None)
-
-
-def dims_of(model: Any, seq_len: int, vocab: int) -> F.BertDims:
-    c = model.config
-    return F.BertDims(layers=c.num_hidden_layers, hidden=c.hidden_size, ffn=c.intermediate_size, vocab=vocab,
-                      seq_len=seq_len, masked=max_predictions(seq_len, 0.15), nsp=model.use_nsp)
 
 
 @dataclass
@@ -183,7 +174,7 @@ class Measured:
 def measure(sched: Any, timer: Any, p: Preset, cuda: bool, after_warmup: Callable[[], None] | None) -> Measured:
     """Warm up, then time ``p.steps`` micro-steps at their boundaries; one host sync at the end."""
     for d in range(p.warmup):
-        sched.micro_step(d)
+        sched.micro_step(d, d)
     sync(cuda)
     timer.flush()  # discard the warm-up's phases (compilation, first-step scoring on the main stream)
     if cuda:
@@ -194,7 +185,7 @@ def measure(sched: Any, timer: Any, p: Preset, cuda: bool, after_warmup: Callabl
     wall0 = time.perf_counter()
     clock.mark()
     for d in range(p.warmup, p.warmup + p.steps):
-        mo = sched.micro_step(d)
+        mo = sched.micro_step(d, d)
         clock.mark()
         if mo.finite:  # a skipped step's loss would make the mean NaN; it is counted instead
             losses.append(mo.out["loss"].detach())
@@ -214,7 +205,7 @@ def profile(sched: Any, first_draw: int, steps: int, cuda: bool, path: Path) -> 
     acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
     with torch.profiler.profile(activities=acts) as prof:
         for d in range(first_draw, first_draw + steps):
-            sched.micro_step(d)
+            sched.micro_step(d, d)
         sync(cuda)
     prof.export_chrome_trace(str(path.with_suffix(".json.gz")))
     key = "cuda_time_total" if cuda else "cpu_time_total"
@@ -225,9 +216,10 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
                 extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
                 profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
     """Build (as `sift train` does), measure, free; one result row (ratios are added later)."""
-    from engine.config import ConfigError, load_config
-    from engine.models.bert import build_model
-    from engine.setup import build_engine, build_schedule
+    from engine.config import load_config
+    from engine.models import build_model
+    from engine.models.base import DataFacts
+    from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
     from engine.streams import PhaseTimer
 
     cuda = device.type == "cuda"
@@ -237,13 +229,13 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     baseline_reserved = torch.cuda.memory_reserved() if cuda else None
     t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, vocab_size=p.vocab, seq_len=v.seq_len, pad_id=PAD, use_nsp=True)
-    if v.exit_layer is not None and v.exit_layer > model.num_layers:
-        raise ConfigError([f"{v.name}: exit layer {v.exit_layer} > {model.num_layers} layers"], "sift bench")
+    model = build_model(cfg.model, DataFacts(vocab_size=p.vocab, seq_len=v.seq_len, objective="nsp_pairs", pad_id=PAD))
+    methods = prepare_methods(cfg, model)
     engine, stage, precision = build_engine(cfg, model, world_size=1, cuda=cuda)
+    attach_methods(methods, model, engine, stage=stage, device=device, rank=0, world_size=1)
     timer = PhaseTimer(cuda)
-    sched = build_schedule(cfg, engine, model, stage=stage, batches=cycle(pools[(G, v.seq_len)]), device=device,
-                           rank=0, timer=timer)
+    sched = build_schedule(cfg, engine, methods, batches=cycle(pools[(G, v.seq_len)]), device=device, rank=0,
+                           world_size=1, timer=timer)
     sync(cuda)
     mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
     build_s = time.perf_counter() - t0
@@ -253,16 +245,16 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
     # training stream, so this is the footprint of scoring concurrently with training.
     peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
-    dims = dims_of(model, v.seq_len, p.vocab)
+    flops = model.flops(v.seq_len)
     if profile_dir is not None:  # after the timed steps, so it cannot perturb them
         profile(sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
 
     destroy = getattr(engine, "destroy", None)  # DeepSpeed's own teardown (optimizer hooks, buffers)
     if destroy is not None:
         destroy()
-    del sched, engine, model, timer, destroy
+    del sched, engine, model, methods, timer, destroy
     free_memory(cuda, v.compile)
-    row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, dims=dims, peak=peak)
+    row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, flops=flops, peak=peak)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
                wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
                peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
@@ -280,7 +272,7 @@ def free_memory(cuda: bool, compiled: bool) -> None:
 
 
 def summarize(v: Variant, times: list[float], *, trained: int, scored: int, phases: dict[str, float],
-              dims: F.BertDims, peak: float | None) -> dict[str, Any]:
+              flops: FlopCounts, peak: float | None) -> dict[str, Any]:
     """Step-time statistics, throughputs, FLOP rates and MFU of one variant.
 
     Rates use the median step time: the steady state, robust to a stray slow step (a GC pause, a
@@ -288,8 +280,8 @@ def summarize(v: Variant, times: list[float], *, trained: int, scored: int, phas
     n = len(times)
     p10, med, p90 = (float(x) for x in np.percentile(times, [10, 50, 90]))
     trained_per_step, scored_per_step = trained / n, scored / n
-    train_flops = trained_per_step * F.train_flops_per_seq(dims)
-    score_flops = scored_per_step * F.scoring_flops_per_seq(dims, v.exit_layer) if v.exit_layer else 0.0
+    per_seq = {"train": flops.train(), "scoring": flops.scoring(v.exit_layer) if v.exit_layer else 0.0}
+    train_flops, score_flops = trained_per_step * per_seq["train"], scored_per_step * per_seq["scoring"]
     tflops_train, tflops_total = train_flops / med / 1e12, (train_flops + score_flops) / med / 1e12
     return {
         "name": v.name, "variant": v.kind, "seq_len": v.seq_len, "exit_layer": v.exit_layer,
@@ -298,8 +290,7 @@ def summarize(v: Variant, times: list[float], *, trained: int, scored: int, phas
         "backprop_seq_per_s": trained_per_step / med,
         "backprop_tokens_per_s": trained_per_step * v.seq_len / med,
         "scored_seq_per_s": scored_per_step / med,
-        "flops_per_seq": {"train": F.train_flops_per_seq(dims),
-                          "scoring": F.scoring_flops_per_seq(dims, v.exit_layer) if v.exit_layer else 0.0},
+        "flops_per_seq": per_seq,
         "model_tflops": {"train": tflops_train, "with_scoring": tflops_total},
         "mfu": {"train": tflops_train * 1e12 / peak if peak else None,
                 "with_scoring": tflops_total * 1e12 / peak if peak else None},

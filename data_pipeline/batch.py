@@ -1,19 +1,36 @@
 """The batch contract between the data pipeline and the engine.
 
-A (gross) micro-batch is a plain ``dict[str, torch.Tensor]`` with these keys, G rows and sequence
-length T. P = ``max_predictions(T, mask_prob)`` is fixed for a run, so every batch has static shapes
-(good for CUDA graphs / torch.compile) and the MLM head runs only on the G x P gathered positions.
+A (gross) micro-batch is a plain ``dict[str, torch.Tensor]`` of G rows and sequence length T. Every
+batch has the keys of the first table; each objective adds its own. The engine never reads the
+objective's keys itself: the model adapter does (engine/models/), so a new objective is new keys plus
+an adapter that reads them.
+
+Every batch:
 
 ========================  ==========  =======  ===========================================================
 key                       shape       dtype    meaning
 ========================  ==========  =======  ===========================================================
-``input_ids``             (G, T)      int64    token ids after masking ([MASK] / random / kept)
-``token_type_ids``        (G, T)      int64    0 for segment A (and padding), 1 for segment B
+``input_ids``             (G, T)      int64    token ids (after masking, for BERT)
 ``attention_mask``        (G, T)      int64    1 on real tokens, 0 on padding
+``sample_ids``            (G,)        int64    global row index in the split (provenance, tests, debugging)
+========================  ==========  =======  ===========================================================
+
+BERT objectives (``nsp_pairs``, ``mlm_packed``): the loss is taken at P = ``max_predictions(T,
+mask_prob)`` fixed slots per row, so every batch has static shapes (good for CUDA graphs /
+torch.compile) and the MLM head runs only on the G x P gathered positions:
+
+========================  ==========  =======  ===========================================================
+``token_type_ids``        (G, T)      int64    0 for segment A (and padding), 1 for segment B
 ``mlm_positions``         (G, P)      int64    positions of the chosen (masked) tokens; 0 in unused slots
 ``mlm_labels``            (G, P)      int64    original token id at each chosen position; -100 in unused slots
 ``nsp_labels``            (G,)        int64    0 = B follows A, 1 = B is random; -100 for packed MLM-only data
-``sample_ids``            (G,)        int64    global row index in the split (provenance, tests, debugging)
+========================  ==========  =======  ===========================================================
+
+A causal LM objective fills instead (the contract its collator and adapter share):
+
+========================  ==========  =======  ===========================================================
+``labels``                (G, T)      int64    the token to predict at each position (the next one); -100
+                                               where there is no loss: the loss mask is ``labels >= 0``
 ========================  ==========  =======  ===========================================================
 
 Rows are independent: selecting rows ``idx`` from every tensor (``select_rows``) yields a valid batch.

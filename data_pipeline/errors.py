@@ -7,6 +7,8 @@ library callers (the engine) can catch it as a ``ValueError``.
 
 from __future__ import annotations
 
+from sift_common.errors import SiftError
 
-class DataError(ValueError):
+
+class DataError(SiftError, ValueError):
     """Bad input data, a bad or incomplete dataset directory, or options that do not fit the data."""

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_pipeline.atomic import atomic_write_text
 from data_pipeline.errors import DataError
+from sift_common.atomic import atomic_write_text
 
 INDEX_NAME = "index.json"
 FORMAT_NAME = "sift-shards"

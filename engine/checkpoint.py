@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from data_pipeline.atomic import atomic_write_text
+from sift_common.atomic import atomic_write_text
+from sift_common.errors import SiftError
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +35,7 @@ LATEST = "latest"
 _TAG = re.compile(r"^step(\d{8,})$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(SiftError, RuntimeError):
     pass
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import yaml
 
 from engine.models.presets import PRESETS
+from sift_common.errors import SiftError
 
 
-class ConfigError(ValueError):
+class ConfigError(SiftError, ValueError):
     """A run config that cannot be used; the message lists every problem found."""
 
     def __init__(self, problems: list[str], source: str = "config"):
@@ -40,10 +41,15 @@ class DataConfig:
     """None: pin when training on CUDA."""
     verify_checksums: bool = False
     """Hash every shard on open (sizes and row counts are always checked)."""
+    extra_eval: dict[str, str] = field(default_factory=dict)
+    """More text to evaluate on at every evaluation: name -> a dataset directory prepared with the same
+    tokenizer (its ``eval_split`` split). Its metrics land in the eval record as ``<name>_val_...``."""
 
 
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
+    family: str = "bert"
+    """The model adapter (engine/models/): bert."""
     preset: str = "tiny"
     """BERT size: tiny, mini, small, medium, base, large (see engine/models/presets.py)."""
     init_from: str | None = None
@@ -60,12 +66,12 @@ class ModelConfig:
 @dataclass(kw_only=True, slots=True)
 class SiftConfig:
     policy: str = "topk"
-    """topk: keep the highest-scoring B of G (SIFT); random: keep a random B of G (control);
-    none: draw only B per step (vanilla)."""
+    """topk: keep the highest-scoring B of G (SIFT); random: keep a random B of G (control).
+    none: the same as ``method: none`` (vanilla), kept for configs written before ``method`` existed."""
     criterion: str = "loss"
     """loss: mean masked-token cross-entropy at the exit; entropy: mean predictive entropy there."""
     exit_layer: int = 1
-    """Score with the embeddings + the first j encoder layers + the MLM head (j = L: exact loss)."""
+    """Score with the embeddings + the first j blocks + the model's own output head (j = L: exact loss)."""
     keep: float = 0.5
     """B / G: the fraction of the gross micro-batch that is back-propagated."""
     warmup_steps: int = 0
@@ -75,8 +81,8 @@ class SiftConfig:
     """No selection after this fraction of train.steps (greedy selection can hurt asymptotically)."""
     schedule: str = "serial"
     """serial: score, then train (the reference). pipelined: score the next gross batch while this
-    one trains (a side CUDA stream on GPU); its scores are one optimizer step stale. No effect under
-    policy none, which scores nothing."""
+    one trains (a side CUDA stream on GPU); its scores are one optimizer step stale. No effect without
+    a selecting method, which scores nothing."""
     fidelity_every: int = 0
     """Every K steps, also compute exact full-model losses on the gross batch and log the Spearman
     correlation and top-B overlap with the early-exit scores (0 = never)."""
@@ -126,7 +132,10 @@ class TrainConfig:
     max_nonfinite: int = 5
     """Abort (with a checkpoint) after this many non-finite losses in a row; each one is skipped."""
     compile: bool = False
-    """torch.compile the encoder layers (CUDA)."""
+    """torch.compile the model's blocks (CUDA)."""
+    plugins: list[str] = field(default_factory=list)
+    """Python modules to import before the config is checked; they may register model families,
+    methods, selection policies, scoring criteria and loop hooks (engine/hooks.py)."""
     progress: bool | None = None
     """Progress bar; None: when stderr is a terminal."""
     tensorboard: bool = True
@@ -146,6 +155,9 @@ class DeepSpeedConfig:
 
 @dataclass(kw_only=True, slots=True)
 class RunConfig:
+    method: str = "sift"
+    """The training method(s): none (vanilla: draw B rows, train on all), sift, or several joined with
+    "+" (at most one of them selecting rows). See engine/methods/."""
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sift: SiftConfig = field(default_factory=SiftConfig)
@@ -154,32 +166,88 @@ class RunConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
 
     @property
+    def effective_method(self) -> str:
+        """``method``, with the older spelling of vanilla (``sift.policy: none``) resolved."""
+        return "none" if self.sift.policy == "none" else self.method
+
+    @property
+    def selecting(self) -> bool:
+        """Does one of the methods select rows (draw G = B / sift.keep, train on B)?"""
+        from engine.methods import METHODS
+
+        names = [] if self.effective_method == "none" else self.effective_method.split("+")
+        return any(getattr(METHODS.get(n.strip()), "selects", False) for n in names)
+
+    @property
     def gross_batch_size(self) -> int:
-        """G = B / keep for selecting policies; B for `none`."""
-        if self.sift.policy == "none":
+        """G = B / keep when a method selects rows; B otherwise."""
+        if not self.selecting:
             return self.train.micro_batch_size
         return round(self.train.micro_batch_size / self.sift.keep)
 
 
-CHOICES = {
-    "sift.policy": ("topk", "random", "none"),
-    "sift.criterion": ("loss", "entropy"),
-    "sift.schedule": ("serial", "pipelined"),
-    "optim.decay": ("linear", "constant"),
-    "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
-    "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-    "model.preset": tuple(PRESETS),
-}
+def choices() -> dict[str, tuple[str, ...]]:
+    """Allowed values of the enumerated keys; the registries decide, so a plugin's additions count."""
+    from engine.methods import METHODS
+    from engine.models import FAMILIES
+    from engine.scoring import CRITERIA
+    from engine.selection import POLICIES
+
+    return {
+        "sift.policy": (*POLICIES, "none"),
+        "sift.criterion": tuple(CRITERIA),
+        "sift.schedule": ("serial", "pipelined"),
+        "optim.decay": ("linear", "constant"),
+        "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
+        "model.family": tuple(FAMILIES),
+        "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
+        "model.preset": tuple(PRESETS),
+    } | {"method": ("none", *METHODS)}
+
+
+def load_plugins(modules: list[str]) -> list[str]:
+    """Import each plugin module (its registrations take effect); returns the problems."""
+    import importlib
+
+    problems = []
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # any failure of user code is a config problem naming the module
+            problems.append(f"train.plugins: cannot import {name!r}: {e.__class__.__name__}: {e}")
+    return problems
+
+
+def _check_method(spec: str, allowed: tuple[str, ...]) -> list[str]:
+    from engine.methods import METHODS
+
+    if spec == "none":
+        return []
+    names = [n.strip() for n in spec.split("+")]
+    bad = [n for n in names if n not in allowed or n == "none"]
+    if bad:
+        return [f"method: {spec!r}: {', '.join(map(repr, bad))} not one of {', '.join(allowed)} "
+                "(several may be joined with '+')"]
+    if len(set(names)) != len(names):
+        return [f"method: {spec!r} names a method twice"]
+    selecting = [n for n in names if getattr(METHODS[n], "selects", False)]
+    if len(selecting) > 1:
+        return [f"method: {spec!r}: at most one method may select rows, got {', '.join(selecting)}"]
+    return []
 
 
 def validate(cfg: RunConfig) -> list[str]:
     """Cross-field checks; returns every problem (empty when the config is usable)."""
-    p: list[str] = []
-    for key, allowed in CHOICES.items():
+    p: list[str] = load_plugins(cfg.train.plugins)
+    allowed_values = choices()
+    p += _check_method(cfg.method, allowed_values.pop("method"))
+    for key, allowed in allowed_values.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    if cfg.sift.policy == "none" and cfg.method not in ("sift", "none"):
+        p.append(f"sift.policy: none (vanilla) contradicts method: {cfg.method}; set method: none instead")
     t, s, o = cfg.train, cfg.sift, cfg.optim
     positive = {
         "train.steps": t.steps, "train.micro_batch_size": t.micro_batch_size, "train.grad_accum": t.grad_accum,
@@ -194,7 +262,7 @@ def validate(cfg: RunConfig) -> list[str]:
     p += [f"{k}: must be >= 0, got {v}" for k, v in nonneg.items() if v < 0]
     if not 0.0 < s.keep <= 1.0:
         p.append(f"sift.keep: must be in (0, 1], got {s.keep}")
-    elif s.policy != "none":
+    elif cfg.selecting:
         gross = t.micro_batch_size / s.keep
         if abs(gross - round(gross)) > 1e-6:
             p.append(
@@ -244,6 +312,19 @@ def _coerce(value: Any, tp: Any, where: str, problems: list[str]) -> Any:
                 return out
         problems.append(f"{where}: expected {_type_name(tp)}, got {value!r}")
         return value
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            problems.append(f"{where}: expected a list, got {value!r}")
+            return value
+        return [_coerce(v, arg, f"{where}[{i}]", problems) for i, v in enumerate(value)]
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}")
+            return value
+        return {_coerce(k, key_tp, f"{where} key", problems): _coerce(v, value_tp, f"{where}.{k}", problems)
+                for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
@@ -318,11 +399,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     tree: dict[str, Any] = {}
     source = "config"
     if path is not None:
+        from engine.resources import resolve, shipped
+
+        path = resolve(path, "configs")
         source = str(path)
         try:
             text = Path(path).read_text()
         except OSError as e:
-            raise ConfigError([f"cannot read the config file: {e.strerror}"], source) from None
+            raise ConfigError([f"cannot read the config file: {e.strerror} (shipped configs: "
+                               f"{', '.join(shipped('configs'))})"], source) from None
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:

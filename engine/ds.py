@@ -15,10 +15,12 @@ import torch
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from sift_common.errors import SiftError
+
 log = logging.getLogger(__name__)
 
 
-class DistributedInitError(RuntimeError):
+class DistributedInitError(SiftError, RuntimeError):
     pass
 
 

@@ -37,7 +37,9 @@ class RunFacts:
 
 
 def load_json(path: str | Path) -> dict[str, Any]:
-    p = Path(path)
+    from engine.resources import resolve
+
+    p = resolve(path, "ds_configs")
     try:
         text = p.read_text()
     except OSError as e:

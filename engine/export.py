@@ -2,6 +2,8 @@
 
     sift export runs/demo/train --out runs/demo/hf
     python -c "from transformers import pipeline; print(pipeline('fill-mask', model='runs/demo/hf')('the [MASK] of python'))"
+
+The model family recorded in the checkpoint (engine/models/) rebuilds its stock Hugging Face model.
 """
 
 from __future__ import annotations
@@ -9,22 +11,30 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from engine import checkpoint as ckpt
-
-# The MLM decoder shares the word-embedding matrix and its bias parameter; ZeRO checkpoints store
-# each shared tensor once, under the first name.
-TIED = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+from sift_common.errors import SiftError
 
 
-class ExportError(RuntimeError):
+class ExportError(SiftError, RuntimeError):
     pass
 
 
+def model_spec(record: dict[str, Any]) -> dict[str, Any]:
+    """The model description of a checkpoint record (records written before model families existed
+    describe a BERT by its objective and config)."""
+    if "model" in record:
+        return record["model"]
+    cls = "BertForPreTraining" if record["objective"] == "nsp_pairs" else "BertForMaskedLM"
+    return {"family": "bert", "class": cls, "config": record["model_config"]}
+
+
 def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
-    from transformers import AutoTokenizer, BertConfig, BertForMaskedLM, BertForPreTraining
+    from transformers import AutoTokenizer
 
     from engine import ds
+    from engine.models import family
 
     root = run_dir / "checkpoints"
     tag = tag or ckpt.find_latest(root)
@@ -35,16 +45,8 @@ def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
         state = ds.consolidated_state_dict(root, tag)
     except Exception as e:
         raise ExportError(f"cannot consolidate checkpoint {root / tag}: {e.__class__.__name__}: {e}") from e
-    state = {k.removeprefix("hf."): v for k, v in state.items()}
-    cls = BertForPreTraining if record["objective"] == "nsp_pairs" else BertForMaskedLM
-    model = cls(BertConfig.from_dict(record["model_config"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - TIED:
-        raise ExportError(
-            f"checkpoint {root / tag} does not match the model: missing {sorted(set(missing) - TIED)}, "
-            f"unexpected {sorted(unexpected)}"
-        )
-    model.tie_weights()
+    spec = model_spec(record)
+    model = family(spec["family"]).from_state(state, spec)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(record["tokenizer"]).save_pretrained(out)
@@ -57,14 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="directory to write (save_pretrained format)")
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    try:
-        path = export(args.run_dir, args.out, args.tag)
-    except (ExportError, ckpt.CheckpointError) as e:
-        print(f"sift export: error: {e}", file=sys.stderr)
-        return 2
+    path = export(args.run_dir, args.out, args.tag)
     print(f"exported {args.run_dir} to {path}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

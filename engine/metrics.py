@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -13,68 +14,104 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from engine.models.base import Mean, Metric, Ratio
+from engine.progress import Progress
 from engine.schedule import MicroOut
+from engine.streams import PhaseTimer
 
 log = logging.getLogger(__name__)
 
 
-# Reported as ratios of global sums rather than as means of per-step values.
-RATIOS = {"mlm_loss": ("mlm_sum", "mlm_count"), "mlm_acc": ("mlm_correct", "mlm_count")}
-
-
 class StepAccumulator:
     """Sums of device tensors over the micro-steps of a log interval, reduced over ranks at ``flush``
-    (one all-reduce and one host sync per log interval; every rank must call it)."""
+    (one all-reduce and one host sync per log interval; every rank must call it).
 
-    def __init__(self) -> None:
+    Reports ``loss`` (the cross-rank objective), the model's metrics (``metrics``: ratios of summed
+    outputs, or means) and whatever statistics the methods attached to each micro-step, by their names.
+    """
+
+    def __init__(self, metrics: dict[str, Metric]) -> None:
+        self.means = {name: m.key for name, m in metrics.items() if isinstance(m, Mean)}
+        self.ratios = {name: m for name, m in metrics.items() if isinstance(m, Ratio)}
         self.reset()
 
     def reset(self) -> None:
         self._sums: dict[str, torch.Tensor | float] = defaultdict(float)
         self._counts: dict[str, int] = defaultdict(int)
+        self._raw: dict[str, torch.Tensor | float] = defaultdict(float)
         self.skipped = 0
 
-    def _add(self, name: str, value: torch.Tensor | float) -> None:
+    def _add(self, sums: dict[str, torch.Tensor | float], name: str, value: torch.Tensor | float) -> None:
         v = value.detach().float() if isinstance(value, torch.Tensor) else float(value)
-        self._sums[name] = self._sums[name] + v
-        self._counts[name] += 1
+        sums[name] = sums[name] + v
 
     def add(self, mo: MicroOut) -> None:
         if not mo.finite:
             self.skipped += 1
             return
-        out = mo.out
-        for key in ("loss", "nsp_loss", "mlm_sum", "mlm_count", "mlm_correct"):
-            if key in out:
-                self._add(key, out[key])
-        if mo.kept_mean is not None:
-            self._add("kept_score", mo.kept_mean)
-            self._add("dropped_score", mo.dropped_mean)
-        if mo.fidelity is not None:
-            self._add("spearman", mo.fidelity[0])
-            self._add("topk_overlap", mo.fidelity[1])
+        means = {"loss": mo.out["loss"], **{n: mo.out[k] for n, k in self.means.items() if k in mo.out}, **mo.stats}
+        for name, value in means.items():
+            self._add(self._sums, name, value)
+            self._counts[name] += 1
+        for m in self.ratios.values():
+            for key in (m.num, m.den):
+                if key in mo.out:
+                    self._add(self._raw, key, mo.out[key])
 
     def flush(self) -> dict[str, float]:
-        """Global values over the interval: token means and accuracy as ratios of sums; the rest are
-        means over micro-steps and ranks (``loss`` is the global token-mean objective)."""
-        names = sorted(self._sums)
-        device = next((v.device for v in self._sums.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
-        values = [*(self._sums[n] for n in names), float(self.skipped)]
+        """Global values over the interval: ratios of sums, and means over micro-steps and ranks (``loss``
+        is the global token-mean objective)."""
+        names, raw = sorted(self._sums), sorted(self._raw)
+        values = [*(self._sums[n] for n in names), *(self._raw[k] for k in raw), float(self.skipped)]
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
         stacked = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device) for v in values])
         world = 1
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             world = dist.get_world_size()
             dist.all_reduce(stacked)
         host = stacked.tolist()
-        sums = dict(zip(names, host[:-1]))
-        out = {n: sums[n] / (self._counts[n] * world) for n in names
-               if n not in ("mlm_sum", "mlm_count", "mlm_correct")}
-        for name, (num, den) in RATIOS.items():
-            if sums.get(den):
-                out[name] = sums[num] / sums[den]
+        sums = dict(zip(names, host))
+        totals = dict(zip(raw, host[len(names):]))
+        out = {n: sums[n] / (self._counts[n] * world) for n in names}
+        for name, m in self.ratios.items():
+            if totals.get(m.den):
+                out[name] = totals[m.num] / totals[m.den]
         out["skipped_nonfinite"] = int(host[-1])
         self.reset()
         return out
+
+
+class TrainMetrics:
+    """The training record of each log interval: the accumulated metrics, throughput over the interval,
+    the run's totals and the per-step time of each phase (engine/streams.py PhaseTimer)."""
+
+    def __init__(self, metrics: dict[str, Metric], timer: PhaseTimer, *, world_size: int, seq_len: int):
+        self.acc, self.timer, self.world, self.seq_len = StepAccumulator(metrics), timer, world_size, seq_len
+        self._start, self._backprop, self._scored, self._steps = time.time(), 0, 0, 0
+
+    def add(self, mo: MicroOut) -> None:
+        self.acc.add(mo)
+        if mo.finite:
+            self._backprop += self.world * mo.rows_trained
+            self._scored += self.world * mo.rows_scored
+            self._steps += mo.stepped
+
+    def flush(self, *, step: int, lr: float, progress: Progress, selecting: bool) -> dict[str, Any]:
+        """The record since the last flush (every rank must call it: it all-reduces)."""
+        now = time.time()
+        dt = max(now - self._start, 1e-9)
+        stats, phases = self.acc.flush(), self.timer.flush()
+        record = {
+            "step": step, "lr": lr, **stats,
+            "backprop_seq_per_s": self._backprop / dt,
+            "gross_seq_per_s": self._scored / dt,
+            "tokens_per_s": self._backprop * self.seq_len / dt,
+            "backprop_samples": progress.backprop_samples, "scored_samples": progress.scored_samples,
+            "hours": progress.elapsed_hours(), "selecting": selecting,
+            **{f"time_{k}": v / max(self._steps, 1) for k, v in phases.items()},
+        }
+        self._start, self._backprop, self._scored, self._steps = now, 0, 0, 0
+        return record
 
 
 class MetricLogger:

@@ -9,58 +9,23 @@ the weights of micro-step k: when an optimizer step falls between k and k+1 (alw
 accumulation) its scores are one optimizer step stale. On CPU the same code runs sequentially, in the
 same order, with the same semantics.
 
-Both schedules skip a micro-batch whose loss is non-finite on any rank (no backward, no step).
+Both schedules skip a micro-batch whose loss is non-finite on any rank (no backward, no step). Which
+rows to draw, how to score them and which to keep is the methods' business (engine/methods/); without
+a selecting method every micro-step trains on what it drew.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from data_pipeline.batch import Batch, batch_rows, select_rows
-from engine.models.bert import ExitPath, SiftBert
-from engine.scoring import eval_mode, exit_scores
-from engine.selection import SELECTORS, kept_dropped_means, selection_generator, spearman, topk_overlap
+from engine.methods import MethodStack, MicroContext
 from engine.streams import DevicePrefetcher, PhaseTimer, Streams
-
-Gather = Callable[[list[torch.nn.Parameter]], AbstractContextManager]
-
-
-class Scorer:
-    """Early-exit scores of a gross batch.
-
-    ZeRO 0-2: reads the live modules (embeddings, layers 1..j, MLM head) directly. ZeRO-3: their
-    parameters are partitioned, so it keeps a replica of exactly those modules, refreshed by gathering
-    exactly their parameters after every optimizer step (``refresh``).
-    """
-
-    def __init__(self, model: SiftBert, exit_layer: int, criterion: str, *, device: torch.device,
-                 gather: Gather | None = None):
-        self.criterion = criterion
-        live = model.exit_path(exit_layer)
-        self._gather = gather
-        if gather is None:
-            self.path: ExitPath = live
-        else:
-            self._src = list(live.parameters())
-            self.path = live.replicate(device, self._src[0].dtype)
-            self._dst = list(self.path.parameters())
-            self.refresh()
-
-    def refresh(self) -> None:
-        if self._gather is None:
-            return
-        with torch.no_grad(), self._gather(self._src):
-            for s, d in zip(self._src, self._dst, strict=True):
-                d.copy_(s.data.view(d.shape))
-
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        return exit_scores(self.path, batch, self.criterion)
 
 
 @dataclass
@@ -68,15 +33,14 @@ class MicroOut:
     """What one micro-step did; tensors stay on the device until the loop flushes its metrics."""
 
     out: dict[str, torch.Tensor]
+    """The model's outputs (engine/models/base.py), ``loss`` replaced by the cross-rank objective."""
     finite: bool
     stepped: bool
     """An optimizer step was taken (end of a gradient-accumulation cycle)."""
     rows_scored: int
     rows_trained: int
-    kept_mean: torch.Tensor | None = None
-    dropped_mean: torch.Tensor | None = None
-    fidelity: tuple[torch.Tensor, torch.Tensor] | None = None
-    """(Spearman, top-B overlap) of exit scores vs exact full-model losses on the gross batch."""
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)
+    """The methods' statistics of this micro-step (e.g. SIFT's kept and dropped mean scores)."""
 
 
 def _world() -> int:
@@ -88,15 +52,16 @@ def global_objective(out: dict[str, torch.Tensor]) -> torch.Tensor:
 
     DeepSpeed averages gradients over ranks, so each rank back-propagates its token sum over the global
     token count, times the world size: B rows on each of W ranks then train exactly like W x B rows on
-    one, whatever each rank's number of masked tokens (one scalar all-reduce, no host sync).
+    one, whatever each rank's number of target tokens (one scalar all-reduce, no host sync). The
+    model's extra terms (``extra_loss``, e.g. NSP) are rank-local means of equal-sized batches already.
     """
     world = _world()
     if world == 1:
         return out["loss"]
-    count = out["mlm_count"].detach().to(torch.float32)
+    count = out["loss_tokens"].detach().to(torch.float32)
     dist.all_reduce(count)
-    loss = out["mlm_sum"] * world / count.clamp(min=1)
-    return loss + out["nsp_loss"] if "nsp_loss" in out else loss
+    loss = out["loss_sum"] * world / count.clamp(min=1)
+    return loss + out["extra_loss"] if "extra_loss" in out else loss
 
 
 def all_finite(loss: torch.Tensor) -> bool:
@@ -110,11 +75,10 @@ def all_finite(loss: torch.Tensor) -> bool:
 class Schedule:
     """Shared machinery; subclasses decide when scoring happens."""
 
-    def __init__(self, engine: Any, scorer: Scorer | None, *, policy: str, micro_batch_size: int, seed: int,
-                 rank: int, prefetcher: DevicePrefetcher, streams: Streams, timer: PhaseTimer):
-        self.engine, self.scorer, self.policy = engine, scorer, policy
-        self.select = SELECTORS.get(policy)
-        self.B, self.seed, self.rank = micro_batch_size, seed, rank
+    def __init__(self, engine: Any, methods: MethodStack, *, rank: int, world_size: int, grad_accum: int,
+                 prefetcher: DevicePrefetcher, streams: Streams, timer: PhaseTimer):
+        self.engine, self.methods, self.B = engine, methods, methods.B
+        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.prefetcher, self.streams, self.timer = prefetcher, streams, timer
 
     @property
@@ -125,26 +89,23 @@ class Schedule:
     def set_pending_scores(self, scores: torch.Tensor | None) -> None:
         """On resume: the scores the interrupted run had computed for its next batch."""
 
+    def context(self, draw: int, step: int) -> MicroContext:
+        return MicroContext(draw=draw, step=step, rank=self.rank, world_size=self.world_size,
+                            grad_accum=self.grad_accum)
+
     # -- pieces ---------------------------------------------------------------------------------
 
     def _fetch(self) -> tuple[Batch, torch.cuda.Event | None]:
         with self.timer.phase("data", host=True):
             return self.prefetcher.next()
 
-    def _keep(self, batch: Batch, scores: torch.Tensor, draw: int) -> tuple[Batch, torch.Tensor]:
-        gen = selection_generator(self.seed, draw, self.rank) if self.policy == "random" else None
-        kept = self.select(scores, self.B, gen)
-        return select_rows(batch, kept), kept
+    def _keep(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> Batch:
+        return select_rows(batch, self.methods.select(batch, scores, ctx))
 
-    def _fidelity(self, batch: Batch, scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact per-sequence MLM losses of the full model (eval mode, no grad) vs the exit scores."""
-        with torch.no_grad(), eval_mode([self.engine.module]):
-            exact = self.engine(**batch)["mlm_per_seq"]
-        return spearman(scores, exact), topk_overlap(scores, exact, self.B)
-
-    def _train(self, kept: Batch, after_forward: Callable[[], None] | None = None,
+    def _train(self, kept: Batch, ctx: MicroContext, after_forward: Callable[[], None] | None = None,
                before_step: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], bool, bool]:
         """Forward, backward and (at a boundary) the optimizer step on the kept rows."""
+        self.methods.before_forward(kept, ctx)
         with self.timer.phase("forward"):
             out = self.engine(**kept)
             out["loss"] = global_objective(out)
@@ -154,41 +115,36 @@ class Schedule:
             return out, False, False
         with self.timer.phase("backward"):
             self.engine.backward(out["loss"])
+        self.methods.after_backward(ctx)
         if before_step is not None:
             before_step()
         boundary = self.engine.is_gradient_accumulation_boundary()
         with self.timer.phase("optimizer"):
             self.engine.step()
-        if boundary and self.scorer is not None:
-            self.scorer.refresh()
+        if boundary:
+            self.methods.after_step(ctx)
         return out, True, boundary
 
-    def _selection_stats(self, mo: MicroOut, scores: torch.Tensor, kept_idx: torch.Tensor) -> None:
-        mo.kept_mean, mo.dropped_mean = kept_dropped_means(scores, kept_idx)
+    def _out(self, out: dict[str, torch.Tensor], finite: bool, stepped: bool, scored: int) -> MicroOut:
+        return MicroOut(out, finite, stepped, scored, self.B, self.methods.stats())
 
 
 class SerialSchedule(Schedule):
     """Score, then train: the paper's schedule and the reference for the pipelined one."""
 
-    def micro_step(self, draw: int, fidelity: bool = False) -> MicroOut:
+    def micro_step(self, draw: int, step: int) -> MicroOut:
+        ctx = self.context(draw, step)
         batch, ready = self._fetch()
         Streams.wait(self.streams.main, ready)
         Streams.keep_alive(batch, self.streams.main)
         G = batch_rows(batch)
-        scores = kept_idx = fid = None
+        kept = batch
         if G > self.B:
             with self.timer.phase("scoring"):
-                scores = self.scorer(batch)
-            if fidelity:
-                fid = self._fidelity(batch, scores)
-            kept, kept_idx = self._keep(batch, scores, draw)
-        else:
-            kept = batch
-        out, finite, stepped = self._train(kept)
-        mo = MicroOut(out, finite, stepped, G if scores is not None else 0, self.B, fidelity=fid)
-        if scores is not None:
-            self._selection_stats(mo, scores, kept_idx)
-        return mo
+                scores = self.methods.score(batch)
+            kept = self._keep(batch, scores, ctx)
+        out, finite, stepped = self._train(kept, ctx)
+        return self._out(out, finite, stepped, G if G > self.B else 0)
 
 
 class PipelinedSchedule(Schedule):
@@ -214,10 +170,11 @@ class PipelinedSchedule(Schedule):
             Streams.wait(s.side, self._params_ready)
             Streams.keep_alive(batch, s.side)
             with self.timer.phase("scoring", stream=s.side):
-                scores = self.scorer(batch)
+                scores = self.methods.score(batch)
         return scores, s.record(s.side)
 
-    def micro_step(self, draw: int, fidelity: bool = False) -> MicroOut:
+    def micro_step(self, draw: int, step: int) -> MicroOut:
+        ctx = self.context(draw, step)
         s = self.streams
         if self._pending is None:  # first micro-step, or just resumed: score batch k serially
             # The side stream must also see every weight write queued so far (DeepSpeed's init, a
@@ -228,7 +185,7 @@ class PipelinedSchedule(Schedule):
             scores, self._resume_scores = self._resume_scores, None
             if scores is None and batch_rows(batch) > self.B:
                 with self.timer.phase("scoring"):
-                    scores = self.scorer(batch)
+                    scores = self.methods.score(batch)
             done = None
         else:
             batch, scores, done = self._pending
@@ -238,13 +195,7 @@ class PipelinedSchedule(Schedule):
             Streams.keep_alive([scores], s.main)
 
         G = batch_rows(batch)
-        kept_idx = fid = None
-        if G > self.B:
-            if fidelity:
-                fid = self._fidelity(batch, scores)
-            kept, kept_idx = self._keep(batch, scores, draw)
-        else:
-            kept = batch
+        kept = self._keep(batch, scores, ctx) if G > self.B else batch
 
         nxt: list[Any] = []
 
@@ -262,12 +213,10 @@ class PipelinedSchedule(Schedule):
             if nxt:
                 Streams.wait(s.main, nxt[0][2])
 
-        out, finite, stepped = self._train(kept, after_forward=launch_next_scoring, before_step=wait_for_scoring)
+        out, finite, stepped = self._train(kept, ctx, after_forward=launch_next_scoring,
+                                           before_step=wait_for_scoring)
         if not finite:
             wait_for_scoring()
         self._params_ready = s.record(s.main)
         self._pending = nxt[0] if nxt else None
-        mo = MicroOut(out, finite, stepped, G if kept_idx is not None else 0, self.B, fidelity=fid)
-        if kept_idx is not None:
-            self._selection_stats(mo, scores, kept_idx)
-        return mo
+        return self._out(out, finite, stepped, G if G > self.B else 0)

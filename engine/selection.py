@@ -31,18 +31,16 @@ def random_indices(scores: torch.Tensor, k: int, generator: torch.Generator | No
     return torch.sort(picked).values.to(scores.device, non_blocking=True)
 
 
-SELECTORS: dict[str, Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]] = {
-    "topk": topk_indices,
-    "random": random_indices,
-}
+Policy = Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor]
+POLICIES: dict[str, Policy] = {"topk": topk_indices, "random": random_indices}
+"""Selection policies by name: (G,) scores, k, generator -> (k,) kept row indices, ascending.
+``sift.policy`` accepts exactly these names; a plugin may register more."""
 
 
-def selection_active(
-    step: int, *, policy: str, total_steps: int, warmup_steps: int, stop_fraction: float | None
-) -> bool:
-    """Does optimizer step ``step`` (0-based) select? Not under `none`, not during the warm-up
-    (the paper: the first 20K steps), not after ``stop_fraction`` of training."""
-    if policy == "none" or step < warmup_steps:
+def selection_active(step: int, *, total_steps: int, warmup_steps: int, stop_fraction: float | None) -> bool:
+    """Does optimizer step ``step`` (0-based) select? Not during the warm-up (the paper: the first 20K
+    steps), not after ``stop_fraction`` of training."""
+    if step < warmup_steps:
         return False
     return stop_fraction is None or step < stop_fraction * total_steps
 

@@ -1,4 +1,4 @@
-"""Builders shared by the training loop and the benchmarks: engine, scorer, schedule."""
+"""Builders shared by the training loop and the benchmarks: engine, methods, schedule."""
 
 from __future__ import annotations
 
@@ -11,9 +11,11 @@ from data_pipeline.batch import Batch
 from engine import ds
 from engine.config import RunConfig
 from engine.ds_config import RunFacts, fill, load_json
-from engine.models.bert import SiftBert
+from engine.methods import MethodStack, RunContext, build_methods
+from engine.models.base import SiftModel
 from engine.optim import build_optimizer
-from engine.schedule import PipelinedSchedule, Schedule, Scorer, SerialSchedule
+from engine.schedule import PipelinedSchedule, Schedule, SerialSchedule
+from engine.scoring import eval_mode
 from engine.streams import DevicePrefetcher, PhaseTimer, Streams
 
 
@@ -26,11 +28,11 @@ def resolve_precision(cfg: RunConfig, template: dict[str, Any], cuda: bool) -> s
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def build_engine(cfg: RunConfig, model: SiftBert, *, world_size: int, cuda: bool) -> tuple[Any, int, str]:
+def build_engine(cfg: RunConfig, model: SiftModel, *, world_size: int, cuda: bool) -> tuple[Any, int, str]:
     """AdamW + schedule + the filled DeepSpeed config -> (engine, ZeRO stage, precision)."""
     if cfg.train.compile:
-        for layer in model.hf.bert.encoder.layer:  # per layer: the scorer reuses the first j of them
-            layer.compile(dynamic=False)
+        for block in model.blocks():  # per block: the scorer reuses the first j of them
+            block.compile(dynamic=False)
     optimizer, scheduler = build_optimizer(model, cfg.optim, cfg.train.steps, cuda)
     template = load_json(cfg.deepspeed.config)
     precision = resolve_precision(cfg, template, cuda)
@@ -41,15 +43,34 @@ def build_engine(cfg: RunConfig, model: SiftBert, *, world_size: int, cuda: bool
     return engine, ds.zero_stage(engine), precision
 
 
-def build_schedule(cfg: RunConfig, engine: Any, model: SiftBert, *, stage: int, batches: Iterator[Batch],
-                   device: torch.device, rank: int, timer: PhaseTimer) -> Schedule:
+def prepare_methods(cfg: RunConfig, model: SiftModel) -> MethodStack:
+    """The run's methods, checked against the model and given the chance to change it before the engine
+    wraps it; ConfigError listing the problems."""
+    from engine.config import ConfigError
+
+    methods = build_methods(cfg)
+    problems = methods.check(model)
+    if problems:
+        raise ConfigError(problems, "run config vs model")
+    methods.prepare_model(model)
+    return methods
+
+
+def attach_methods(methods: MethodStack, model: SiftModel, engine: Any, *, stage: int, device: torch.device,
+                   rank: int, world_size: int) -> None:
+    def exact_losses(batch: Batch) -> torch.Tensor:
+        with torch.no_grad(), eval_mode([engine.module]):
+            return engine(**batch)["per_seq_loss"]
+
+    methods.attach(RunContext(model=model, engine=engine, device=device, zero_stage=stage, gather=ds.gathered,
+                              exact_losses=exact_losses, rank=rank, world_size=world_size))
+
+
+def build_schedule(cfg: RunConfig, engine: Any, methods: MethodStack, *, batches: Iterator[Batch],
+                   device: torch.device, rank: int, world_size: int, timer: PhaseTimer) -> Schedule:
     """The serial or pipelined schedule over host batches (moved to the device on a copy stream)."""
-    scorer = None
-    if cfg.sift.policy != "none":
-        gather = ds.gathered if stage == 3 else None
-        scorer = Scorer(model, cfg.sift.exit_layer, cfg.sift.criterion, device=device, gather=gather)
     streams = Streams(device)
-    cls = PipelinedSchedule if cfg.sift.schedule == "pipelined" and scorer is not None else SerialSchedule
-    return cls(engine, scorer, policy=cfg.sift.policy, micro_batch_size=cfg.train.micro_batch_size,
-               seed=cfg.train.seed, rank=rank, prefetcher=DevicePrefetcher(batches, device, streams),
-               streams=streams, timer=timer)
+    pipelined = cfg.sift.schedule == "pipelined" and methods.selector is not None
+    cls = PipelinedSchedule if pipelined else SerialSchedule
+    return cls(engine, methods, rank=rank, world_size=world_size, grad_accum=cfg.train.grad_accum,
+               prefetcher=DevicePrefetcher(batches, device, streams), streams=streams, timer=timer)

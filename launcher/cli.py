@@ -1,13 +1,16 @@
 """The `sift` command: a thin dispatcher to each subcommand's own `main(argv)`.
 
 Subcommands are imported only when used, so `sift --help` and `sift launch` stay fast and never
-import torch or deepspeed.
+import torch or deepspeed. This is the one place that turns an error a user can fix (``SiftError``,
+raised anywhere below) into `sift <command>: error: <message>` and its exit status.
 """
 
 from __future__ import annotations
 
 import importlib
 import sys
+
+from sift_common.errors import SiftError
 
 # name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -38,8 +41,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"sift: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(SUBCOMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    try:
+        module = importlib.import_module(SUBCOMMANDS[name][0])
+        return int(module.main(rest) or 0)
+    except SiftError as e:
+        print(f"sift {name}: error: {e}", file=sys.stderr)
+        return e.exit_code
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ DS_LAUNCHERS = ("pdsh", "openmpi", "slurm")
 BIND_MODES = ("none", "numa")
 LOCAL_HOSTS = frozenset({"localhost", "127.0.0.1"})
 DEFAULT_SCRIPT = "launcher/train.py"
+INSTALLED_MODULE = "launcher.train"
+"""What runs instead of DEFAULT_SCRIPT outside a clone of the repository: `python -m launcher.train`."""
 
 
 @dataclass(frozen=True, kw_only=True)

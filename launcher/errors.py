@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from sift_common.errors import SiftError
 
-class LaunchError(ValueError):
+
+class LaunchError(SiftError, ValueError):
     """A launch problem the user can fix: the message says what, where, and how.
 
     A ValueError so callers that already guard config errors catch it too; `sift launch` turns it

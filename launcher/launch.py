@@ -25,6 +25,7 @@ from launcher.commands import (
     BIND_MODES,
     DEFAULT_SCRIPT,
     DS_LAUNCHERS,
+    INSTALLED_MODULE,
     LaunchPlan,
     build_command,
     is_local,
@@ -191,8 +192,11 @@ def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mappin
         fields, files = _deepspeed_setup(args, pool, resources, collected, changed, environ)
     else:
         fields = {"env": changed}
+    script, module = args.script, args.module
+    if script == DEFAULT_SCRIPT and not module and not Path(script).is_file():
+        script, module = INSTALLED_MODULE, True  # not in a clone: the installed package's entry point
     plan = LaunchPlan(
-        resources=resources, script=args.script, module=args.module, train_args=tuple(train_args),
+        resources=resources, script=script, module=module, train_args=tuple(train_args),
         master_addr=args.master_addr, master_port=args.master_port, python=args.python,
         ds_launcher=args.ds_launcher, bind=args.bind, oversubscribe=args.oversubscribe,
         allow_run_as_root=args.allow_run_as_root, tcp_iface=args.tcp_iface, rdzv_id=args.rdzv_id, **fields,
@@ -224,7 +228,7 @@ def _preflight(args: argparse.Namespace, prepared: Prepared) -> None:
     for tool in tools:
         if shutil.which(tool) is None:
             raise LaunchError(f"{tool!r} is not on PATH: {_INSTALL_HINTS.get(tool, 'install it or fix PATH')}")
-    if not args.module and not Path(args.script).is_file():
+    if not args.module and args.script != DEFAULT_SCRIPT and not Path(args.script).is_file():
         raise LaunchError(f"training script {args.script!r} not found from {os.getcwd()}; run from the repository "
                           f"root, or pass --script PATH (or --script launcher.train --module)")
 
@@ -249,18 +253,14 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(ours)
     except SystemExit as exc:  # --help, or a usage error argparse already printed
         return int(exc.code or 0)
-    try:
-        prepared = prepare(args, train_args, os.environ)
-        notes = list(prepared.notes)
-        home_env = Path.home() / DEEPSPEED_ENV_NAME
-        if args.backend == "deepspeed" and prepared.multi_node and home_env.is_file():
-            notes.append(f"note: {home_env} exists; the deepspeed launcher applies it before ./{DEEPSPEED_ENV_NAME}")
-        if not args.dry_run:
-            _preflight(args, prepared)
-            notes += _write_files(prepared.files)
-    except LaunchError as exc:
-        print(f"sift launch: error: {exc}", file=sys.stderr)
-        return 2
+    prepared = prepare(args, train_args, os.environ)
+    notes = list(prepared.notes)
+    home_env = Path.home() / DEEPSPEED_ENV_NAME
+    if args.backend == "deepspeed" and prepared.multi_node and home_env.is_file():
+        notes.append(f"note: {home_env} exists; the deepspeed launcher applies it before ./{DEEPSPEED_ENV_NAME}")
+    if not args.dry_run:
+        _preflight(args, prepared)
+        notes += _write_files(prepared.files)
     for line in notes:
         print(f"# {line}")
     for name, content in prepared.files.items():
@@ -274,4 +274,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["launch", *sys.argv[1:]]))

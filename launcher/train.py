@@ -5,37 +5,33 @@
     torchrun --nproc-per-node 8 launcher/train.py --config RUN.yaml
     mpirun -np 16 python launcher/train.py --config RUN.yaml
     srun python launcher/train.py --config RUN.yaml                      # inside an allocation
+    python -m launcher.train ...                                         # the same, outside a clone
 
 It works out this process's rank from whichever launcher started it (launcher/dist_env.py), exports the
-standard RANK/WORLD_SIZE/MASTER_* variables, and hands over to engine/train.py.
+standard RANK/WORLD_SIZE/MASTER_* variables, and hands over to engine/train.py. Run as a script, it
+needs the package installed (`pip install -e .` in a clone), as every `sift` command does.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (`deepspeed launcher/train.py`): put the repo root first
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from launcher.dist_env import LaunchError, prepare_process, wait_for_master
+from launcher.dist_env import prepare_process, wait_for_master
 
 MASTER_WAIT_S = float(os.environ.get("SIFT_MASTER_TIMEOUT", "300"))
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        dist = prepare_process(os.environ)
-        if dist.rank != 0:
-            wait_for_master(dist.master_addr, dist.master_port, MASTER_WAIT_S)
-    except LaunchError as e:
-        print(f"sift train: error: {e}", file=sys.stderr)
-        return 2
+    dist = prepare_process(os.environ)
+    if dist.rank != 0:
+        wait_for_master(dist.master_addr, dist.master_port, MASTER_WAIT_S)
     from engine.train import main as train_main
 
     return train_main(argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["train", *sys.argv[1:]]))

@@ -7,8 +7,12 @@ import torch
 
 from data_pipeline.batch import Batch
 from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
-from engine.config import ModelConfig
+from engine.config import ModelConfig, load_config
+from engine.methods import MethodStack, build_methods
 from engine.models.bert import SiftBert, build_model
+from engine.schedule import Schedule
+from engine.setup import attach_methods
+from engine.streams import DevicePrefetcher, PhaseTimer, Streams
 
 VOCAB = 120
 SPECIAL = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
@@ -78,3 +82,23 @@ def batch_stream(rows_for_draw, start: int = 0, T: int = 32):
     while True:
         yield random_batch(G=rows_for_draw(d), T=T, seed=1000 + d)
         d += 1
+
+
+def methods_for(model, engine, *, B: int, method: str = "sift", grad_accum: int = 1, seed: int = 0,
+                device: str = "cpu", plugins: tuple[str, ...] = (), **sift) -> MethodStack:
+    """The run's methods as `sift train` builds them (``sift`` keys as keyword arguments), attached to a
+    model and an engine (PlainEngine or DeepSpeed's)."""
+    overrides = [f"method={method}", f"train.micro_batch_size={B}", f"train.grad_accum={grad_accum}",
+                 f"train.seed={seed}", f"train.plugins=[{','.join(plugins)}]",
+                 *(f"sift.{k}={v}" for k, v in sift.items())]
+    methods = build_methods(load_config(None, overrides))
+    attach_methods(methods, model, engine, stage=0, device=torch.device(device), rank=0, world_size=1)
+    return methods
+
+
+def schedule_for(cls: type[Schedule], engine, methods: MethodStack, batches, *, grad_accum: int = 1,
+                 device: str = "cpu") -> Schedule:
+    dev = torch.device(device)
+    streams = Streams(dev)
+    return cls(engine, methods, rank=0, world_size=1, grad_accum=grad_accum, streams=streams,
+               timer=PhaseTimer(dev.type == "cuda"), prefetcher=DevicePrefetcher(batches, dev, streams))

@@ -17,6 +17,8 @@ def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None
     """`python launcher/train.py --config tests/assets/tiny-run.yaml ...` as one process."""
     cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(TINY_RUN),
            f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
+    if env and "SIFT_FAULT" in env:  # the fault injector is a plugin the run must load
+        cmd.append("train.plugins=[tests.faults]")
     run_env = base_env(env)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         run_env.pop(var, None)

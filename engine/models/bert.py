@@ -7,8 +7,8 @@ serves the early exit: embeddings + the first j encoder layers + the model's own
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,12 +18,10 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertLMPredictionHead
 
 from engine.config import ModelConfig
+from engine.models.base import Batch, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
+from engine.models.errors import ModelError
 from engine.models.presets import PRESETS
 from engine.scoring import per_sequence_mean, token_cross_entropy
-
-
-class ModelError(ValueError):
-    """A model setting that does not fit the data (vocabulary, sequence length, checkpoint)."""
 
 
 def hf_config(cfg: ModelConfig, *, vocab_size: int, seq_len: int, pad_id: int) -> BertConfig:
@@ -49,30 +47,30 @@ def _gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Te
     return hidden.gather(1, positions.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
 
 
-@dataclass
-class ExitPath:
-    """The modules an early exit at layer j runs: embeddings, encoder layers 1..j, the MLM head.
+def _unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
+    seen: dict[int, nn.Parameter] = {}
+    for m in modules:
+        for p in m.parameters():
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
-    Either views of the live model (ZeRO 0-2) or a replicated copy (ZeRO-3, see ``replicate``).
-    """
 
-    config: BertConfig
-    embeddings: nn.Module
-    layers: list[nn.Module]
-    head: nn.Module
+class BertExit:
+    """The early exit at layer j (an ``ExitPath``): embeddings, encoder layers 1..j, the MLM head,
+    scored at the masked positions. Views of the live model, or a replica (``replicate``)."""
+
+    def __init__(self, config: BertConfig, embeddings: nn.Module, layers: list[nn.Module], head: nn.Module):
+        self.config, self.embeddings, self.layers, self.head = config, embeddings, layers, head
+        self.vocab_size = config.vocab_size
 
     def modules(self) -> list[nn.Module]:
         return [self.embeddings, *self.layers, self.head]
 
     def parameters(self) -> list[nn.Parameter]:
         """Each parameter once (the head's decoder weight is the word-embedding matrix)."""
-        seen: dict[int, nn.Parameter] = {}
-        for m in self.modules():
-            for p in m.parameters():
-                seen.setdefault(id(p), p)
-        return list(seen.values())
+        return _unique_parameters(self.modules())
 
-    def masked_hidden(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    def hidden(self, batch: Batch) -> torch.Tensor:
         """(G, P, H) layer j's hidden states at the masked positions."""
         hidden = self.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
         mask = create_bidirectional_mask(
@@ -82,11 +80,13 @@ class ExitPath:
             hidden = layer(hidden, mask)
         return _gather_positions(hidden, batch["mlm_positions"])
 
-    def logits(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """(G, P, V) MLM logits of layer j's hidden states at the masked positions."""
-        return self.head(self.masked_hidden(batch))
+    def targets(self, batch: Batch) -> torch.Tensor:
+        return batch["mlm_labels"]
 
-    def replicate(self, device: torch.device | str, dtype: torch.dtype) -> ExitPath:
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
+
+    def replicate(self, device: torch.device | str, dtype: torch.dtype) -> BertExit:
         """A fresh, unshared copy of these modules' structure (weights filled by the caller).
 
         Used under ZeRO-3, where the live parameters are partitioned: the scorer reads this small
@@ -99,18 +99,43 @@ class ExitPath:
         head = BertLMPredictionHead(cfg)
         head.decoder.weight = emb.word_embeddings.weight  # the tie the HF model has
         head.decoder.bias = head.bias
-        replica = ExitPath(cfg, emb, layers, head)
+        replica = BertExit(cfg, emb, layers, head)
         for m in replica.modules():
             m.to(device=device, dtype=dtype).requires_grad_(False)
         return replica
 
 
-class SiftBert(nn.Module):
+def flop_counts(config: BertConfig, seq_len: int, masked: int, nsp: bool) -> FlopCounts:
+    """BERT's FLOPs per sequence of T = ``seq_len`` positions (padding included: the kernels run on it),
+    hidden h, feed-forward width i, vocabulary V, P = ``masked`` head slots:
+
+        encoder layer, per position:  8 h^2 + 4 h i + 4 T h
+            (Q, K, V and output projections 4 x 2h^2; FFN up and down 2 x 2hi; scores QK^T and the
+             weighted sum AV 2 x 2Th)
+        MLM head, per masked slot:    2 h^2 + 2 h V          (transform dense + tied decoder)
+        NSP (sentence pairs), per sequence: 2 h^2 + 4 h     (pooler + classifier)
+
+    Left out (< 1% for BERT-base): embedding lookups, layer norms, softmax, GELU, biases, the loss.
+    BERT-base at T = 512: training 3 x 100.3 = 301 GFLOP per sequence; exit-1 scoring 11.8 GFLOP.
+    """
+    h, i, T = config.hidden_size, config.intermediate_size, seq_len
+    return FlopCounts(
+        layers=config.num_hidden_layers,
+        block=T * (8 * h * h + 4 * h * i + 4 * T * h),
+        head=masked * (2 * h * h + 2 * h * config.vocab_size),
+        extra=(2 * h * h + 4 * h) if nsp else 0.0,
+    )
+
+
+class SiftBert(SiftModel):
     """BERT pretraining model whose forward takes a batch dict (see data_pipeline/batch.py).
 
     ``hf`` is a stock ``BertForPreTraining`` (pairs with NSP) or ``BertForMaskedLM`` (packed MLM-only
     data; it has no pooler, so no parameter goes unused), so export is a plain ``save_pretrained``.
     """
+
+    family = "bert"
+    token_loss_name = "mlm"
 
     def __init__(self, hf: BertForPreTraining | BertForMaskedLM):
         super().__init__()
@@ -121,15 +146,27 @@ class SiftBert(nn.Module):
     def config(self) -> BertConfig:
         return self.hf.config
 
-    @property
-    def num_layers(self) -> int:
-        return self.hf.config.num_hidden_layers
+    def blocks(self) -> list[nn.Module]:
+        return list(self.hf.bert.encoder.layer)
 
-    def exit_path(self, exit_layer: int) -> ExitPath:
+    def exit_path(self, exit_layer: int) -> BertExit:
         bert = self.hf.bert
-        return ExitPath(
-            self.hf.config, bert.embeddings, list(bert.encoder.layer[:exit_layer]), self.hf.cls.predictions
-        )
+        return BertExit(self.config, bert.embeddings, list(bert.encoder.layer[:exit_layer]), self.hf.cls.predictions)
+
+    def metrics(self) -> dict[str, Metric]:
+        out: dict[str, Metric] = {"mlm_loss": Ratio("loss_sum", "loss_tokens"),
+                                  "mlm_acc": Ratio("correct", "loss_tokens")}
+        if self.use_nsp:
+            out |= {"nsp_loss": Mean("nsp_loss"), "nsp_acc": Ratio("nsp_correct", "nsp_count")}
+        return out
+
+    def flops(self, seq_len: int, mask_prob: float = 0.15) -> FlopCounts:
+        from data_pipeline.batch import max_predictions
+
+        return flop_counts(self.config, seq_len, max_predictions(seq_len, mask_prob), self.use_nsp)
+
+    def export_config(self) -> dict[str, Any]:
+        return {"family": self.family, "class": type(self.hf).__name__, "config": self.config.to_dict()}
 
     def forward(
         self,
@@ -142,11 +179,8 @@ class SiftBert(nn.Module):
         sample_ids: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training loss = token-mean MLM cross-entropy (+ mean NSP cross-entropy for pairs), on this
-        device's rows. ``mlm_sum`` lets the schedule normalise by the global token count instead.
-
-        Also returns detached statistics: ``mlm_per_seq`` (G,) mean masked-token CE per sequence
-        (0 where a row has no masked token), correct/count sums for accuracies.
-        """
+        device's rows; the loss contract of engine/models/base.py, plus ``correct`` (masked tokens
+        predicted right) and, for pairs, ``nsp_loss``, ``nsp_correct``, ``nsp_count``."""
         out = self.hf.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
         )
@@ -154,21 +188,19 @@ class SiftBert(nn.Module):
         ce = token_cross_entropy(logits, mlm_labels)  # (G, P), 0 at unused slots
         valid = mlm_labels >= 0
         count = valid.sum()
-        mlm_sum = ce.sum()
-        mlm_loss = mlm_sum / count.clamp(min=1)
+        loss_sum = ce.sum()
         result = {
-            "mlm_sum": mlm_sum,
-            "mlm_loss": mlm_loss,
-            "mlm_per_seq": per_sequence_mean(ce.detach(), valid),
-            "mlm_correct": ((logits.detach().argmax(-1) == mlm_labels) & valid).sum(),
-            "mlm_count": count,
+            "loss_sum": loss_sum,
+            "loss_tokens": count,
+            "per_seq_loss": per_sequence_mean(ce.detach(), valid),
+            "correct": ((logits.detach().argmax(-1) == mlm_labels) & valid).sum(),
         }
-        loss = mlm_loss
+        loss = loss_sum / count.clamp(min=1)
         if self.use_nsp:
             nsp_logits = self.hf.cls.seq_relationship(out.pooler_output)
             nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=-100)
             loss = loss + nsp_loss
-            result["nsp_loss"] = nsp_loss
+            result["extra_loss"] = result["nsp_loss"] = nsp_loss
             result["nsp_correct"] = (nsp_logits.detach().argmax(-1) == nsp_labels).sum()
             result["nsp_count"] = (nsp_labels >= 0).sum()
         result["loss"] = loss
@@ -203,3 +235,36 @@ def build_model(cfg: ModelConfig, *, vocab_size: int, seq_len: int, pad_id: int,
             f"the data has {seq_len}"
         )
     return SiftBert(hf)
+
+
+# --------------------------------------------------------------------- the family's registry entry
+
+OBJECTIVES = ("nsp_pairs", "mlm_packed")
+
+# The MLM decoder shares the word-embedding matrix and its bias parameter; ZeRO checkpoints store each
+# shared tensor once, under the first name.
+TIED = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}
+
+
+def build(cfg: ModelConfig, data: DataFacts) -> SiftBert:
+    if data.objective not in OBJECTIVES:
+        raise ModelError(f"model.family bert trains on data prepared with --objective {' or '.join(OBJECTIVES)}, "
+                         f"not {data.objective!r}")
+    return build_model(cfg, vocab_size=data.vocab_size, seq_len=data.seq_len, pad_id=data.pad_id,
+                       use_nsp=data.objective == "nsp_pairs")
+
+
+def from_state(state: dict[str, torch.Tensor], spec: dict[str, Any]) -> BertForPreTraining | BertForMaskedLM:
+    """The stock Hugging Face model of ``spec`` (``export_config()``) holding ``state`` (the adapter's
+    parameter names); ModelError naming the mismatch when they do not fit."""
+    state = {k.removeprefix("hf."): v for k, v in state.items()}
+    cls = {"BertForPreTraining": BertForPreTraining, "BertForMaskedLM": BertForMaskedLM}.get(spec["class"])
+    if cls is None:
+        raise ModelError(f"unknown BERT class {spec['class']!r} in the checkpoint record")
+    model = cls(BertConfig.from_dict(spec["config"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - TIED:
+        raise ModelError(f"the checkpoint does not match {spec['class']}: missing {sorted(set(missing) - TIED)}, "
+                         f"unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    return model

@@ -110,7 +110,7 @@ def test_a_changed_config_is_refused_not_mixed(done, tiny_data, tmp_path):
 
 
 def test_a_run_killed_mid_way_fails_the_study_and_resumes_on_rerun(done, tiny_data, tmp_path):
-    one = ("--arms", "loss:1", "--seeds", "0,")
+    one = ("--arms", "loss:1", "--seeds", "0,", "train.plugins=[tests.faults]")  # the fault injector, idle unless SIFT_FAULT
     killed = study(tmp_path, tiny_data, *one, env_extra={"SIFT_FAULT": "after_save:10"})
     assert killed.returncode == 1 and "1 run(s) failed: loss-1/seed0" in killed.stderr
     assert [e["action"] for e in events(tmp_path)] == ["start", "failed"]

@@ -138,3 +138,25 @@ def test_init_from_an_exported_checkpoint(run_a, tmp_path):
         build_model(cfg, vocab_size=30522, seq_len=64, pad_id=0, use_nsp=True)
     with pytest.raises(ModelError, match="not a Hugging Face checkpoint directory"):
         build_model(ModelConfig(init_from=str(tmp_path)), vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)
+
+
+def test_a_plugin_method_runs_through_the_unchanged_loop(tiny_data, tmp_path):
+    """tests/plugin_lowest.py registers a method; `sift train` runs it by name, checkpoints included."""
+    train(tmp_path, tiny_data, "train.plugins=[tests.plugin_lowest]", "method=lowest", "train.steps=6",
+          "train.eval_every=6", "train.save_every=3")
+    records = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    selecting = [r for r in records if "kept_score" in r]
+    assert len(selecting) == 4  # steps 3-6: the first 2 are the tiny run's warm-up
+    assert all(r["kept_score"] < r["dropped_score"] for r in selecting)
+    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000006"
+
+
+def test_zero3_resume_scores_with_the_restored_weights(tiny_data, tmp_path):
+    """Under ZeRO-3 the scorer reads a replica of the exit's modules: after a resume it must hold the
+    checkpoint's weights (not the initial ones), or the first selections after the resume differ."""
+    common = ("deepspeed.zero_stage=3", "train.steps=12", "train.save_every=6", "train.eval_every=12")
+    train(tmp_path / "ref", tiny_data, *common)
+    killed = train(tmp_path / "run", tiny_data, *common, env={"SIFT_FAULT": "after_save:6"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    train(tmp_path / "run", tiny_data, *common)
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")

@@ -38,8 +38,9 @@ def test_dry_run_deepspeed_prints_files_and_the_command_last(capsys, tmp_path):
     assert (code, err) == (0, "")
     assert lines[0] == "# deepspeed: 15 rank(s) on 2 host(s) from hostfile hostfile: p4d-1[0-7], p4d-2[0-6]"
     assert lines[1:4] == ["# would write .deepspeed_env:", "#   FI_EFA_USE_HUGE_PAGE=0", "#   NCCL_SOCKET_IFNAME=^lo,docker"]
+    # Outside a clone (here: an empty directory) the installed package's entry point runs as a module.
     assert shlex.split(lines[-1]) == ["deepspeed", "--hostfile", "hostfile", "--exclude", "p4d-2:7", "--master_port",
-                                      "29500", "launcher/train.py", "--config", "run.yaml", "train.steps=10"]
+                                      "29500", "--module", "launcher.train", "--config", "run.yaml", "train.steps=10"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hostfile"]  # a dry run writes nothing
 
 
@@ -51,7 +52,15 @@ def test_dry_run_mpirun_with_slurm_style_hosts_and_shell_settings(capsys, monkey
     assert code == 0 and argv[:5] == ["mpirun", "-np", "16", "-H", "p4d-01:8,p4d-02:8"]
     assert "--allow-run-as-root" in argv and "--oversubscribe" not in argv
     assert {"MASTER_ADDR=p4d-01", "MASTER_PORT=29500", "NCCL_DEBUG=INFO"} <= set(argv)
-    assert argv[-5:] == ["python3", "-u", "launcher/train.py", "--config", "a.yaml"]
+    assert argv[-6:] == ["python3", "-u", "-m", "launcher.train", "--config", "a.yaml"]
+
+
+def test_in_a_clone_the_script_path_runs(capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    code, lines, _ = run(capsys, "--backend", "mpirun", "--hosts", "p4d-1", "--gpus-per-node", "8", "--python", "python",
+                         "--dry-run",
+                         "--", "--config", "a.yaml")
+    assert code == 0 and shlex.split(lines[-1])[-5:] == ["python", "-u", "launcher/train.py", "--config", "a.yaml"]
 
 
 def test_srun_takes_hosts_from_the_allocation(capsys, monkeypatch):
@@ -119,8 +128,8 @@ def test_a_missing_tool_or_script_stops_before_running(capsys, monkeypatch):
     monkeypatch.setattr(launch.subprocess, "call", lambda argv: pytest.fail("must not run"))
     code, _, err = run(capsys, "--hosts", "n1,n2", "--gpus-per-node", "2")
     assert code == 2 and "'pdsh' is not on PATH: apt-get install pdsh" in err
-    code, _, err = run(capsys, "--backend", "torchrun", "--gpus-per-node", "2")
-    assert code == 2 and "training script 'launcher/train.py' not found" in err
+    code, _, err = run(capsys, "--backend", "torchrun", "--gpus-per-node", "2", "--script", "mine/train.py")
+    assert code == 2 and "training script 'mine/train.py' not found" in err
 
 
 @pytest.mark.skipif(shutil.which("mpirun") is None, reason="Open MPI (mpirun) not installed")

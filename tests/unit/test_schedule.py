@@ -8,11 +8,10 @@ import pytest
 import torch
 
 from data_pipeline.batch import select_rows
-from engine.schedule import PipelinedSchedule, Scorer, SerialSchedule
+from engine.schedule import PipelinedSchedule, SerialSchedule
 from engine.scoring import exit_scores
-from engine.selection import SELECTORS, selection_generator
-from engine.streams import DevicePrefetcher, PhaseTimer, Streams
-from tests.helpers import PlainEngine, batch_stream, tiny_model
+from engine.selection import POLICIES, selection_generator
+from tests.helpers import PlainEngine, batch_stream, methods_for, schedule_for, tiny_model
 
 B, G, STEPS, SEED = 4, 8, 8, 0
 
@@ -24,13 +23,12 @@ def rows(d: int) -> int:
 def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss"):
     model = tiny_model(seed=3)
     engine = PlainEngine(model, grad_accum=grad_accum)
-    streams = Streams(torch.device("cpu"))
-    sched = cls(engine, Scorer(model, 2, criterion, device=torch.device("cpu")), policy=policy,
-                micro_batch_size=B, seed=SEED, rank=0, streams=streams, timer=PhaseTimer(False),
-                prefetcher=DevicePrefetcher(batch_stream(rows), torch.device("cpu"), streams))
+    methods = methods_for(model, engine, B=B, grad_accum=grad_accum, policy=policy, criterion=criterion,
+                          exit_layer=2, seed=SEED)
+    sched = schedule_for(cls, engine, methods, batch_stream(rows), grad_accum=grad_accum)
     torch.manual_seed(11)
-    outs = [sched.micro_step(d) for d in range(STEPS)]
-    return [o.out["loss"].item() for o in outs], [o.kept_mean for o in outs], model
+    outs = [sched.micro_step(d, d // grad_accum) for d in range(STEPS)]
+    return [o.out["loss"].item() for o in outs], [o.stats.get("kept_score") for o in outs], model
 
 
 def reference(stale: bool, policy="topk", grad_accum=1, criterion="loss"):
@@ -47,7 +45,7 @@ def reference(stale: bool, policy="topk", grad_accum=1, criterion="loss"):
         if stale:
             scoring_model.load_state_dict(model.state_dict())  # the weights batch d+1 will be scored with
         if len(scores) > B:
-            idx = SELECTORS[policy](scores, B, selection_generator(SEED, d, 0))
+            idx = POLICIES[policy](scores, B, selection_generator(SEED, d, 0))
             kept_sets.append(idx.tolist())
             batch = select_rows(batch, idx)
         else:

@@ -14,7 +14,7 @@ def test_exit_at_last_layer_equals_full_model_per_sequence_loss(use_nsp):
     model = tiny_model(use_nsp=use_nsp).eval()
     batch = random_batch(G=8)
     with torch.no_grad():
-        full = model(**batch)["mlm_per_seq"]
+        full = model(**batch)["per_seq_loss"]
     exit_l = exit_scores(model.exit_path(model.num_layers), batch, "loss")
     torch.testing.assert_close(exit_l, full, rtol=0, atol=1e-5)
     # and a shallower exit is a genuinely different function
@@ -80,7 +80,8 @@ def test_head_only_at_masked_positions_matches_stock_head():
     with torch.no_grad():
         stock = model.hf(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                          token_type_ids=batch["token_type_ids"]).prediction_logits
-        mine = model.exit_path(model.num_layers).logits(batch)
+        path = model.exit_path(model.num_layers)
+        mine = path.logits(path.hidden(batch))
     pos = batch["mlm_positions"]
     expected = stock.gather(1, pos[..., None].expand(-1, -1, stock.shape[-1]))
     torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)

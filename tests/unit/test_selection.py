@@ -57,10 +57,9 @@ def test_random_selection_is_uniform():
 
 
 def test_schedule_warmup_and_stop_fraction():
-    kw = dict(policy="topk", total_steps=100, warmup_steps=10, stop_fraction=0.5)
+    kw = dict(total_steps=100, warmup_steps=10, stop_fraction=0.5)
     assert [selection_active(s, **kw) for s in (0, 9, 10, 49, 50, 99)] == [False, False, True, True, False, False]
-    assert not selection_active(20, policy="none", total_steps=100, warmup_steps=0, stop_fraction=None)
-    assert selection_active(99, policy="random", total_steps=100, warmup_steps=0, stop_fraction=None)
+    assert selection_active(99, total_steps=100, warmup_steps=0, stop_fraction=None)
 
 
 def test_statistics():

@@ -1,0 +1,1 @@
+"""Run configs (YAML) that ship with SIFT-Train; see engine/resources.py."""

@@ -1,0 +1,1 @@
+"""DeepSpeed JSON configs that ship with SIFT-Train; see engine/resources.py."""

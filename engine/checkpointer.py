@@ -1,0 +1,88 @@
+"""Save and restore everything a run needs to continue exactly, complete-or-invisible.
+
+A checkpoint holds DeepSpeed's files (model, ZeRO optimizer shards, LR schedule), per rank the RNG
+states and the rank's stateful parts (the methods' state, the pipelined schedule's pending scores), and,
+written last by rank 0, the progress counters and the run's description (engine/checkpoint.py: the
+manifest that marks it complete). Resuming restores all of it; the RNG states go back last, after
+everything that might draw from them.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import checkpoint as ckpt
+from engine import ds, hooks
+from engine.progress import Progress
+
+log = logging.getLogger(__name__)
+
+
+class Checkpointer:
+    def __init__(self, root: Path, engine: Any, *, rank: int, world_size: int, keep_last: int, cuda: bool,
+                 description: dict[str, Any]):
+        """``description``: what rank 0 records with every checkpoint besides the counters (config,
+        model, data), for `sift export` and for people."""
+        self.root, self.engine, self.rank, self.world = root, engine, rank, world_size
+        self.keep_last, self.cuda, self.description = keep_last, cuda, description
+
+    def latest(self, resume: bool) -> str | None:
+        """The tag to resume from; a ConfigError when resuming is off but checkpoints exist."""
+        if not resume:
+            if (self.root / ckpt.LATEST).exists():
+                from engine.config import ConfigError
+
+                raise ConfigError([f"train.resume=false but {self.root.parent} already holds checkpoints; choose "
+                                   "a new train.out_dir (or resume)"], "run config")
+            return None
+        return ckpt.find_latest(self.root)
+
+    def resume(self, tag: str, progress: Progress) -> dict[str, Any] | None:
+        """Load ``tag`` into the engine and ``progress``; returns this rank's saved state (RNG, parts), or
+        None when it cannot be used (resumed at another world size: fresh dropout streams)."""
+        record = ckpt.verify(self.root, tag)
+        try:
+            ds.load_checkpoint(self.engine, self.root, tag)
+        except Exception as e:
+            raise ckpt.CheckpointError(f"checkpoint {self.root / tag} could not be loaded: {e}") from e
+        progress.load_state_dict(record)
+        mine = ckpt.load_rank_state(self.root, tag, self.rank)
+        log.info("resumed from %s at step %d (%d samples consumed)", self.root / tag, progress.step,
+                 progress.consumed_samples)
+        if mine is not None and record.get("world_size") == self.world:
+            return mine
+        log.warning("resuming at world size %d from %s (world size %s): dropout streams restart",
+                    self.world, tag, record.get("world_size"))
+        return None
+
+    def restore_rng(self, state: dict[str, Any] | None) -> None:
+        """Put back this rank's RNG states (call last: DataLoader iterators draw from the global RNG)."""
+        if state is None:
+            return
+        torch.set_rng_state(state["torch_rng"])
+        if self.cuda and state.get("cuda_rng") is not None:
+            torch.cuda.set_rng_state(state["cuda_rng"])
+
+    def save(self, progress: Progress, parts: dict[str, Any]) -> str:
+        """Write a complete checkpoint of the current state; ``parts``: this rank's stateful parts
+        (tensors and plain data), returned by ``resume`` next time. Every rank must call it."""
+        tag = ckpt.tag_for(progress.step)
+        ds.save_checkpoint(self.engine, self.root, tag)
+        hooks.fire("checkpoint_files_written", step=progress.step, tag=tag, rank=self.rank)
+        ckpt.save_rank_state(self.root, tag, self.rank, {
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None,
+            **parts,
+        })
+        ds.barrier()
+        if self.rank == 0:
+            state = {**progress.state_dict(), "world_size": self.world, **self.description}
+            ckpt.mark_complete(self.root, tag, state, self.keep_last)
+        ds.barrier()
+        log.info("saved checkpoint %s", self.root / tag)
+        hooks.fire("checkpoint_complete", step=progress.step, tag=tag, rank=self.rank)
+        return tag

@@ -1,0 +1,147 @@
+"""The model adapter: what the engine asks of a model family.
+
+The loop, the scorer, compile, export and the FLOP model talk to a model only through this protocol, so
+a new family (a decoder LM, say) is a new module in engine/models/, not a change to the engine.
+
+The forward's loss contract (every family):
+
+=================  =======  ==========================================================================
+key                shape    meaning
+=================  =======  ==========================================================================
+``loss``           ()       this rank's training objective (token mean + the family's extra terms)
+``loss_sum``       ()       sum of the token-level loss over this rank's target tokens
+``loss_tokens``    ()       number of those tokens (int)
+``extra_loss``     ()       the extra terms of ``loss`` (e.g. BERT's NSP), absent when there are none
+``per_seq_loss``   (G,)     detached mean token loss of each row (exact losses, for fidelity)
+=================  =======  ==========================================================================
+
+plus any detached statistics the family names in ``metrics()``. `engine/objective.py` builds the
+cross-rank objective from ``loss_sum``, ``loss_tokens`` and ``extra_loss`` alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True, slots=True)
+class DataFacts:
+    """What a model needs to know about the data it trains on (from the dataset's index.json)."""
+
+    vocab_size: int
+    seq_len: int
+    objective: str
+    pad_id: int
+
+
+class ExitPath(Protocol):
+    """What an early exit at block j runs: views of the live modules, or an unshared replica."""
+
+    vocab_size: int
+
+    def modules(self) -> list[nn.Module]:
+        """The modules the exit runs (for eval mode)."""
+        ...
+
+    def parameters(self) -> list[nn.Parameter]:
+        """Their parameters, each once (tied weights appear once), in a fixed order."""
+        ...
+
+    def hidden(self, batch: Batch) -> torch.Tensor:
+        """(G, P, H) block j's hidden states at the P scored positions of each row."""
+        ...
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """(G, P) the token to predict at each of those positions; -100 in unused slots."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """(rows, P, H) -> (rows, P, V) through the model's own output head."""
+        ...
+
+    def replicate(self, device: torch.device | str, dtype: torch.dtype) -> ExitPath:
+        """A fresh copy of the same structure with its own (unfilled) parameters, in the order of
+        ``parameters()``, so ``for s, d in zip(live.parameters(), copy.parameters())`` refreshes it."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class Ratio:
+    """A metric reported as sum(num) / sum(den) over micro-steps and ranks (e.g. a token mean)."""
+
+    num: str
+    den: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mean:
+    """A metric reported as the mean of a per-micro-step value over micro-steps and ranks."""
+
+    key: str
+
+
+Metric = Ratio | Mean
+
+
+@dataclass(frozen=True, slots=True)
+class FlopCounts:
+    """Model FLOPs per sequence (a multiply-add counts 2; backward = 2 x forward).
+
+    ``block``: one block over the sequence's positions; ``head``: the output head at the positions it
+    runs on; ``extra``: per-sequence heads that only training runs (BERT's NSP).
+    """
+
+    layers: int
+    block: float
+    head: float
+    extra: float = 0.0
+
+    def forward(self) -> float:
+        return self.layers * self.block + self.head + self.extra
+
+    def train(self) -> float:
+        return 3.0 * self.forward()
+
+    def scoring(self, exit_layer: int) -> float:
+        """The early exit at block j: j blocks and the head, no extra heads, no backward."""
+        return exit_layer * self.block + self.head
+
+
+class SiftModel(nn.Module):
+    """Base class of the per-family adapters (an nn.Module, so DeepSpeed wraps it as is).
+
+    ``forward(**batch)`` follows the loss contract in the module docstring.
+    """
+
+    family: ClassVar[str]
+    token_loss_name: ClassVar[str]
+    """How metrics name the token-level objective: ``<name>_loss``, ``<name>_acc``, ``val_<name>_acc``."""
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.blocks())
+
+    def blocks(self) -> list[nn.Module]:
+        """The repeated blocks, in order (for compile and per-block hooks)."""
+        raise NotImplementedError
+
+    def exit_path(self, exit_layer: int) -> ExitPath:
+        """The early exit after block ``exit_layer`` (1..num_layers)."""
+        raise NotImplementedError
+
+    def metrics(self) -> dict[str, Metric]:
+        """Metric name -> how to reduce the forward's outputs; the loop and the evaluator report these."""
+        raise NotImplementedError
+
+    def flops(self, seq_len: int) -> FlopCounts:
+        raise NotImplementedError
+
+    def export_config(self) -> dict[str, Any]:
+        """What `sift export` needs to rebuild the stock Hugging Face model (stored in checkpoints)."""
+        raise NotImplementedError

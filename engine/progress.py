@@ -1,0 +1,50 @@
+"""Where a run stands: the counters a checkpoint stores and a resume restores."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(slots=True)
+class Progress:
+    step: int = 0
+    """Optimizer steps taken."""
+    draws: int = 0
+    """Micro-steps taken (the loader's draw index), skipped non-finite ones included."""
+    consumed_samples: int = 0
+    """Rows drawn from the sampler over all ranks (the data order resumes from it)."""
+    backprop_samples: int = 0
+    scored_samples: int = 0
+    nonfinite_total: int = 0
+    hours: float = 0.0
+    """Wall-clock hours of the run up to the last checkpoint (``elapsed_hours()`` is live)."""
+    _started: float = field(default_factory=time.time, repr=False)
+
+    def elapsed_hours(self) -> float:
+        """Hours of earlier sessions plus this one (counted from when this object was made)."""
+        return self.hours + (time.time() - self._started) / 3600.0
+
+    def count(self, *, rows_drawn: int, rows_trained: int, rows_scored: int, finite: bool, stepped: bool,
+              world_size: int) -> None:
+        """Account for one micro-step on every rank (all ranks draw, train and score alike)."""
+        self.draws += 1
+        self.consumed_samples += world_size * rows_drawn
+        if not finite:
+            self.nonfinite_total += 1
+            return
+        self.backprop_samples += world_size * rows_trained
+        self.scored_samples += world_size * rows_scored
+        self.step += stepped
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+        state["hours"] = self.elapsed_hours()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for f in dataclasses.fields(self):
+            if not f.name.startswith("_"):
+                setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
