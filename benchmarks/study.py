@@ -74,24 +74,8 @@ class Regime:
     name: str
     data: Path
     out: Path  # runs/, warm/, start/ go here
-    heldout: dict[str, Path] = field(default_factory=dict)  # extra evaluation sets, by name
+    heldout: dict[str, Path] = field(default_factory=dict)  # extra evaluation sets (data.extra_eval), by name
     kinds: dict[str, tuple[Path, float]] = field(default_factory=dict)  # kind -> (dataset, share of training)
-
-
-def engine_has_extra_eval() -> bool:
-    """Does this engine evaluate extra datasets itself (data.extra_eval)? Until it does, each run's probe
-    evaluates the held-out set on the run's final weights."""
-    from engine.config import DataConfig
-
-    return "extra_eval" in {f.name for f in dataclasses.fields(DataConfig)}
-
-
-def heldout_evaluation(regime: Regime, extra_eval: bool) -> tuple[list[str], list[str]]:
-    """(run-config overrides, probe arguments) that evaluate the regime's held-out sets: by the engine at
-    every evaluation where it can (data.extra_eval), else by each run's probe on its final weights."""
-    if extra_eval:
-        return [f"data.extra_eval.{n}={d}" for n, d in regime.heldout.items()], []
-    return [], [a for n, d in regime.heldout.items() for a in ("--heldout", f"{n}={d}")]
 
 
 def selection_of(config: dict[str, Any]) -> str | None:
@@ -110,11 +94,11 @@ def _resolve(base: Path, overrides: list[str], where: str, problems: list[str]) 
         return None
 
 
-def plan_runs(spec: StudySpec, regime: Regime, *, extra_eval: bool | None = None) -> list[RunPlan]:
+def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
     """Every job of one regime, each config validated: with the continuation protocol the warm-up run,
     then per seed its start evaluation and every arm's run (seed-major: an interrupted study has whole
     seeds); without it, every (arm, seed) run from random init."""
-    held, fallback = heldout_evaluation(regime, engine_has_extra_eval() if extra_eval is None else extra_eval)
+    held = [f"data.extra_eval.{n}={d}" for n, d in regime.heldout.items()]  # evaluated at every evaluation
     common = [*spec.overrides, f"data.path={regime.data}", *held]
     kinds = [a for k, (d, w) in regime.kinds.items() for a in ("--kind", f"{k}={d}:{w}")]
     br = spec.branch
@@ -141,17 +125,13 @@ def plan_runs(spec: StudySpec, regime: Regime, *, extra_eval: bool | None = None
             warm = add(VANILLA, br.warm_seed, regime.out / "warm", [f"train.steps={br.warm_steps}"], "warm")
         for seed in spec.seeds:
             if warm is not None:
-                start = add(VANILLA, seed, regime.out / "start" / f"seed{seed}", [f"train.steps={br.warm_steps}"],
-                            "start")
-                if start is not None and fallback:
-                    start.probe = ["--run", str(start.dir), *fallback]
+                add(VANILLA, seed, regime.out / "start" / f"seed{seed}", [f"train.steps={br.warm_steps}"], "start")
             for arm in spec.arms:
                 plan = add(arm, seed, regime.out / "runs" / arm.name / f"seed{seed}", [])
                 if plan is None:
                     continue
                 select = selection_of(plan.config)
-                args = [*(["--select", select, *kinds] if select and kinds else []), *fallback]
-                plan.probe = ["--run", str(plan.dir), *args] if args else []
+                plan.probe = ["--run", str(plan.dir), "--select", select, *kinds] if select and kinds else []
         if warm is not None and kinds:
             selects = sorted({s for p in plans if (s := selection_of(p.config))})
             warm.probe = ["--run", str(warm.dir), *(a for s in selects for a in ("--select", s)), *kinds] if selects else []

@@ -1,8 +1,8 @@
 """A study run's probe, on its latest checkpoint once it has trained: which kinds of rows its selection
-keeps, and (when the engine cannot evaluate extra datasets itself) its accuracy on the held-out set.
+keeps (the engine does not log which rows it keeps).
 
     python -m benchmarks.study_probe --run DIR --select loss:1 \\
-        --kind original=DATA_A:0.6 --kind duplicate=DATA_B:0.4 --heldout heldout=DATA_H
+        --kind original=DATA_A:0.6 --kind duplicate=DATA_B:0.4
 
 * ``--select CRITERION:EXIT`` (repeatable) with ``--kind NAME=DIR:SHARE``: score ``--rows`` training rows
   of each kind (a dataset per kind, prepared like the study's) with that early exit and with the full
@@ -10,13 +10,11 @@ keeps, and (when the engine cannot evaluate extra datasets itself) its accuracy 
   and count the kinds among the B rows top-k keeps (by the exit's score, and by the exact loss). This is
   the share of each kind a selecting arm back-propagates at these weights; vanilla and random keep the
   drawn shares.
-* ``--heldout NAME=DIR``: the validation split of DIR evaluated like the engine's evaluation (the run's
-  eval_samples, batch size, and masks keyed on its seed), as ``NAME_val_mlm_acc`` etc.
 * ``--train CONFIG``: first train that run config (`sift train --config CONFIG`) in this process, and
   probe only if it succeeds: the study's jobs do both in one process, which saves a start-up per run.
 
 Writes DIR/probe.json: {"step", "kept": {"loss:1": {"exit": {kind: share}, "exact": {...},
-"drawn": {...}}}, "heldout": {"NAME_val_mlm_acc": ...}}.
+"drawn": {...}}}}.
 """
 
 from __future__ import annotations
@@ -47,36 +45,11 @@ def _pair(text: str, what: str) -> tuple[str, str]:
     return name, value
 
 
-def heldout_metrics(model: Any, cfg: Any, name: str, data: Path) -> dict[str, float]:
-    """The engine's evaluation on ``data``'s eval split: the same row count rule, batches and masks."""
-    import torch
-
-    from data_pipeline.loader import eval_batches
-    from data_pipeline.reader import ShardDataset
-
-    dataset = ShardDataset.open(data, cfg.data.eval_split)
-    n = cfg.train.eval_samples or len(dataset)
-    n = min(n, len(dataset))
-    n -= n % cfg.train.eval_batch_size
-    if n == 0:
-        raise StudyError(f"{data} has fewer {cfg.data.eval_split} rows than one evaluation batch")
-    loss = correct = count = 0.0
-    with torch.no_grad():
-        for b in eval_batches(dataset, seed=cfg.train.seed, rank=0, world_size=1,
-                              batch_size=cfg.train.eval_batch_size, num_samples=n, mask_prob=cfg.data.mask_prob):
-            out = model(**b)
-            loss += float(out["mlm_sum"])
-            correct += float(out["mlm_correct"])
-            count += float(out["mlm_count"])
-    return {f"{name}_val_mlm_acc": correct / max(count, 1.0), f"{name}_val_mlm_loss": loss / max(count, 1.0),
-            f"{name}_val_tokens": int(count)}
-
-
-def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]], heldout: dict[str, Path],
-          rows: int, n_batches: int) -> dict[str, Any]:
+def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]], rows: int,
+          n_batches: int) -> dict[str, Any]:
     cfg, model = load_weights(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
-    result: dict[str, Any] = {"step": summary.get("steps"), "kept": {}, "heldout": {}}
+    result: dict[str, Any] = {"step": summary.get("steps"), "kept": {}}
     if selects and kinds:
         parts = {k: batches(d, "train", rows) for k, (d, _) in kinds.items()}
         weights = {k: w for k, (_, w) in kinds.items()}
@@ -93,8 +66,6 @@ def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]
                 entry[which] = kept_shares({k: v[which] for k, v in scores.items()}, weights, gross=G, keep=B,
                                            batches_=n_batches, rng=rng)
             result["kept"][sel] = entry
-    for name, data in heldout.items():
-        result["heldout"].update(heldout_metrics(model, cfg, name, data))
     return result
 
 
@@ -103,7 +74,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run", type=Path, required=True, help="a run directory with a checkpoint and config.yaml")
     p.add_argument("--select", action="append", default=[], help="CRITERION:EXIT to probe (repeatable)")
     p.add_argument("--kind", action="append", default=[], help="NAME=DIR:SHARE, a dataset of one kind of rows")
-    p.add_argument("--heldout", action="append", default=[], help="NAME=DIR, evaluated on its eval split")
     p.add_argument("--rows", type=int, default=256, help="training rows scored per kind")
     p.add_argument("--batches", type=int, default=2000, help="simulated gross batches")
     p.add_argument("--train", type=Path, help="train this run config first (in this process)")
@@ -121,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             name, value = _pair(item, "--kind")
             path, _, share = value.rpartition(":")
             kinds[name] = (Path(path), float(share))
-        heldout = {n: Path(v) for n, v in (_pair(h, "--heldout") for h in args.heldout)}
-        result = probe(args.run, args.select, kinds, heldout, args.rows, args.batches)
+        result = probe(args.run, args.select, kinds, args.rows, args.batches)
     except (StudyError, ValueError, OSError) as e:
         print(f"study_probe: error: {e}", file=sys.stderr)
         return 2

@@ -100,9 +100,6 @@ def load_run(run_dir: Path, arm: str, seed: int, total_steps: int, start: RunCur
     summary = _json(run_dir / "summary.json") or None
     complete = summary is not None and summary.get("steps") == total_steps
     probe = _json(run_dir / "probe.json")
-    for e in evals:
-        if e["step"] == probe.get("step"):
-            e.update({k: v for k, v in probe.get("heldout", {}).items() if k not in e})
     branch = _json(run_dir / "branch.json")
     origin = {k: float(branch[k]) for k in ("backprop_samples", "hours") if k in branch}
     if start is not None and start.evals and (not evals or start.evals[-1]["step"] < evals[0]["step"]):

@@ -211,24 +211,24 @@ def test_continuation_targets_and_the_kept_and_cost_tables():
     assert costs[0]["cpu_s"]["mean"] == 61.0 and costs[0]["wall_s"]["mean"] == pytest.approx(0.3 * 3600)
 
 
-def test_load_run_joins_the_start_evaluation_probe_and_cpu_trace(tmp_path):
+def test_load_run_joins_the_start_evaluation_branch_point_and_cpu_trace(tmp_path):
     from benchmarks.study_report import load_run
 
     start_dir, run_dir = tmp_path / "start", tmp_path / "run"
     for d in (start_dir, run_dir):
         d.mkdir()
     (start_dir / "metrics.jsonl").write_text(json.dumps(
-        {"event": "eval", "step": 100, "backprop_samples": 1600, "hours": 0.6, "val_mlm_acc": 0.11}) + "\n")
+        {"event": "eval", "step": 100, "backprop_samples": 1600, "hours": 0.6, "val_mlm_acc": 0.11,
+         "heldout_val_mlm_acc": 0.05}) + "\n")
     (start_dir / "summary.json").write_text(json.dumps({"steps": 100}))
-    (start_dir / "probe.json").write_text(json.dumps({"step": 100, "heldout": {"heldout_val_mlm_acc": 0.05}}))
     recs = [{"step": 110, "loss": 3.0}, {"event": "eval", "step": 110, "backprop_samples": 1760, "hours": 0.55,
                                          "val_mlm_acc": 0.12},
             {"step": 120, "loss": 2.9}, {"event": "eval", "step": 120, "backprop_samples": 1920, "hours": 0.6,
-                                         "val_mlm_acc": 0.13}]
+                                         "val_mlm_acc": 0.13, "heldout_val_mlm_acc": 0.07}]
     (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
     (run_dir / "summary.json").write_text(json.dumps({"steps": 120}))
     (run_dir / "branch.json").write_text(json.dumps({"step": 100, "backprop_samples": 1600, "hours": 0.5}))
-    (run_dir / "probe.json").write_text(json.dumps({"step": 120, "heldout": {"heldout_val_mlm_acc": 0.07}}))
+    (run_dir / "probe.json").write_text(json.dumps({"step": 120, "kept": {}}))
     (run_dir / "cputime.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
         {"step": 110, "event": "train", "cpu_s": 9.0, "load1": 2.0}, {"step": 110, "event": "eval", "cpu_s": 10.0,
                                                                       "load1": 2.0},
@@ -239,4 +239,4 @@ def test_load_run_joins_the_start_evaluation_probe_and_cpu_trace(tmp_path):
     assert run.series("val_mlm_acc", "backprop_samples") == ([0, 160, 320], [0.11, 0.12, 0.13])
     assert run.series("val_mlm_acc", "cpu_s") == ([0.0, 10.0, 21.0], [0.11, 0.12, 0.13])
     assert run.series("heldout_val_mlm_acc", "backprop_samples") == ([0, 320], [0.05, 0.07])
-    assert run.load == pytest.approx(8 / 3)
+    assert run.load == pytest.approx(8 / 3) and run.probe == {"step": 120, "kept": {}}

@@ -147,7 +147,7 @@ def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_pat
     assert spec.regimes["input"] == "../shared/corpus/english-reference.parquet"
     regime = study.Regime("noisy", tmp_path / "noisy", tmp_path / "out", {"heldout": tmp_path / "h"},
                           {"noise": (tmp_path / "k", 0.25)})
-    plans = study.plan_runs(spec, regime, extra_eval=False)
+    plans = study.plan_runs(spec, regime)
     W, total = spec.branch.warm_steps, spec.branch.total
     assert [p.kind for p in plans[:3]] == ["warm", "start", "run"] and len(plans) == 1 + len(spec.seeds) * 7
     warm = plans[0]
@@ -155,13 +155,12 @@ def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_pat
     for p in plans[1:]:
         assert p.deps == [warm.key] and p.branch == warm.dir and p.config["optim"]["schedule_steps"] == total
         assert p.steps == (W if p.kind == "start" else total) and p.config["train"]["eval_every"] <= spec.branch.steps
-        assert "--heldout" in p.probe  # no data.extra_eval in this engine: the probe evaluates the held-out set
+    # every run evaluates the held-out set at every evaluation, the warm-up and the start evaluations too
+    assert all(p.config["data"]["extra_eval"] == {"heldout": str(tmp_path / "h")} for p in plans)
     loss1 = next(p for p in plans if p.key == "noisy/loss-1/seed0")
     assert loss1.probe[loss1.probe.index("--select") + 1] == "loss:1" and "--kind" in loss1.probe
-    assert "--select" not in next(p for p in plans if p.key == "noisy/vanilla/seed0").probe
+    assert next(p for p in plans if p.key == "noisy/vanilla/seed0").probe == []
     assert warm.probe.count("--select") == 4  # loss and entropy at exits 1 and 2, scored at the branch point
-    # an engine with data.extra_eval evaluates the held-out set at every evaluation instead
-    assert study.heldout_evaluation(regime, True) == ([f"data.extra_eval.heldout={tmp_path / 'h'}"], [])
 
 
 def run_main(argv, capsys):
