@@ -7,6 +7,17 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from benchmarks.study_markdown import (
+    markdown_comparisons,
+    markdown_costs,
+    markdown_equal_time,
+    markdown_fidelity,
+    markdown_final,
+    markdown_kept,
+    markdown_per_seed,
+    markdown_targets,
+    verdict_lines,
+)
 from benchmarks.study_report import (
     RunCurves,
     auto_targets,
@@ -17,18 +28,9 @@ from benchmarks.study_report import (
     final_table,
     kept_table,
     load_run,
-    markdown_comparisons,
-    markdown_costs,
-    markdown_equal_time,
-    markdown_fidelity,
-    markdown_final,
-    markdown_kept,
-    markdown_per_seed,
-    markdown_targets,
     metric_keys,
     read_metrics,
     target_table,
-    verdict_lines,
 )
 
 if TYPE_CHECKING:
@@ -240,10 +242,30 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
         if res.get("incomplete_runs"):
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
         md += [*(verdict_lines(res["comparisons"], labels, selecting, refs, res.get("metrics", ["val_mlm_acc"]))
-                 or ["(no complete comparison yet)"]), ""]
+                 or ["(no complete comparison yet)"]), *_kept_lines(res.get("kept", []), labels),
+               *_fidelity_lines(res.get("fidelity", []), labels), ""]
     (report / "verdict.json").write_text(json.dumps({"study": record.get("name"), "regimes": summary}, indent=1) + "\n")
     (report / "verdict.md").write_text("\n".join(md))
     return "\n".join(md)
+
+
+def _kept_lines(kept: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """One line per kind of row other than `original`: its share drawn, and kept by each selecting arm."""
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in kept if r["kind"] != "original"):
+        rows = [r for r in kept if r["kind"] == kind and "mean" in r["end_exit"]]
+        if rows:
+            arms = "; ".join(f"{labels.get(r['arm'], r['arm'])} {r['end_exit']['mean']:.1%}" for r in rows)
+            out.append(f"- {kind} rows back-propagated at the end of training: {rows[0]['drawn']:.1%} by vanilla and "
+                       f"random (drawn); {arms}")
+    return out
+
+
+def _fidelity_lines(fidelity: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    cells = [f"{labels.get(r['arm'], r['arm'])} {r['spearman_last_third']:.2f}" for r in fidelity
+             if r.get("spearman_last_third") is not None]
+    return [f"- early-exit fidelity (Spearman with the exact loss, last third of the continuation): {'; '.join(cells)}"
+            ] if cells else []
 
 
 def _portable(obj: Any, out: Path) -> Any:

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from benchmarks.study_markdown import markdown_targets
 from benchmarks.study_report import (
     RunCurves,
     auto_targets,
     fidelity_table,
     final_table,
-    markdown_targets,
     mean_curve,
     paired_difference,
     read_metrics,
