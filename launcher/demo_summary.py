@@ -78,8 +78,9 @@ def selection_stats(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def plot(run: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], baseline: Baseline,
-         title: str) -> Path:
-    """run/demo.png: training MLM loss (left) and validation MLM accuracy against the baseline (right)."""
+         title: str, select_from: int | None = None) -> Path:
+    """run/demo.png: training MLM loss (left) and validation MLM accuracy against the baseline (right),
+    the steps from ``select_from`` on shaded as selecting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -87,11 +88,12 @@ def plot(run: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], ba
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     xs = [r["step"] for r in steps if "mlm_loss" in r]
-    ax.plot(xs, [r["mlm_loss"] for r in steps if "mlm_loss" in r], color="#2171b5", label="training MLM loss")
-    first = next((r["step"] for r in steps if "kept_score" in r), None)
+    ax.plot(xs, [r["mlm_loss"] for r in steps if "mlm_loss" in r], color="#2171b5",
+            label="training MLM loss (of the back-propagated rows)")
     for a in (ax, ax2):
-        if first is not None:
-            a.axvspan(first, max(xs or [first]), color="#fdd0a2", alpha=0.35, label="selecting (SIFT)")
+        if select_from is not None and xs and select_from < max(xs):
+            a.axvspan(select_from, max(xs), color="#fdd0a2", alpha=0.35,
+                      label="selecting: SIFT keeps the highest-loss rows")
         a.set_xlabel("optimizer step")
         a.grid(alpha=0.3)
     ax.set_ylabel("MLM loss (nats)")
@@ -124,7 +126,8 @@ def summary_text(cfg: Any, run: Path, baseline: Baseline, export: str) -> str:
               f"{cfg.sift.schedule} schedule")
     first, last = evals[0], evals[-1]
     ratio = f", {last['val_mlm_acc'] / baseline.accuracy:.1f}x the baseline" if baseline.accuracy else ""
-    path = plot(run, steps, evals, baseline, f"sift demo: {layers}-layer BERT, {method}")
+    path = plot(run, steps, evals, baseline, f"sift demo: {layers}-layer BERT, {method}",
+                select_from=None if cfg.sift.policy == "none" else cfg.sift.warmup_steps)
     lines = [
         "", "=" * 100, "sift demo: summary", "=" * 100,
         f"trained    a {layers}-layer BERT (hidden {hidden}) on {meta['splits']['train']['rows']:,} training rows "
