@@ -135,7 +135,7 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
             it = iter(loader)
             for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
                 next(it)
-            pids = [w.pid for w in getattr(it, "_workers", [])]  # DataLoader internals: benchmark only
+            pids = [w.pid for w in getattr(it.inner, "_workers", [])]  # DataLoader internals: benchmark only
             load = loadavg()
             t, cpu = time.perf_counter(), process_cpu(pids)
             real = 0
@@ -274,4 +274,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.data_loader", lambda _: main(), []))

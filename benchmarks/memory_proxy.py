@@ -76,4 +76,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.memory_proxy", lambda _: main(), []))

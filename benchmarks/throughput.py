@@ -212,10 +212,30 @@ def profile(sched: Any, first_draw: int, steps: int, cuda: bool, path: Path) -> 
     path.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 
-def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
-                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
-                profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
-    """Build (as `sift train` does), measure, free; one result row (ratios are added later)."""
+@dataclass
+class Built:
+    """One variant built as `sift train` builds it: config, model, methods, DeepSpeed engine, schedule."""
+
+    cfg: Any
+    model: Any
+    methods: Any
+    engine: Any
+    stage: int
+    precision: str
+    timer: Any
+    sched: Any
+
+    def destroy(self) -> None:
+        """DeepSpeed's own teardown (optimizer hooks, buffers); the caller drops its reference after."""
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+
+def build_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
+                  extra: list[str]) -> Built:
+    """Model (seeded), methods, engine and schedule of one variant over its synthetic batch pool. Call it
+    inside ``engine.streams.training_stream(device)``, as `sift train` runs."""
     from engine.config import load_config
     from engine.models import build_model
     from engine.models.base import DataFacts
@@ -224,36 +244,46 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
 
     cuda = device.type == "cuda"
     cfg = load_config(None, v.overrides(p, extra))
-    B, G = cfg.train.micro_batch_size, cfg.gross_batch_size
-    baseline = torch.cuda.memory_allocated() if cuda else None  # whatever earlier variants left behind
-    baseline_reserved = torch.cuda.memory_reserved() if cuda else None
-    t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, DataFacts(vocab_size=p.vocab, seq_len=v.seq_len, objective="nsp_pairs", pad_id=PAD))
     methods = prepare_methods(cfg, model)
     engine, stage, precision = build_engine(cfg, model, world_size=1, cuda=cuda)
     attach_methods(methods, model, engine, stage=stage, device=device, rank=0, world_size=1)
     timer = PhaseTimer(cuda)
-    sched = build_schedule(cfg, engine, methods, batches=cycle(pools[(G, v.seq_len)]), device=device, rank=0,
-                           world_size=1, timer=timer)
-    sync(cuda)
-    mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
-    build_s = time.perf_counter() - t0
+    sched = build_schedule(cfg, engine, methods, batches=cycle(pools[(cfg.gross_batch_size, v.seq_len)]),
+                           device=device, rank=0, world_size=1, timer=timer)
+    return Built(cfg, model, methods, engine, stage, precision, timer, sched)
 
-    m = measure(sched, timer, p, cuda, after_warmup)
-    peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
-    # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
-    # training stream, so this is the footprint of scoring concurrently with training.
-    peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
-    flops = model.flops(v.seq_len)
-    if profile_dir is not None:  # after the timed steps, so it cannot perturb them
-        profile(sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
 
-    destroy = getattr(engine, "destroy", None)  # DeepSpeed's own teardown (optimizer hooks, buffers)
-    if destroy is not None:
-        destroy()
-    del sched, engine, model, methods, timer, destroy
-    free_memory(cuda, v.compile)
+def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
+                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
+                profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """Build (as `sift train` does, on the training stream), measure, free; one result row (ratios are
+    added later)."""
+    from engine.streams import training_stream
+
+    cuda = device.type == "cuda"
+    with training_stream(device):
+        baseline = torch.cuda.memory_allocated() if cuda else None  # whatever earlier variants left behind
+        baseline_reserved = torch.cuda.memory_reserved() if cuda else None
+        t0 = time.perf_counter()
+        b = build_variant(v, p, device=device, pools=pools, extra=extra)
+        sync(cuda)
+        mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
+        build_s = time.perf_counter() - t0
+
+        m = measure(b.sched, b.timer, p, cuda, after_warmup)
+        peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
+        # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
+        # training stream, so this is the footprint of scoring concurrently with training.
+        peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
+        flops = b.model.flops(v.seq_len)
+        if profile_dir is not None:  # after the timed steps, so it cannot perturb them
+            profile(b.sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
+        B, G, stage, precision = b.cfg.train.micro_batch_size, b.cfg.gross_batch_size, b.stage, b.precision
+        b.destroy()
+        del b
+        free_memory(cuda, v.compile)
     row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, flops=flops, peak=peak)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
                wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
@@ -424,15 +454,32 @@ def model_layers(p: Preset, extra: list[str]) -> int:
     return cfg.model.num_layers or SIZES[cfg.model.preset].num_layers
 
 
-def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> None:
+def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> str | None:
+    """JSON and markdown table, then the PNG chart. The chart is optional: if it fails (no matplotlib, a
+    broken backend) the tables are already written and the reason is returned instead of raised."""
     from benchmarks import report
 
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(result["rows"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (out / f"{stem}.md").write_text(report.markdown(result))
-    if chart:
+    if not chart:
+        return None
+    try:
         report.chart(result, out / f"{stem}.png")
+    except Exception as e:  # any failure of the plotting stack; the measurements are safe on disk
+        log.warning("chart not written (%s: %s); the JSON and markdown tables are", type(e).__name__, e)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def finish(result: dict[str, Any], out: Path, stem: str, chart: bool) -> int:
+    """Write the outputs, print the table and where everything went."""
+    chart_error = write_outputs(result, out, stem, chart)
+    print((out / f"{stem}.md").read_text())
+    made = ".json, .md" + (", .png" if chart and chart_error is None else "")
+    print(f"wrote {out / stem}{made}" + (f" (no chart: {chart_error})" if chart_error else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,10 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DSConfigError) as e:
         print(f"sift bench: error: {e}", file=sys.stderr)
         return 2
-    write_outputs(result, out, stem, chart=not args.no_chart)
-    print((out / f"{stem}.md").read_text())
-    print(f"wrote {out / stem}.json, .md" + ("" if args.no_chart else ", .png"))
-    return 0
+    return finish(result, out, stem, chart=not args.no_chart)
 
 
 if __name__ == "__main__":

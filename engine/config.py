@@ -362,7 +362,10 @@ def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> 
                 continue
             kwargs[key] = _build(tp, value, path, problems)
         else:
-            kwargs[key] = _coerce(value, tp, path, problems)
+            before = len(problems)
+            value = _coerce(value, tp, path, problems)
+            if len(problems) == before:  # a value of the wrong type keeps the default, so that the
+                kwargs[key] = value      # value checks below can still run on a well-typed config
     return cls(**kwargs)
 
 
@@ -418,8 +421,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(tree, key, value)
     problems: list[str] = []
     cfg = _build(RunConfig, tree, "", problems)
-    if not problems:
-        problems = validate(cfg)
+    # Value checks run even after key/type errors: one message lists every problem. A key whose type
+    # was wrong holds its default now, so a value check that names it would only mislead.
+    mistyped = {p.split(":", 1)[0] for p in problems if ": unknown key" not in p}
+    problems += [p for p in validate(cfg) if not any(key in p for key in mistyped)]
     if problems:
         raise ConfigError(problems, source)
     return cfg
