@@ -40,9 +40,10 @@ def schedule_horizon(cfg: OptimConfig, train_steps: int) -> int:
     return cfg.schedule_steps if cfg.schedule_steps is not None else train_steps
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, train_steps: int, cuda: bool):
-    """AdamW and its LambdaLR schedule over ``schedule_horizon(cfg, train_steps)`` steps."""
-    total_steps = schedule_horizon(cfg, train_steps)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cuda: bool):
+    """AdamW and its LambdaLR schedule over ``schedule_horizon(cfg, total_steps)`` steps (``total_steps``:
+    the run's train.steps)."""
+    total_steps = schedule_horizon(cfg, total_steps)
     fused = cfg.fused if cfg.fused is not None else cuda
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None
