@@ -154,9 +154,12 @@ def verdict_lines(rows: list[dict[str, Any]], labels: dict[str, str], arms: Sequ
                     hit = [f"{labels.get(r['arm'], r['arm'])} ({_pp(r)})" for r in mine if r["verdict"] == word]
                     if hit:
                         parts.append(f"**{word}**: " + "; ".join(hit))
-                rest = [labels.get(r["arm"], r["arm"]) for r in mine if r["verdict"] not in ("better", "worse")]
+                rest = [labels.get(r["arm"], r["arm"]) for r in mine if r["verdict"] == "n.s."]
                 if rest:
                     parts.append("within the interval: " + ", ".join(rest))
+                few = [labels.get(r["arm"], r["arm"]) for r in mine if r["verdict"] == "–"]
+                if few:
+                    parts.append("one seed, no interval yet: " + ", ".join(few))
                 out.append(f"- {metric}, vs {ref}, at {AXIS_NAMES[axis]}: " + "; ".join(parts))
     return out
 

@@ -240,3 +240,16 @@ def test_load_run_joins_the_start_evaluation_branch_point_and_cpu_trace(tmp_path
     assert run.series("val_mlm_acc", "cpu_s") == ([0.0, 10.0, 21.0], [0.11, 0.12, 0.13])
     assert run.series("heldout_val_mlm_acc", "backprop_samples") == ([0, 320], [0.05, 0.07])
     assert run.load == pytest.approx(8 / 3) and run.probe == {"step": 120, "kept": {}}
+
+
+def test_verdict_lines_sort_arms_by_what_their_interval_says():
+    from benchmarks.study_markdown import verdict_lines
+
+    rows = [{"arm": a, "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": n, "mean": m,
+             "lo": m - 0.001, "hi": m + 0.001, "verdict": v} for a, n, m, v in
+            (("up", 5, 0.004, "better"), ("down", 5, -0.004, "worse"), ("flat", 5, 0.0, "n.s."))]
+    rows.append({"arm": "new", "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": 1,
+                 "mean": 0.01, "verdict": "–"})
+    (line,) = verdict_lines(rows, {}, ["up", "down", "flat", "new"], ["vanilla"], ["val_mlm_acc"])
+    assert "**better**: up (+0.40 [+0.30, +0.50])" in line and "**worse**: down (-0.40 [-0.50, -0.30])" in line
+    assert "within the interval: flat" in line and "one seed, no interval yet: new" in line
