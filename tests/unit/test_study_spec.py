@@ -227,3 +227,14 @@ def test_comparable_ignores_locations_and_vanilla_selection_settings():
     sift = [{**c, "sift": {**c["sift"], "policy": "topk"}} for c in (base, moved)]
     assert study.comparable(sift[0]) != study.comparable(sift[1])
     assert study.comparable({**base, "train": {"out_dir": "/x", "steps": 6}}) != study.comparable(base)
+
+
+def test_regimes_preset_without_its_corpus_says_so(tmp_path, capsys):
+    """A clone without ../shared/: the regimes study cannot build its data and says what to do instead."""
+    tree = yaml.safe_load(study.PRESETS["regimes-cpu"].read_text())
+    tree["study"]["regimes"]["input"] = "../no-such-dir/corpus.parquet"
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(tree))
+    code, out = run_main(["--config", str(spec_path), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "s")],
+                         capsys)
+    assert code == 2 and "which is not there" in out.err and "Traceback" not in out.err
