@@ -95,7 +95,11 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     warmup_fraction: float = 0.002
-    """Linear warm-up over this fraction of train.steps, then linear decay to 0 (the paper)."""
+    """Linear warm-up over this fraction of the schedule's horizon, then linear decay to 0 (the paper)."""
+    schedule_steps: int | None = None
+    """The LR schedule's horizon in optimizer steps (None: train.steps). A run that stops early and is
+    continued later, e.g. a warm-up run of W steps continued to W + C by several runs, sets W + C here
+    so that both parts follow one schedule; must be >= train.steps."""
     decay: str = "linear"
     """linear or constant after warm-up."""
     grad_clip: float = 1.0
@@ -271,6 +275,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.mask_prob: must be in (0, 1), got {cfg.data.mask_prob}")
     if o.lr <= 0:
         p.append(f"optim.lr: must be > 0, got {o.lr}")
+    if o.schedule_steps is not None and o.schedule_steps < t.steps:
+        p.append(f"optim.schedule_steps={o.schedule_steps} is shorter than train.steps={t.steps}: the learning rate "
+                 "would be 0 for the last steps; use null (= train.steps) or a horizon >= train.steps")
     if not 0.0 <= o.warmup_fraction < 1.0:
         p.append(f"optim.warmup_fraction: must be in [0, 1), got {o.warmup_fraction}")
     if not all(0.0 <= b < 1.0 for b in o.betas):

@@ -2,8 +2,10 @@
 
 1. writes a default corpus (text shipped with Python plus generated documents of varied difficulty),
 2. prepares it into Arrow shards with a freshly trained WordPiece tokenizer (`sift prepare`),
-3. trains a tiny BERT with loss-SIFT (exit at layer 1, pipelined schedule) per configs/demo-cpu.yaml,
-4. says where the results are.
+3. trains a tiny BERT per configs/demo-cpu.yaml: vanilla until it has left the initial plateau, then
+   loss-SIFT (exit at layer 1, pipelined schedule),
+4. prints a one-screen summary (accuracy against the most-frequent-token baseline, how selection behaved)
+   and writes a plot of the run (<out>/train/demo.png).
 
 Extra arguments are config overrides, e.g. `sift demo train.steps=200 sift.criterion=entropy`.
 """
@@ -52,11 +54,14 @@ def main(argv: list[str] | None = None) -> int:
     overrides = [f"data.path={data}", f"train.out_dir={run}", *args.overrides]
     code = train_main(["--config", str(DEMO_CONFIG), *overrides])
     if code == 0:
-        print(
-            f"\nresults: {run}/summary.json, {run}/metrics.jsonl, checkpoints in {run}/checkpoints\n"
-            f"  tensorboard --logdir {run}/tb\n"
-            f"  sift export {run} --out {args.out}/hf    # a Hugging Face model for pipeline('fill-mask')"
-        )
+        from engine.config import load_config
+        from launcher.demo_summary import frequent_token_baseline, summary_text
+
+        cfg = load_config(DEMO_CONFIG, overrides)
+        baseline = frequent_token_baseline(data, seed=cfg.train.seed, eval_samples=cfg.train.eval_samples,
+                                           batch_size=cfg.train.eval_batch_size, mask_prob=cfg.data.mask_prob)
+        export = f"sift export {run} --out {args.out}/hf    # a Hugging Face model for pipeline('fill-mask')"
+        print(summary_text(cfg, run, baseline, export))
     return code
 
 
