@@ -25,8 +25,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
-import platform
 import shlex
 import signal
 import subprocess
@@ -39,17 +37,18 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project importable without installing it
-    sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
 from benchmarks.study_jobs import EventLog, RunPlan, child_env, execute, run_state  # noqa: E402
 from benchmarks.study_spec import VANILLA, Arm, StudyError, StudySpec, build_spec  # noqa: E402
 from engine.config import ConfigError, load_config, to_dict  # noqa: E402
+from engine.resources import resolve  # noqa: E402
+from sift_common.logs import setup_logging  # noqa: E402
+from sift_common.provenance import git_commit, load_average, machine, versions  # noqa: E402
 
-PRESETS = {"cpu": REPO / "configs" / "study-cpu.yaml", "gpu": REPO / "configs" / "study-gpu.yaml",
-           "regimes-cpu": REPO / "configs" / "study-regimes-cpu.yaml"}
+PRESETS = {name: resolve(f"study-{name}", "configs") for name in ("cpu", "gpu", "regimes-cpu")}
+"""Preset name -> the shipped study file (configs/, package data: engine/resources.py)."""
 MARKER = "study-run.json"  # in each run directory: the config and data it was made with
 log = logging.getLogger("sift.study")
 
@@ -187,16 +186,17 @@ def ensure_data(spec: StudySpec, data: Path) -> None:
     if spec.prepare is None:
         raise StudyError(f"no prepared dataset at {data} (index.json missing): make one with "
                          f"`sift prepare INPUTS --out {data} --seq-len 128 ...`, or pass --data DIR")
-    inputs = [str(p if p.is_absolute() else REPO / p) for p in map(Path, spec.prepare.inputs)]
+    inputs = [str(Path(p).resolve()) for p in spec.prepare.inputs]
     missing = [i for i, p in zip(spec.prepare.inputs, inputs) if not Path(p).exists()]
     if missing:
-        raise StudyError(f"the study prepares its data from {', '.join(missing)} (relative to the repository), "
+        raise StudyError(f"the study prepares its data from {', '.join(missing)} (relative to the current "
+                         "directory: run it from the repository root), "
                          f"which is not there; pass --data DIR with shards made by `sift prepare`")
     if data.exists() and any(data.iterdir()):
         raise StudyError(f"{data} exists but holds no complete dataset (no index.json); remove it or pass --data")
     cmd = [sys.executable, "-m", "data_pipeline.prepare", *inputs, "--out", str(data), *spec.prepare.args]
     log.info("preparing the data: %s", shlex.join(cmd))
-    if subprocess.run(cmd, cwd=REPO, env=child_env({})).returncode != 0:
+    if subprocess.run(cmd, env=child_env({})).returncode != 0:
         raise StudyError(f"`sift prepare` failed; see its message above ({shlex.join(cmd)})")
 
 
@@ -217,7 +217,7 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
 
     tree = dict(spec.regimes)
     source = Path(str(tree.get("input", "")))
-    tree["input"] = str((source if source.is_absolute() else REPO / source).resolve())
+    tree["input"] = str(source.resolve())
     cfg = RegimeConfig.from_dict(tree)
     unknown = [n for n in names or [] if n not in cfg.names]
     if unknown:
@@ -226,7 +226,7 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
     manifest_path = data / "regimes.json"
     if build:
         if not Path(cfg.input).is_file():
-            raise StudyError(f"the study builds its data from {source} (relative to the repository), which is not "
+            raise StudyError(f"the study builds its data from {source} (relative to the current directory), which is not "
                              "there; set study.regimes.input to a corpus, or pass --data with regimes built by "
                              "`python -m benchmarks.study_regimes`")
         manifest = build_regimes(cfg, data)
@@ -246,44 +246,6 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
 
 
 # ----------------------------------------------------------------------------- provenance
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": len(os.sched_getaffinity(0))}
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        info["memory_gib"] = round(next(int(ln.split()[1]) for ln in lines if ln.startswith("MemTotal")) / 2**20, 1)
-    versions = {}
-    for mod in ("torch", "deepspeed", "transformers", "numpy", "matplotlib"):
-        with contextlib.suppress(Exception):
-            versions[mod] = __import__(mod).__version__
-    info["versions"] = versions
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
-def load_average() -> list[float] | None:
-    with contextlib.suppress(OSError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return None
 
 
 # ----------------------------------------------------------------------------- command line
@@ -324,26 +286,22 @@ def resolve_paths(args: argparse.Namespace, spec: StudySpec) -> tuple[Path, Path
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     source = Path(args.config) if args.config else PRESETS[args.preset or "cpu"]
-    try:
-        spec = build_spec(source, seeds=args.seeds, arms=args.arms, targets=args.targets,
-                          parallel=args.parallel, overrides=args.overrides, warm_steps=args.warm_steps,
-                          continue_steps=args.continue_steps)
-        spec.name = args.name or spec.name
-        data, out, report_dir = resolve_paths(args, spec)
-        names = [n.strip() for n in args.regimes.split(",") if n.strip()] if args.regimes else None
-        regimes = regimes_of(spec, data, out, names=names, build=not (args.report_only or args.dry_run))
-        data_ids = {r.name: data_fingerprint(r.data) if (r.data / "index.json").is_file() else {"index_sha256": None}
-                    for r in regimes}
-        plans = {r.name: plan_runs(spec, r) for r in regimes}
-        if not args.report_only:
-            for r in regimes:
-                for plan in plans[r.name]:
-                    check_marker(plan, data_ids[r.name])
-    except StudyError as e:
-        print(f"sift study: error: {e}", file=sys.stderr)
-        return 2
+    spec = build_spec(source, seeds=args.seeds, arms=args.arms, targets=args.targets,
+                      parallel=args.parallel, overrides=args.overrides, warm_steps=args.warm_steps,
+                      continue_steps=args.continue_steps)
+    spec.name = args.name or spec.name
+    data, out, report_dir = resolve_paths(args, spec)
+    names = [n.strip() for n in args.regimes.split(",") if n.strip()] if args.regimes else None
+    regimes = regimes_of(spec, data, out, names=names, build=not (args.report_only or args.dry_run))
+    data_ids = {r.name: data_fingerprint(r.data) if (r.data / "index.json").is_file() else {"index_sha256": None}
+                for r in regimes}
+    plans = {r.name: plan_runs(spec, r) for r in regimes}
+    if not args.report_only:
+        for r in regimes:
+            for plan in plans[r.name]:
+                check_marker(plan, data_ids[r.name])
     every = [p for r in regimes for p in plans[r.name]]
 
     if args.dry_run:
@@ -421,7 +379,7 @@ def write_study_record(out: Path, spec: StudySpec, data: Path, data_ids: dict[st
         record["invocations"].append({
             "command": shlex.join(["sift", "study", *map(portable_arg, argv)]),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "machine": machine_info(),
+            "commit": git_commit(), "machine": {**machine(), "versions": versions()},
         })
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -446,4 +404,6 @@ def _repo_relative(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["study", *sys.argv[1:]]))

@@ -34,7 +34,6 @@ from typing import Any
 import yaml
 
 log = logging.getLogger("sift.study")
-REPO = Path(__file__).resolve().parents[1]
 PROBE_FILE = "probe.json"
 CPU_FILE = "cputime.jsonl"
 BRANCH_FILE = "branch.json"  # in a continuation: the branch point (step, samples, hours of the warm-up run)
@@ -205,7 +204,6 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(var, None)  # each run is its own one-process world (launcher/train.py picks a port)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     # DeepSpeed JIT-builds an op into torch's extension cache, shared by every Python environment of the
     # user: environments with other DeepSpeed installs rebuild it in turn, and a process killed while
@@ -308,11 +306,11 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
             config = plan.dir / "config.yaml"
             config.write_text(yaml.safe_dump(plan.config, sort_keys=False))
             cmd = ([sys.executable, "-m", "benchmarks.study_probe", "--train", str(config), *plan.probe] if plan.probe
-                   else [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(config)])
+                   else [sys.executable, "-m", "launcher.train", "--config", str(config)])
             phase = "train"
         logf.write(f"\n=== sift study: {action} {plan.key} at step {step} ({datetime.now().isoformat()}) ===\n")
         logf.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env({**slots[slot], **env}), stdout=logf,
+        proc = subprocess.Popen(cmd, env=child_env({**slots[slot], **env}), stdout=logf,
                                 stderr=subprocess.STDOUT)
         trace = CpuTrace(plan.dir, proc.pid, step) if phase == "train" else None
         running[slot] = _Running(proc, plan, phase, time.time(), logf, trace)

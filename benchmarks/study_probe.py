@@ -26,14 +26,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks.study_sources import batches, kept_shares, load_weights, source_scores  # noqa: E402
-from benchmarks.study_spec import StudyError  # noqa: E402
+from benchmarks.study_sources import batches, kept_shares, load_weights, source_scores
+from benchmarks.study_spec import StudyError
+from sift_common.logs import setup_logging
 
 log = logging.getLogger("sift.study.probe")
 
@@ -84,17 +81,13 @@ def main(argv: list[str] | None = None) -> int:
         code = train_main(["--config", str(args.train)])
         if code:
             return code
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        kinds = {}
-        for item in args.kind:
-            name, value = _pair(item, "--kind")
-            path, _, share = value.rpartition(":")
-            kinds[name] = (Path(path), float(share))
-        result = probe(args.run, args.select, kinds, args.rows, args.batches)
-    except (StudyError, ValueError, OSError) as e:
-        print(f"study_probe: error: {e}", file=sys.stderr)
-        return 2
+    setup_logging()
+    kinds = {}
+    for item in args.kind:
+        name, value = _pair(item, "--kind")
+        path, _, share = value.rpartition(":")
+        kinds[name] = (Path(path), float(share))
+    result = probe(args.run, args.select, kinds, args.rows, args.batches)
     tmp = args.run / "probe.json.tmp"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     tmp.replace(args.run / "probe.json")
@@ -103,4 +96,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.study_probe", main, sys.argv[1:]))

@@ -35,13 +35,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from benchmarks.study_spec import StudyError  # noqa: E402
+from benchmarks.study_spec import StudyError
+from sift_common.logs import setup_logging
 
 log = logging.getLogger("sift.study.regimes")
 
@@ -279,7 +276,7 @@ def prepare(inputs: Path, out: Path, args: list[str]) -> None:
     cmd = [sys.executable, "-m", "data_pipeline.prepare", str(inputs), "--out", str(out), "--text-field", "text",
            "--id-field", "id", "--split-by", "id", "--overwrite", "--log-level", "WARNING", *args]
     log.info("sift prepare -> %s", out)
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:
         raise StudyError(f"`sift prepare` failed for {inputs} -> {out}")
 
 
@@ -370,19 +367,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-group", default=None)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        cfg = RegimeConfig.from_dict({"input": str(Path(args.input).resolve()), "names": args.regimes.split(","),
-                                      "text_field": args.text_field, "id_field": args.id_field,
-                                      "group_field": args.group_field or None, "heldout_group": args.heldout_group,
-                                      "seed": args.seed}, "command line")
-        manifest = build(cfg, args.out)
-    except StudyError as e:
-        print(f"study_regimes: error: {e}", file=sys.stderr)
-        return 2
+    setup_logging()
+    cfg = RegimeConfig.from_dict({"input": str(Path(args.input).resolve()), "names": args.regimes.split(","),
+                                  "text_field": args.text_field, "id_field": args.id_field,
+                                  "group_field": args.group_field or None, "heldout_group": args.heldout_group,
+                                  "seed": args.seed}, "command line")
+    manifest = build(cfg, args.out)
     print(json.dumps(manifest["regimes"], indent=1))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.study_regimes", main, sys.argv[1:]))

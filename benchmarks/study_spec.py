@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from engine.models.presets import PRESETS
+from sift_common.errors import SiftError
 
 ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J (J a layer number, L or L/2), or a mapping "
                "{name: ..., overrides: [key=value, ...], label: ...}")
@@ -44,7 +45,7 @@ RUN_KEYS = ("train.seed", "train.out_dir")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-class StudyError(ValueError):
+class StudyError(SiftError, ValueError):
     """A study the user asked for that cannot run (bad preset, arm, seed list, data path)."""
 
 
@@ -122,7 +123,9 @@ def parse_arm(spec: Any, num_layers: int) -> Arm:
     if text == "random":
         return RANDOM
     criterion, sep, layer = text.partition(":")
-    if criterion in ("loss", "entropy") and sep:
+    from engine.scoring import CRITERIA
+
+    if criterion in CRITERIA and sep:
         return sift_arm(criterion, _layer(layer, num_layers, spec))
     raise StudyError(f"arm {spec!r} is not understood; expected {ARM_GRAMMAR}")
 

@@ -17,7 +17,8 @@ import shutil
 import sys
 from pathlib import Path
 
-DEMO_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo-cpu.yaml"
+DEMO_CONFIG = "demo-cpu"
+"""The shipped run config the demo trains with (configs/demo-cpu.yaml, package data)."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,11 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fresh", action="store_true", help="re-prepare the data and train from scratch")
     p.add_argument("overrides", nargs="*", help="config overrides for training (section.key=value)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    if not DEMO_CONFIG.is_file():
-        print(f"sift demo: error: {DEMO_CONFIG} is missing; run the demo from a clone of the repository "
-              "(pip install -e .)", file=sys.stderr)
-        return 2
-
     from data_pipeline import prepare
     from data_pipeline.demo_corpus import write_demo_corpus
 
@@ -48,11 +44,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from launcher.train import main as train_main
 
-    print(f"[3/3] training a tiny BERT with SIFT ({DEMO_CONFIG.name}); metrics stream to {run / 'metrics.jsonl'}")
+    print(f"[3/3] training a tiny BERT with SIFT (configs/{DEMO_CONFIG}.yaml); metrics stream to "
+          f"{run / 'metrics.jsonl'}")
     if args.fresh and run.is_dir():
         shutil.rmtree(run)
     overrides = [f"data.path={data}", f"train.out_dir={run}", *args.overrides]
-    code = train_main(["--config", str(DEMO_CONFIG), *overrides])
+    code = train_main(["--config", DEMO_CONFIG, *overrides])
     if code == 0:
         from engine.config import load_config
         from launcher.demo_summary import frequent_token_baseline, summary_text
@@ -66,4 +63,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["demo", *sys.argv[1:]]))

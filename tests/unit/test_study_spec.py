@@ -164,7 +164,10 @@ def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_pat
 
 
 def run_main(argv, capsys):
-    code = study.main(argv)
+    """`sift study ...` as the command line runs it (errors become a message and exit status 2)."""
+    from launcher.cli import main as sift
+
+    code = sift(["study", *argv])
     return code, capsys.readouterr()
 
 
