@@ -1,6 +1,6 @@
 """Data pipeline benchmark: loader, prepare, reader memory and sampler start-up, on CPU.
 
-    python benchmarks/data_loader.py --out benchmarks/results/data_loader-cpu.json
+    python -m benchmarks.data_loader --out benchmarks/results/data_loader-cpu.json     # from the repository root
 
 Measures (targets from the data-pipeline issue, for a 2-core machine):
 
@@ -21,7 +21,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import resource
 import shlex
 import subprocess
@@ -31,13 +30,14 @@ import time
 from itertools import islice
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project importable without installing it
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
+from sift_common.errors import SiftError
+from sift_common.logs import setup_logging
+from sift_common.provenance import cpu_seconds, load_average, provenance
 
-SHARED_CORPUS = REPO.parent / "shared" / "corpus" / "english-reference.parquet"
+SHARED_CORPUS = Path("..") / "shared" / "corpus" / "english-reference.parquet"
+"""The workplace's reference corpus, looked for next to the directory the benchmark runs from."""
 SEQ_LEN, G = 512, 64
 log = logging.getLogger("bench.data_loader")
 
@@ -45,36 +45,6 @@ log = logging.getLogger("bench.data_loader")
 def _proc_field(path: str, key: str) -> str | None:
     with open(path) as f:
         return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(key)), None)
-
-
-def machine() -> dict:
-    import pyarrow
-    import tokenizers
-    import torch
-    import transformers
-
-    cpu = _proc_field("/proc/cpuinfo", "model name") or "?"
-    mem_kb = int((_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0])
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "memory_gib": round(mem_kb / 2**20, 1),
-        "os": platform.platform(),
-        "python": platform.python_version(),
-        "versions": {
-            "torch": torch.__version__,
-            "numpy": np.__version__,
-            "pyarrow": pyarrow.__version__,
-            "tokenizers": tokenizers.__version__,
-            "transformers": transformers.__version__,
-        },
-    }
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process plus its reaped children: a machine-load-independent cost measure."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def process_cpu(pids: list[int]) -> float:
@@ -88,8 +58,8 @@ def process_cpu(pids: list[int]) -> float:
     return total
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
+def loadavg() -> list[float] | None:
+    return load_average()
 
 
 def run_prepare(argv: list[str]) -> dict:
@@ -97,7 +67,7 @@ def run_prepare(argv: list[str]) -> dict:
 
     code = prepare.main([*argv, "--log-level", "WARNING"])
     if code != 0:
-        raise SystemExit(f"prepare failed with status {code}: {argv}")
+        raise SiftError(f"prepare failed with status {code}: {argv}")
     return json.loads((Path(argv[argv.index("--out") + 1]) / "index.json").read_text())
 
 
@@ -165,7 +135,7 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
             it = iter(loader)
             for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
                 next(it)
-            pids = [w.pid for w in getattr(it, "_workers", [])]  # DataLoader internals: benchmark only
+            pids = [w.pid for w in getattr(it.inner, "_workers", [])]  # DataLoader internals: benchmark only
             load = loadavg()
             t, cpu = time.perf_counter(), process_cpu(pids)
             real = 0
@@ -265,8 +235,8 @@ def bench_rss(work: Path, rows_per_shard: int = 16384) -> list[dict]:
     for shards in (1, 4, 16):
         root = work / f"synthetic-{shards}"
         write_synthetic(root, shards, rows_per_shard)
-        proc = subprocess.run([sys.executable, __file__, "--rss-probe", str(root)], capture_output=True, text=True,
-                              check=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.data_loader", "--rss-probe", str(root)], capture_output=True, text=True,
+                              check=True)  # fmt: skip
         probe = json.loads(proc.stdout.strip().splitlines()[-1])
         probe["dataset_MiB"] = round(sum(p.stat().st_size for p in root.glob("*.arrow")) / 2**20, 1)
         out.append(probe)
@@ -283,18 +253,10 @@ def main() -> int:
     if args.rss_probe:
         print(json.dumps(rss_probe(args.rss_probe)))
         return 0
-    logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
+    setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    results: dict = {
-        "benchmark": "data_loader",
-        "command": "python benchmarks/data_loader.py"
-        + (f" --out {shlex.quote(args.out)}" if args.out else ""),
-        "git_commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-        ).stdout.strip(),
-        "machine": machine(),
-        "load_at_start": loadavg(),
-    }
+    command = "python -m benchmarks.data_loader" + (f" --out {shlex.quote(args.out)}" if args.out else "")
+    results: dict = {"benchmark": "data_loader", **provenance(command), "load_at_start": loadavg()}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         results["sampler_startup"] = bench_sampler()
@@ -312,4 +274,6 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.data_loader", lambda _: main(), []))

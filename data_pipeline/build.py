@@ -3,7 +3,8 @@
 Documents stream from the inputs, are assigned to train/validation by a hash of their text (or id),
 grouped into chunks per split, and tokenized + turned into rows by a process pool; the main process
 writes shards as results arrive, in chunk order, so the output does not depend on ``--num-proc``.
-``index.json`` is written last and atomically; on any failure, what this run wrote is removed.
+The dataset is built in a hidden directory inside the output and swapped in at the end, ``index.json``
+last; on any failure, what this run built is removed and an old dataset there is left as it was.
 """
 
 from __future__ import annotations
@@ -33,12 +34,15 @@ from data_pipeline.instances import InstanceConfig, Rows, build_rows
 from data_pipeline.shards import SHARD_SUFFIX, ShardWriter, token_dtype_for
 from data_pipeline.sources import Document, ReadStats, SourceOptions, iter_documents, resolve_inputs
 from data_pipeline.tokenization import (
+    MAX_WORD_CHARS,
+    LongWords,
     SentenceSplitter,
     check_tokenizer_fits,
     load_tokenizer,
     special_ids,
     train_wordpiece,
 )
+from sift_common.atomic import fsync_dir
 
 log = logging.getLogger("sift.prepare")
 
@@ -53,6 +57,9 @@ CHUNK_DOCS, CHUNK_CHARS = 256, 2 << 20
 # ----------------------------------------------------------------------------------------------------
 
 
+BUILD_PREFIX = ".tmp-prepare-"
+
+
 def _our_files(out: Path) -> list[Path]:
     return [
         p
@@ -65,27 +72,46 @@ def _our_files(out: Path) -> list[Path]:
     ]
 
 
-def prepare_output(out: Path, overwrite: bool) -> None:
-    """Create ``out`` or make it safe to write: refuse to clobber a dataset unless ``overwrite``."""
+def prepare_output(out: Path, overwrite: bool) -> Path:
+    """Check ``out`` before any work and return a new, empty build directory inside it.
+
+    Refuses to replace a dataset (or leftovers of an unfinished prepare) unless ``overwrite``, and an
+    output that cannot be written, in one line. Nothing already in ``out`` is touched here: the new
+    dataset is built aside and swapped in by ``install`` only once it is complete.
+    """
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} exists and is not a directory")
-    if not out.exists():
-        out.mkdir(parents=True)
-        return
-    ours = _our_files(out)
-    if not ours:
-        return
-    if not overwrite:
+    if out.is_dir() and _our_files(out) and not overwrite:
         what = (
             "a dataset (index.json)"
             if (out / INDEX_NAME).exists()
-            else "shard files of an unfinished prepare"
+            else "files of an unfinished prepare"
         )
         raise DataError(f"output directory {out} already holds {what}; pass --overwrite to replace it")
-    # The index goes first: from this instant on, the old dataset is no longer "complete".
+    try:  # the real test of writability (permissions, read-only mounts, ACLs): create the build directory
+        out.mkdir(parents=True, exist_ok=True)
+        build_dir = out / f"{BUILD_PREFIX}{os.getpid()}"
+        shutil.rmtree(build_dir, ignore_errors=True)
+        build_dir.mkdir()
+    except OSError as e:
+        raise DataError(f"cannot write to the output directory {out}: {e.strerror or e}") from None
+    return build_dir
+
+
+def install(build_dir: Path, out: Path) -> None:
+    """Swap a complete dataset from ``build_dir`` into ``out``: the old index goes first (the old dataset
+    stops being complete), then the old shards and tokenizer, then the new files are renamed in (same
+    filesystem: no copy) and the new index.json last, so a reader never sees a mix."""
     (out / INDEX_NAME).unlink(missing_ok=True)
-    for p in ours:
-        shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in _our_files(out):
+        if p != build_dir:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    for p in sorted(build_dir.iterdir()):
+        if p.name != INDEX_NAME:
+            os.replace(p, out / p.name)
+    os.replace(build_dir / INDEX_NAME, out / INDEX_NAME)
+    fsync_dir(out)
+    build_dir.rmdir()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -173,15 +199,43 @@ class Summary:
     seconds: float = 0.0
 
 
+class Progress:
+    """A log line at most every ``every`` seconds during a long phase (counts so far)."""
+
+    def __init__(self, phase: str, every: float = 30.0):
+        self.phase, self.every = phase, every
+        self.t0 = self.last = time.perf_counter()
+
+    def tick(self, **counts: int) -> None:
+        now = time.perf_counter()
+        if now - self.last >= self.every:
+            self.last = now
+            done = ", ".join(f"{v:,} {k}" for k, v in counts.items())
+            log.info("%s: %s so far (%.0f s)", self.phase, done, now - self.t0)
+
+
 def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
     stats = ReadStats(warn=False)
-    texts = (d.text for d in islice(iter_documents(resolved, opts, stats), args.max_docs))
-    if args.tokenizer_train_docs is not None:
-        texts = islice(texts, args.tokenizer_train_docs)
+    progress = Progress("tokenizer training, reading")
+    chars = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal chars
+        docs = islice(iter_documents(resolved, opts, stats), args.max_docs)
+        for doc in islice(docs, args.tokenizer_train_docs):
+            chars += len(doc.text)
+            progress.tick(documents=stats.documents, characters=chars)
+            yield doc.text
+
     log.info("training an uncased WordPiece tokenizer (vocab %d) on the input", args.vocab_size)
-    tok = train_wordpiece(texts, args.vocab_size, out_dir, min_frequency=args.min_frequency)
+    long_words = LongWords()
+    tok = train_wordpiece(texts(), args.vocab_size, out_dir, min_frequency=args.min_frequency,
+                          long_words=long_words)  # fmt: skip
     if stats.documents == 0:
         raise DataError(f"empty input: no documents in {', '.join(loc for _, loc in resolved)}")
+    if long_words.count:
+        log.warning("left %d word(s) longer than %d characters out of tokenizer training (they encode as "
+                    "[UNK]; first: %s)", long_words.count, MAX_WORD_CHARS, long_words.first)  # fmt: skip
     return tok
 
 
@@ -189,27 +243,28 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     """Prepare the dataset described by parsed (and validated) ``args``; returns the written index."""
     t0 = time.perf_counter()
     out = Path(args.out)
-    opts = SourceOptions(args.text_field, args.id_field, args.txt_mode, args.hf_config, args.hf_split)
+    opts = SourceOptions(args.text_field, args.id_field, args.txt_mode, args.hf_config, args.hf_split,
+                         max_undecodable=args.max_undecodable)  # fmt: skip
     resolved = resolve_inputs(args.inputs)
+    build_dir = prepare_output(out, args.overwrite)
     tok = None
     args.train_tokenizer = not args.tokenizer  # the offline default; recorded as such in index.json
-    if args.tokenizer:  # load before touching --out: the tokenizer may live in the old dataset there
-        tok = load_tokenizer(args.tokenizer)
-        check_tokenizer_fits(len(tok), args.tokenizer, args.max_vocab_size)
-        special_ids(tok, args.tokenizer)
-    prepare_output(out, args.overwrite)
     try:
-        if tok is None:
-            tok = _train_tokenizer(args, resolved, opts, out / TOKENIZER_DIR)
-            check_tokenizer_fits(len(tok), "trained", args.max_vocab_size)
+        if args.tokenizer:  # may live in the old dataset in --out: untouched until install
+            tok = load_tokenizer(args.tokenizer)
+            check_tokenizer_fits(len(tok), args.tokenizer, args.max_vocab_size)
+            special_ids(tok, args.tokenizer)
+            tok.save_pretrained(str(build_dir / TOKENIZER_DIR))
         else:
-            tok.save_pretrained(str(out / TOKENIZER_DIR))
+            tok = _train_tokenizer(args, resolved, opts, build_dir / TOKENIZER_DIR)
+            check_tokenizer_fits(len(tok), "trained", args.max_vocab_size)
         source = args.tokenizer or "trained"
-        return _write_dataset(args, out, resolved, opts, tok, source, special_ids(tok, source), len(tok), t0)
+        index = _write_dataset(args, build_dir, resolved, opts, tok, source, special_ids(tok, source), len(tok), t0)
+        install(build_dir, out)
+        return index
     except BaseException:
-        # Leave nothing that looks finished: no index (never written), and no orphan shards either.
-        for p in _our_files(out):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        # The old dataset (if any) is as it was; what this run built goes.
+        shutil.rmtree(build_dir, ignore_errors=True)
         raise
 
 
@@ -245,6 +300,8 @@ def _write_dataset(
     docs = islice(iter_documents(resolved, opts, summary.read), args.max_docs)
     chunks = _chunks(docs, args.val_fraction, args.split_by)
 
+    progress = Progress("tokenizing and writing shards")
+
     def consume(result: ChunkResult) -> None:
         writers[result.split].add(
             result.rows.tokens, result.rows.length, result.rows.segment_b, result.rows.nsp_label
@@ -253,6 +310,8 @@ def _write_dataset(
         summary.short_docs += result.short_docs
         summary.first_short = summary.first_short or result.first_short
         summary.tokens += result.tokens
+        progress.tick(documents=summary.read.documents, tokens=summary.tokens,
+                      rows=sum(w.rows for w in writers.values()))  # fmt: skip
 
     initargs = (splitter, icfg, args.min_doc_tokens, args.seed)
     if num_proc <= 1:
@@ -311,7 +370,7 @@ def _write_dataset(
     index = _make_index(
         args, out, writers, shards, summary, pass_seconds, num_proc, source, specials, vocab_size
     )
-    write_index(out, index)  # last: this is what makes the directory a dataset
+    write_index(out, index)  # last: this is what makes the directory a dataset (once installed)
     return index
 
 

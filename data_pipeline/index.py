@@ -116,10 +116,14 @@ def read_index(root: str | os.PathLike) -> tuple[DatasetMeta, dict[str, list[Sha
     path = root / INDEX_NAME
     if not path.is_file():
         shards = sorted(p.name for p in root.glob("*.arrow"))
+        building = sorted(p.name for p in root.glob(".tmp-prepare-*"))
         hint = (
             f"it holds {len(shards)} shard file(s) but no index: an interrupted or failed `sift prepare` "
             "(index.json is written last); run prepare again with --overwrite"
             if shards
+            else f"it holds {building[0]}, the build directory of an interrupted `sift prepare`; run prepare "
+            "again with --overwrite"
+            if building
             else "run `sift prepare` to create a dataset there"
         )
         raise DataError(f"{path} is missing: {root} is not a complete prepared dataset; {hint}")

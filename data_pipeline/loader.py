@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from data_pipeline.batch import IGNORE_INDEX, Batch
+from data_pipeline.errors import DataError
 from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
 from data_pipeline.reader import DatasetMeta, ShardDataset
 from data_pipeline.sampler import DrawRequest, DrawSampler
@@ -73,18 +75,57 @@ def collate(
     return batch
 
 
+@dataclass(frozen=True)
+class WorkerDataError:
+    """A ``DataError`` raised in a DataLoader worker, sent back as a value: PyTorch would re-raise it with
+    the worker's whole traceback pasted into the message; ``_Batches`` raises it as it was."""
+
+    message: str
+
+
 class DrawDataset(Dataset):
     """Map-style dataset whose "index" is a ``DrawRequest``; ``__getitem__`` returns a whole Batch."""
 
     def __init__(self, dataset: ShardDataset, cfg: MaskingConfig, seed: int):
         self.dataset, self.cfg, self.seed = dataset, cfg, seed
 
-    def __getitem__(self, request: DrawRequest) -> Batch:
-        rows = self.dataset.rows(request.sample_ids)
+    def __getitem__(self, request: DrawRequest) -> Batch | WorkerDataError:
+        in_worker = get_worker_info() is not None
+        try:
+            rows = self.dataset.rows(request.sample_ids)
+        except DataError as e:
+            if in_worker:
+                return WorkerDataError(str(e))
+            raise
         meta = self.dataset.meta
         batch = collate(rows, request.sample_ids, request.epochs, self.cfg, self.seed, meta.objective)
         # Leaving a worker process: travel compactly through the pipe (see wire.py).
-        return WireBatch(batch) if get_worker_info() is not None else batch
+        return WireBatch(batch) if in_worker else batch
+
+
+class _Batches:
+    """A DataLoader whose iterators raise a worker's ``DataError`` as it was."""
+
+    def __init__(self, loader: DataLoader):
+        self.loader = loader
+
+    def __iter__(self) -> _BatchIterator:
+        return _BatchIterator(iter(self.loader))
+
+
+class _BatchIterator:
+    def __init__(self, inner: Iterator[Batch | WorkerDataError]):
+        self.inner = inner
+        """The DataLoader's own iterator (benchmarks read its worker processes)."""
+
+    def __iter__(self) -> _BatchIterator:
+        return self
+
+    def __next__(self) -> Batch:
+        batch = next(self.inner)
+        if isinstance(batch, WorkerDataError):
+            raise DataError(batch.message)
+        return batch
 
     def __len__(self) -> int:  # not used for iteration (the sampler is infinite); keeps DataLoader happy
         return len(self.dataset)
@@ -137,7 +178,7 @@ def build_loader(
         shuffle=shuffle,
     )
     draws = DrawDataset(dataset, masking_config(dataset.meta, mask_prob), seed)
-    return DataLoader(
+    return _Batches(DataLoader(
         draws,
         batch_size=None,
         sampler=sampler,
@@ -150,7 +191,7 @@ def build_loader(
         # DataLoader draws a base seed for its workers on every iter(): from this generator, not from the
         # global torch RNG (which dropout uses). The batches themselves never depend on it.
         generator=torch.Generator().manual_seed(seed),
-    )
+    ))
 
 
 def eval_rows(n: int, rank: int, world_size: int, num_samples: int | None = None) -> np.ndarray:

@@ -18,6 +18,8 @@ from concurrent.futures.process import BrokenProcessPool
 from data_pipeline import build
 from data_pipeline.errors import DataError
 from data_pipeline.index import OBJECTIVES
+from sift_common.errors import SiftError
+from sift_common.logs import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-config", default=None, help="dataset configuration (hub datasets)")
     g.add_argument("--hf-split", default="train", help="split to read from a hub dataset or DatasetDict")
     g.add_argument("--max-docs", type=int, default=None, help="read only the first N documents (smoke runs)")
+    g.add_argument(
+        "--max-undecodable",
+        type=float,
+        default=0.01,
+        help="refuse a text file with a larger share of bytes that are not UTF-8 (1 accepts any, replacing "
+        "them with U+FFFD)",
+    )
     g = p.add_argument_group("tokenizer")
     g.add_argument("--tokenizer", default=None, help="hub name or local directory (e.g. bert-base-uncased)")
     g.add_argument(
@@ -127,32 +136,33 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--num-proc must be >= 1, got {args.num_proc}")
     if args.max_docs is not None and args.max_docs < 1:
         problems.append(f"--max-docs must be >= 1, got {args.max_docs}")
+    if not 0.0 <= args.max_undecodable <= 1.0:
+        problems.append(f"--max-undecodable must be in [0, 1], got {args.max_undecodable}")
     if args.max_vocab_size is not None and args.max_vocab_size < 1:
         problems.append(f"--max-vocab-size must be >= 1, got {args.max_vocab_size}")
     if problems:
         raise DataError("invalid options: " + "; ".join(problems))
 
 
+class PrepareFailed(SiftError):
+    """The machine, not the input, stopped the build (disk full, a worker killed)."""
+
+    exit_code = 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    root = logging.getLogger()
-    if not root.handlers:
-        logging.basicConfig(format="sift prepare: %(message)s", stream=sys.stderr)
+    setup_logging(logging.WARNING)
     logging.getLogger("sift").setLevel(args.log_level)
     logging.getLogger("data_pipeline").setLevel(args.log_level)
+    validate_args(args)
     try:
-        validate_args(args)
         index = build.run(args)
-    except DataError as e:
-        print(f"sift prepare: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("sift prepare: interrupted; no dataset was written", file=sys.stderr)
-        return 130
+    except OSError as e:  # e.g. the disk filled up while writing shards
+        raise PrepareFailed(f"{e.filename or args.out}: {e.strerror or e}; no dataset was written") from e
     except BrokenProcessPool as e:
-        print(f"sift prepare: error: a tokenizer worker process died ({e}); out of memory? "
-              "try a smaller --num-proc; no dataset was written", file=sys.stderr)  # fmt: skip
-        return 1
+        raise PrepareFailed(f"a tokenizer worker process died ({e}); out of memory? try a smaller --num-proc; "
+                            "no dataset was written") from e
     stats = index["prepare"]["stats"]
     parts = [
         f"{s} {v['rows']} rows ({len(v['shards'])} shards, fill {stats['fill'][s]:.1%})"
@@ -166,4 +176,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["prepare", *sys.argv[1:]]))

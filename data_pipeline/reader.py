@@ -1,9 +1,12 @@
 """Read a prepared dataset: validate ``index.json`` and the shards, memory-map them, fetch rows.
 
-Opening validates the manifest, every shard file's existence, byte size, schema and row count (and,
-with ``verify_checksums=True``, its SHA-256), naming the bad file in a ``DataError``. Rows are then
-served zero-copy from the page cache: resident memory does not grow with the corpus (only the pages
-actually touched are mapped in, and the kernel can drop them at will).
+Opening validates the manifest, every shard file's existence, byte size, schema and row count, naming
+the bad file in a ``DataError``. Content is checked too, so that flipped bytes never reach training:
+each shard's SHA-256 is verified once per process, the first time a row of it is read (or every shard
+at open with ``verify_checksums=True``), and every batch of rows is range-checked (token ids below the
+vocabulary, lengths within the row). Rows are then served zero-copy from the page cache: resident memory
+does not grow with the corpus (only the pages actually touched are mapped in, and the kernel can drop
+them at will).
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ class ShardDataset:
         self._shards: list[MappedShard] | None = None
         self._token_dtype = np.dtype(meta.token_dtype)
         self._len = meta.splits[split]
+        self._verified: set[int] = set()
+        """Shards whose SHA-256 this process (or the one it was pickled from) has checked."""
 
     @classmethod
     def open(
@@ -54,14 +59,48 @@ class ShardDataset:
                 raise DataError(
                     f"shard {path} has {size} bytes but index.json records {info.bytes}: truncated or altered"
                 )
-            if verify_checksums and sha256_file(path) != info.sha256:
-                raise DataError(
-                    f"shard {path} fails its SHA-256 check against index.json: altered or corrupted"
-                )
         ds = cls(root, split, meta, infos)
+        if verify_checksums:
+            for i in range(len(infos)):
+                ds._verify(i)
         ds._open_shards()
         log.debug("opened %s split %s: %d rows in %d shards", root, split, len(ds), len(infos))
         return ds
+
+    def _verify(self, i: int) -> None:
+        """Check shard ``i`` against its SHA-256 in index.json, once per process."""
+        if i in self._verified:
+            return
+        info = self._infos[i]
+        path = self.root / info.file
+        if sha256_file(path) != info.sha256:
+            raise DataError(
+                f"shard {path} fails its SHA-256 check against index.json: altered or corrupted on disk; "
+                "restore it or prepare the data again"
+            )
+        self._verified.add(i)
+
+    def _check_rows(self, i: int, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray,
+                    seg_b: np.ndarray) -> None:
+        """Values a model would index with must be in range: name the shard and row when one is not.
+
+        tokens (n, T), lengths (n,), segment_b (n,) of rows ``rows`` (n,) of shard ``i``.
+        """
+        T, vocab = self.meta.seq_len, self.meta.vocab_size
+        bad = (tokens.max(axis=1, initial=0) >= vocab) | (lengths < 1) | (lengths > T) | (seg_b > lengths)
+        if not bad.any():
+            return
+        k = int(np.argmax(bad))
+        row, path = int(rows[k]), self.root / self._infos[i].file
+        if tokens[k].max() >= vocab:
+            what = f"token id {int(tokens[k].max())} at position {int(np.argmax(tokens[k] >= vocab))} is not below " \
+                   f"the vocabulary size {vocab} of index.json"
+        else:
+            what = f"length {int(lengths[k])} / segment_b {int(seg_b[k])} do not fit a row of {T} tokens"
+        raise DataError(
+            f"shard {path} row {row} (row {i * self.meta.rows_per_shard + row} of split {self.split!r}): {what}; "
+            "the shard is corrupt or was prepared with another tokenizer"
+        )
 
     def _open_shards(self) -> None:
         shards = []
@@ -113,12 +152,15 @@ class ShardDataset:
         sorted_shards = shard_of[order]
         cuts = np.flatnonzero(np.diff(sorted_shards)) + 1
         for group in np.split(order, cuts) if n else ():
-            shard = self._shards[int(shard_of[group[0]])]  # type: ignore[index]
+            i = int(shard_of[group[0]])
+            self._verify(i)
+            shard = self._shards[i]  # type: ignore[index]
             r = row[group]
             tokens[group] = shard.tokens[r]
             lengths[group] = shard.length[r]
             seg_b[group] = shard.segment_b[r]
             nsp[group] = shard.nsp_label[r]
+            self._check_rows(i, r, tokens[group], lengths[group], seg_b[group])
         return {"tokens": tokens.astype(np.int64), "lengths": lengths, "segment_b": seg_b, "nsp_label": nsp}
 
 

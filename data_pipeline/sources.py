@@ -45,6 +45,9 @@ class SourceOptions:
     """``.txt``: ``paragraphs`` (documents separated by blank lines) or ``file`` (one document per file)."""
     hf_config: str | None = None
     hf_split: str = "train"
+    max_undecodable: float = 0.01
+    """Refuse a text file in which more than this fraction of the characters read were undecodable bytes
+    (replaced with U+FFFD): binary data or another encoding, not UTF-8 text. 1 accepts anything."""
 
 
 @dataclass
@@ -122,6 +125,8 @@ class _ReplaceCounter:
     """
 
     count = 0
+    chars = 0
+    """Characters decoded from the current file (the denominator of the undecodable share)."""
     name = "sift-count-replace"
 
     @classmethod
@@ -145,6 +150,7 @@ def _read_txt(path: Path, opts: SourceOptions, counter: type[_ReplaceCounter]) -
     if opts.txt_mode == "file":
         with _open_text(path, counter) as f:
             text = f.read()
+        counter.chars += len(text)
         if text.strip():
             yield Document(path.stem, text.strip(), str(path))
         return
@@ -153,6 +159,7 @@ def _read_txt(path: Path, opts: SourceOptions, counter: type[_ReplaceCounter]) -
     start_line, number = 1, 0
     with _open_text(path, counter) as f:
         for number, line in enumerate(f, 1):
+            counter.chars += len(line)
             if line.strip():
                 if not lines:
                     start_line = number
@@ -187,13 +194,15 @@ def _read_jsonl(path: Path, opts: SourceOptions, counter: type[_ReplaceCounter])
     try:
         with _open_text(path, counter) as f:
             for number, line in enumerate(f, 1):
+                counter.chars += len(line)
                 if not line.strip():
                     continue
                 where = f"{path}:{number}"
                 try:
                     record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+                except json.JSONDecodeError as e:  # e.msg may end in "at" ("Unterminated string starting at")
+                    msg = e.msg.removesuffix(" at")
+                    raise DataError(f"{where}: invalid JSON ({msg} at column {e.colno})") from None
                 text, doc_id = _record_text(record, opts, where)
                 if "\\ud" in line or "\\uD" in line:  # a JSON escape may encode a lone surrogate
                     text, n = _SURROGATE.subn("\ufffd", text)
@@ -288,7 +297,7 @@ def iter_documents(
         if kind == "file":
             path = Path(location)
             counter = _ReplaceCounter
-            counter.count = 0
+            counter.count = counter.chars = 0
             suffix = _suffix(path)
             if suffix == ".txt":
                 docs = _read_txt(path, opts, counter)
@@ -304,6 +313,14 @@ def iter_documents(
                 raise DataError(f"{path}: cannot be read ({e})") from None
             if counter.count:
                 stats.replaced_bytes[location] = counter.count
+                share = counter.count / max(counter.chars, 1)
+                if share > opts.max_undecodable:
+                    raise DataError(
+                        f"{location}: {counter.count} undecodable bytes, {share:.1%} of the {counter.chars} characters "
+                        f"read (more than --max-undecodable {opts.max_undecodable:g}): not UTF-8 text (binary data, "
+                        "or another encoding such as Latin-1: convert it with iconv); pass --max-undecodable 1 to "
+                        "accept it with the bytes replaced by U+FFFD"
+                    )
                 if stats.warn:
                     log.warning("%s: %d undecodable byte(s) replaced with U+FFFD", location, counter.count)
         else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from itertools import chain
@@ -28,27 +29,68 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n\s*\n")
 _LINE_END = re.compile(r"\s*\n\s*")
 
 
-def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_frequency: int = 2):
+MAX_WORD_CHARS = 100
+"""Longer words encode as one [UNK] (WordPiece's max_input_chars_per_word), so tokenizer training leaves
+them out: the trainer's merges are superlinear in a word's length (one 5 MB "word" ran for > 300 s)."""
+_LONG_RUN = re.compile(rf"\S{{{MAX_WORD_CHARS + 1},}}")
+
+
+@dataclass
+class LongWords:
+    """Words left out of tokenizer training by ``drop_long_words``."""
+
+    count: int = 0
+    first: str = ""
+
+
+def drop_long_words(text: str, normalizer, pre_tokenizer, seen: LongWords) -> str:
+    """``text`` without the words longer than ``MAX_WORD_CHARS`` characters, as a BERT tokenizer splits
+    words (its ``tokenizers`` normalizer, then its pre-tokenizer: separate objects from the tokenizer being
+    trained, which is locked meanwhile). Only runs of more than ``MAX_WORD_CHARS`` non-space characters
+    are looked at (one regex scan for ordinary text); they are replaced by their normalized short words,
+    which the trainer normalizes again to the same text."""
+    if _LONG_RUN.search(text) is None:
+        return text
+
+    def short_words(m: re.Match) -> str:
+        words = [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(m.group()))]
+        short = [w for w in words if len(w) <= MAX_WORD_CHARS]
+        if len(short) < len(words):
+            seen.count += len(words) - len(short)
+            seen.first = seen.first or next(w for w in words if len(w) > MAX_WORD_CHARS)[:40] + "..."
+        return " ".join(short)
+
+    return _LONG_RUN.sub(short_words, text)
+
+
+def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_frequency: int = 2,
+                    long_words: LongWords | None = None):  # fmt: skip
     """Train an uncased BERT WordPiece tokenizer on ``texts`` (streamed) and save it to ``out_dir``.
 
-    Returns the ``transformers`` tokenizer (a fast BERT tokenizer, as ``AutoTokenizer`` loads it back).
+    Words longer than ``MAX_WORD_CHARS`` are left out (counted in ``long_words``). Returns the
+    ``transformers`` tokenizer (a fast BERT tokenizer, as ``AutoTokenizer`` loads it back).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
     if vocab_size < 64:
         raise DataError(f"--vocab-size {vocab_size} is too small for a WordPiece vocabulary (use >= 64)")
-    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+    def normalizer():
+        return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
+
+    tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=MAX_WORD_CHARS))
+    tok.normalizer = normalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
         special_tokens=list(SPECIAL_TOKENS.values()),
         continuing_subword_prefix="##",
-        show_progress=False,
+        show_progress=sys.stderr.isatty(),  # the merge phase after reading can take minutes on a large corpus
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    seen = long_words if long_words is not None else LongWords()
+    split = normalizer(), pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator((drop_long_words(t, *split, seen) for t in texts), trainer=trainer)
     cls_id, sep_id = tok.token_to_id(SPECIAL_TOKENS["cls"]), tok.token_to_id(SPECIAL_TOKENS["sep"])
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",

@@ -15,9 +15,26 @@ if [[ "${SIFT_SKIP_CHECKS:-0}" != "1" ]]; then
   fi
 fi
 
+# sift writes relative paths into the working directory (the shipped configs' runs/ and data/, sift
+# launch's .deepspeed_env and hostfile): refuse now, in one line, rather than with a PermissionError
+# after minutes of start-up. The image's working directory is writable by its user (uid 1000); this
+# catches another --user, or a -w on a read-only mount.
+need_writable_cwd() {
+  local arg
+  for arg in "$@"; do
+    if [[ "${arg}" == "-h" || "${arg}" == "--help" ]]; then return 0; fi
+  done
+  if [[ -w . ]]; then return 0; fi
+  echo "sift-entrypoint: the working directory ${PWD} is not writable by uid $(id -u), and sift writes run" \
+       "outputs, datasets and launch files relative to it. Run as the image's user (uid 1000, to which" \
+       "/opt/sift-train is writable), or give a writable working directory on a mounted volume" \
+       "(docker run -v /fsx:/fsx -w /fsx/...)." >&2
+  exit 2
+}
+
 # The sift subcommands (launcher/cli.py SUBCOMMANDS); anything else is a program to run.
 case "${1:-}" in
   "" | -h | --help | help) exec sift --help ;;
-  prepare | train | export | launch | demo | bench | study) exec sift "$@" ;;
+  prepare | train | export | launch | demo | bench | study) need_writable_cwd "$@"; exec sift "$@" ;;
   *) exec "$@" ;;
 esac

@@ -67,10 +67,11 @@ class Checkpointer:
         if self.cuda and state.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(state["cuda_rng"])
 
-    def save(self, progress: Progress, parts: dict[str, Any]) -> str:
+    def save(self, progress: Progress, parts: dict[str, Any], tag: str | None = None) -> str:
         """Write a complete checkpoint of the current state; ``parts``: this rank's stateful parts
-        (tensors and plain data), returned by ``resume`` next time. Every rank must call it."""
-        tag = ckpt.tag_for(progress.step)
+        (tensors and plain data), returned by ``resume`` next time. ``tag``: another name than the step's
+        (a diverged state, engine/checkpoint.py ``diverged_tag``). Every rank must call it."""
+        tag = tag or ckpt.tag_for(progress.step)
         ds.save_checkpoint(self.engine, self.root, tag)
         hooks.fire("checkpoint_files_written", step=progress.step, tag=tag, rank=self.rank)
         ckpt.save_rank_state(self.root, tag, self.rank, {

@@ -129,7 +129,11 @@ class OptimConfig:
     eps: float = 1e-6
     weight_decay: float = 0.01
     warmup_fraction: float = 0.002
-    """Linear warm-up over this fraction of train.steps, then linear decay to 0 (the paper)."""
+    """Linear warm-up over this fraction of the schedule's horizon, then linear decay to 0 (the paper)."""
+    schedule_steps: int | None = None
+    """The LR schedule's horizon in optimizer steps (None: train.steps). A run that stops early and is
+    continued later, e.g. a warm-up run of W steps continued to W + C by several runs, sets W + C here
+    so that both parts follow one schedule; must be >= train.steps."""
     decay: str = "linear"
     """linear or constant after warm-up."""
     grad_clip: float = 1.0
@@ -324,6 +328,9 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.mask_prob: must be in (0, 1), got {cfg.data.mask_prob}")
     if o.lr <= 0:
         p.append(f"optim.lr: must be > 0, got {o.lr}")
+    if o.schedule_steps is not None and o.schedule_steps < t.steps:
+        p.append(f"optim.schedule_steps={o.schedule_steps} is shorter than train.steps={t.steps}: the learning rate "
+                 "would be 0 for the last steps; use null (= train.steps) or a horizon >= train.steps")
     if not 0.0 <= o.warmup_fraction < 1.0:
         p.append(f"optim.warmup_fraction: must be in [0, 1), got {o.warmup_fraction}")
     if not all(0.0 <= b < 1.0 for b in o.betas):
@@ -409,7 +416,10 @@ def _build(cls: type, data: dict[str, Any], where: str, problems: list[str]) -> 
                 continue
             kwargs[key] = _build(tp, value, path, problems)
         else:
-            kwargs[key] = _coerce(value, tp, path, problems)
+            before = len(problems)
+            value = _coerce(value, tp, path, problems)
+            if len(problems) == before:  # a value of the wrong type keeps the default, so that the
+                kwargs[key] = value      # value checks below can still run on a well-typed config
     return cls(**kwargs)
 
 
@@ -465,8 +475,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _set_dotted(tree, key, value)
     problems: list[str] = []
     cfg = _build(RunConfig, tree, "", problems)
-    if not problems:
-        problems = validate(cfg)
+    # Value checks run even after key/type errors: one message lists every problem. A key whose type
+    # was wrong holds its default now, so a value check that names it would only mislead.
+    mistyped = {p.split(":", 1)[0] for p in problems if ": unknown key" not in p}
+    problems += [p for p in validate(cfg) if not any(key in p for key in mistyped)]
     if problems:
         raise ConfigError(problems, source)
     return cfg

@@ -58,7 +58,12 @@ def initialize(
     lr_scheduler: Any,
     config: dict[str, Any],
 ) -> Any:
-    """deepspeed.initialize with a client optimizer and schedule; returns the engine."""
+    """deepspeed.initialize with a client optimizer and schedule; returns the engine.
+
+    No training_data is passed (the schedules feed batches), which in DeepSpeed 0.19.8 leaves the
+    throughput timer to synchronize the device at every forward and step unless the config turns it off
+    (engine/ds_config.py does).
+    """
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, dist_init_required=False
     )
@@ -108,6 +113,9 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     """fp32 weights from a checkpoint of any ZeRO stage, on CPU, without a process group."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    from engine.checkpoint import verify
+
+    verify(root, tag)  # every file against its SHA-256 before DeepSpeed / torch.load unpickles any
     model_files = sorted((root / tag).glob("*model_states.pt"))
     optim_files = sorted((root / tag).glob("*optim_states.pt"))
     if optim_files:  # ZeRO 1-3: the fp32 master weights live in the optimizer shards

@@ -62,3 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     path = export(args.run_dir, args.out, args.tag)
     print(f"exported {args.run_dir} to {path}")
     return 0
+
+
+if __name__ == "__main__":
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["export", *sys.argv[1:]]))

@@ -18,6 +18,7 @@ from engine.models.base import Mean, Metric, Ratio
 from engine.progress import Progress
 from engine.schedule import MicroOut
 from engine.streams import PhaseTimer
+from sift_common.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +115,35 @@ class TrainMetrics:
         return record
 
 
+def drop_replayed(path: Path, initial_step: int) -> int:
+    """Remove the records of steps after ``initial_step`` from a JSONL file, atomically.
+
+    A run resumed from its checkpoint at ``initial_step`` replays the steps after it, and writes them
+    again; without this, a reader of the file would see those steps twice. A line cut short by a kill
+    is dropped too. Returns the number of lines dropped (the file is rewritten only when it is > 0).
+    """
+    kept, dropped = [], 0
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            step = json.loads(line)["step"]
+        except (ValueError, KeyError, TypeError):
+            step = None
+        if isinstance(step, int) and step <= initial_step:
+            kept.append(line)
+        else:
+            dropped += 1
+    if dropped:
+        atomic_write_text(path, "".join(f"{line}\n" for line in kept))
+        log.info("%s: dropped %d record(s) after step %d, which this run replays", path, dropped, initial_step)
+    return dropped
+
+
 class MetricLogger:
-    """JSONL (metrics.jsonl), TensorBoard (tb/) and a tqdm bar; every method is a no-op off rank 0."""
+    """JSONL (metrics.jsonl), TensorBoard (tb/) and a tqdm bar; every method is a no-op off rank 0.
+
+    An existing metrics.jsonl keeps only its records up to ``initial_step`` (the step the run resumes
+    from; 0 for a fresh start): the steps after it are replayed and written again.
+    """
 
     def __init__(self, out_dir: Path, *, enabled: bool, tensorboard: bool, progress: bool | None,
                  total_steps: int, initial_step: int):
@@ -125,12 +153,15 @@ class MetricLogger:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
         self.path = out_dir / "metrics.jsonl"
+        if self.path.is_file():
+            drop_replayed(self.path, initial_step)
         self._file = self.path.open("a", buffering=1)
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self._tb = SummaryWriter(str(out_dir / "tb"))
+                # purge_step: TensorBoard hides the events a resumed run replays, as drop_replayed does
+                self._tb = SummaryWriter(str(out_dir / "tb"), purge_step=initial_step + 1 if initial_step else None)
             except ImportError:  # tensorboard is a dependency, but keep training without it
                 log.warning("tensorboard is not installed; logging to metrics.jsonl only")
         if progress if progress is not None else sys.stderr.isatty():

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from data_pipeline.loader import build_loader
 from data_pipeline.reader import ShardDataset
+from engine import checkpoint as ckpt
 from engine import ds, hooks
 from engine.checkpointer import Checkpointer
 from engine.config import ConfigError, RunConfig, load_config, to_dict
@@ -39,7 +40,7 @@ from engine.models import build_model
 from engine.models.base import DataFacts
 from engine.progress import Progress
 from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
-from engine.streams import PhaseTimer
+from engine.streams import PhaseTimer, training_stream
 from sift_common.atomic import atomic_write_text
 from sift_common.errors import SiftError
 from sift_common.logs import setup_logging
@@ -49,6 +50,18 @@ log = logging.getLogger("sift.train")
 
 class TrainingAborted(SiftError):
     pass
+
+
+def abort_message(streak: int, step: int, at_start: bool, root: Path, diverged: str, good: str | None) -> str:
+    """Why training stopped, where its state went, and where a resume starts."""
+    where = (f"the last good checkpoint is {root / good} (a resume starts there)" if good is not None
+             else "there is no good checkpoint (a resume starts from scratch)")
+    causes = ("the first steps of this run were already non-finite: possible causes are a corrupt checkpoint or "
+              "corrupt data, or settings that overflow at once (optim.lr, deepspeed.precision)" if at_start
+              else "the steps before were finite: possible causes are corrupt input data, an fp16 overflow "
+                   "(try deepspeed.precision=bf16), or a learning rate too high for this model (optim.lr)")
+    return (f"{streak} non-finite losses in a row at step {step}, each skipped; the diverged state is saved in "
+            f"{root / diverged} for inspection (never resumed); {where}. {causes[0].upper()}{causes[1:]}.")
 
 
 def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[EvalSet]:
@@ -79,10 +92,14 @@ def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     progress = Progress()
-    # ------------------------------------------------------------------ distributed
     ds.init_distributed(cfg.deepspeed.dist_backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    with training_stream(device):  # CUDA: training outranks the scoring and copy streams, from the build on
+        return train(cfg, progress, device)
+
+
+def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
     out_dir, t = Path(cfg.train.out_dir), cfg.train
 
@@ -97,7 +114,6 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     methods = prepare_methods(cfg, model)
     torch.manual_seed(t.seed * 1_000_003 + rank + 1)  # per-rank dropout streams
     engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda)
-    attach_methods(methods, model, engine, stage=stage, device=device, rank=rank, world_size=world)
     log.info("world %d, device %s, ZeRO-%d, %s; B=%d grad_accum=%d; method %s (%s)", world, device.type, stage,
              precision, t.micro_batch_size, t.grad_accum, cfg.effective_method, describe(cfg))
 
@@ -108,6 +124,8 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                                                         "tokenizer": train_set.tokenizer_path()})
     tag = checkpointer.latest(t.resume)
     saved = checkpointer.resume(tag, progress) if tag is not None else None
+    # After the weights are final: a method may copy them (SIFT's scorer replica under ZeRO-3).
+    attach_methods(methods, model, engine, stage=stage, device=device, rank=rank, world_size=world)
     methods.load_state_dict((saved or {}).get("methods", {}))
 
     # ------------------------------------------------------------------ loop parts
@@ -127,10 +145,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
     train_metrics = TrainMetrics(model.metrics(), timer, world_size=world, seq_len=meta.seq_len)
     checkpointer.restore_rng(saved)  # last: building the loader's iterator draws from the global RNG
 
-    def save() -> str:
+    def save(tag: str | None = None) -> str:
         pending = schedule.pending_scores
         return checkpointer.save(progress, {"pending_scores": None if pending is None else pending.cpu(),
-                                            "methods": methods.state_dict()})
+                                            "methods": methods.state_dict()}, tag=tag)
 
     def do_eval() -> dict[str, Any]:
         record = {"event": "eval", "step": progress.step, "backprop_samples": progress.backprop_samples,
@@ -141,7 +159,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
         return record
 
     # ------------------------------------------------------------------ the loop
-    last_eval, streak = None, 0
+    last_eval, streak, draws0 = None, 0, progress.draws
     while progress.step < t.steps:
         hooks.fire("micro_step_start", step=progress.step, draw=progress.draws, model=model, engine=engine)
         rows = methods.rows_for_draw(progress.draws)
@@ -153,10 +171,10 @@ def run(cfg: RunConfig) -> dict[str, Any]:
             streak += 1
             log.warning("non-finite loss at step %d (draw %d): skipped (%d in a row)", progress.step,
                         progress.draws - 1, streak)
-            if streak >= t.max_nonfinite:
-                path = checkpointer.root / save()
-                raise TrainingAborted(f"{streak} non-finite losses in a row at step {progress.step}; saved checkpoint "
-                                      f"{path}. Lower optim.lr, check the data, or use bf16.")
+            if streak >= t.max_nonfinite:  # keep the diverged state aside; never touch the good checkpoints
+                diverged = save(ckpt.diverged_tag(progress.step))
+                raise TrainingAborted(abort_message(streak, progress.step, progress.draws - streak == draws0,
+                                                    checkpointer.root, diverged, ckpt.last_good(checkpointer.root)))
             continue
         streak = 0
         if not mo.stepped:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from sift_common.errors import SiftError
+from sift_common.errors import run_command
 
 # name -> (module, one-line help). Each module defines `main(argv: list[str]) -> int`.
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
@@ -41,12 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in SUBCOMMANDS:
         print(f"sift: unknown command {name!r}\n\n{usage()}", file=sys.stderr)
         return 2
-    try:
-        module = importlib.import_module(SUBCOMMANDS[name][0])
-        return int(module.main(rest) or 0)
-    except SiftError as e:
-        print(f"sift {name}: error: {e}", file=sys.stderr)
-        return e.exit_code
+    return run_command(f"sift {name}", lambda args: importlib.import_module(SUBCOMMANDS[name][0]).main(args), rest)
 
 
 if __name__ == "__main__":

@@ -237,10 +237,14 @@ def _write_files(files: Mapping[str, str]) -> list[str]:
     """Write the generated files into the current directory; return notes about replaced ones."""
     notes = []
     for name, content in files.items():
-        if name == GENERATED_HOSTFILE:
-            Path(name).write_text(content)
-            continue
-        _, backup = write_deepspeed_env(content, ".", name)
+        try:
+            if name == GENERATED_HOSTFILE:
+                Path(name).write_text(content)
+                continue
+            _, backup = write_deepspeed_env(content, ".", name)
+        except OSError as e:
+            raise LaunchError(f"cannot write {name} in {os.getcwd()}: {e.strerror or e}; run from a writable "
+                              "directory (the deepspeed launcher reads it from there)") from None
         if backup:
             notes.append(f"note: the previous {name} was kept as {backup}")
     return notes

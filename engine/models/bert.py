@@ -19,6 +19,7 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 
 from engine.config import ModelConfig
 from engine.models.base import Batch, BlockLinear, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
+from engine.models.compat import first_tensor
 from engine.models.errors import ModelError
 from engine.models.presets import PRESETS
 from engine.scoring import per_sequence_mean, token_cross_entropy
@@ -40,6 +41,16 @@ def hf_config(cfg: ModelConfig, *, vocab_size: int, seq_len: int, pad_id: int) -
         pad_token_id=pad_id,
         attn_implementation=cfg.attn_implementation,
     )
+
+
+def attention_mask_for(config: BertConfig, attention_mask: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor | None:
+    """The mask the encoder layers get. Under SDPA: a (G, 1, 1, T) boolean key mask, broadcast over the
+    queries, built without a host sync (transformers' own path reads ``padding_mask.all()`` to the host to
+    decide whether a mask is needed, and materialises (G, 1, T, T)). Other attention implementations get
+    transformers' mask."""
+    if config._attn_implementation == "sdpa":
+        return attention_mask.bool()[:, None, None, :]
+    return create_bidirectional_mask(config=config, inputs_embeds=hidden, attention_mask=attention_mask)
 
 
 def _gather_positions(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -73,11 +84,9 @@ class BertExit:
     def hidden(self, batch: Batch) -> torch.Tensor:
         """(G, P, H) layer j's hidden states at the masked positions."""
         hidden = self.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
-        mask = create_bidirectional_mask(
-            config=self.config, inputs_embeds=hidden, attention_mask=batch["attention_mask"]
-        )
+        mask = attention_mask_for(self.config, batch["attention_mask"], hidden)
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            hidden = first_tensor(layer(hidden, mask))  # a tensor in transformers 5.x; tuples tolerated
         return _gather_positions(hidden, batch["mlm_positions"])
 
     def targets(self, batch: Batch) -> torch.Tensor:
@@ -195,6 +204,8 @@ class SiftBert(SiftModel):
         """Training loss = token-mean MLM cross-entropy (+ mean NSP cross-entropy for pairs), on this
         device's rows; the loss contract of engine/models/base.py, plus ``correct`` (masked tokens
         predicted right) and, for pairs, ``nsp_loss``, ``nsp_correct``, ``nsp_count``."""
+        if self.config._attn_implementation == "sdpa":  # 4-D masks pass through transformers as they are
+            attention_mask = attention_mask_for(self.config, attention_mask, None)
         out = self.hf.bert(
             input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids, return_dict=True
         )

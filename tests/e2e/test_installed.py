@@ -5,6 +5,7 @@ into a temporary target next to this environment's packages, runs `sift demo` fr
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -15,10 +16,13 @@ from tests.distributed.common import REPO, base_env
 
 @pytest.mark.slow
 def test_wheel_installed_elsewhere_runs_the_demo(tmp_path):
-    wheels, target, work = tmp_path / "wheels", tmp_path / "site", tmp_path / "work"
+    wheels, target, work, src = tmp_path / "wheels", tmp_path / "site", tmp_path / "work", tmp_path / "src"
     work.mkdir()
+    # Build from a copy: setuptools builds in the source tree, and the repository should not get a build/.
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", ".venv", "runs", "build", "data", ".whl",
+                                                              "*.egg-info", "__pycache__", ".*_cache"))
     build = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
-                            "-w", str(wheels), str(REPO)], capture_output=True, text=True, timeout=300)
+                            "-w", str(wheels), str(src)], capture_output=True, text=True, timeout=300)
     assert build.returncode == 0, build.stderr[-3000:]
     (wheel,) = wheels.glob("sift_train-*.whl")
     install = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target),

@@ -101,23 +101,30 @@ def test_bad_config_lists_every_problem(tiny_data, tmp_path):
     assert result.returncode == 2 and "sift.exit_layer=9 but the model has 2 layers" in result.stderr
 
 
-def test_corrupt_checkpoint_is_a_clear_error(run_a, tiny_data, tmp_path):
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_a, tiny_data, tmp_path):
     shutil.copytree(run_a, tmp_path / "run", dirs_exist_ok=True)
     states = next((tmp_path / "run" / "checkpoints" / "step00000020").glob("*model_states.pt"))
     states.write_bytes(b"\0" * states.stat().st_size)  # same size, garbage content
-    result = train(tmp_path / "run", tiny_data, "train.steps=30", check=False)
-    assert result.returncode == 2
-    assert "could not be loaded" in result.stderr and "step00000020" in result.stderr
+    result = train(tmp_path / "run", tiny_data)
+    assert "step00000020 is corrupt: mp_rank_00_model_states.pt does not match its SHA-256" in result.stderr
+    assert "resumed from" in result.stderr and "step00000010" in result.stderr
+    assert losses(tmp_path / "run") == losses(run_a)  # steps 11-20 trained again, bitwise as before
     assert "Traceback" not in result.stderr
 
 
-def test_nonfinite_losses_are_skipped_then_abort_with_a_checkpoint(tiny_data, tmp_path):
-    result = train(tmp_path, tiny_data, "train.max_nonfinite=3", env={"SIFT_FAULT": "poison_weights:4"}, check=False)
+def test_nonfinite_abort_keeps_the_good_checkpoints(tiny_data, tmp_path):
+    """Diverged at step 12 with keep_last=1: the state goes to diverged-step00000012, step 10 stays latest."""
+    result = train(tmp_path, tiny_data, "train.max_nonfinite=3", "train.keep_last=1",
+                   env={"SIFT_FAULT": "poison_weights:12"}, check=False)
     assert result.returncode == 2
-    assert "3 non-finite losses in a row at step 4" in result.stderr
-    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000004"
-    record = ckpt.verify(tmp_path / "checkpoints", "step00000004")
-    assert record["nonfinite_total"] == 3 and record["step"] == 4
+    root = tmp_path / "checkpoints"
+    assert "3 non-finite losses in a row at step 12" in result.stderr
+    assert f"the last good checkpoint is {root / 'step00000010'}" in result.stderr
+    assert f"diverged state is saved in {root / 'diverged-step00000012'}" in result.stderr
+    assert "The steps before were finite: possible causes" in result.stderr
+    assert ckpt.find_latest(root) == "step00000010" and ckpt.complete_tags(root) == ["step00000010"]
+    record = ckpt.verify(root, "diverged-step00000012")
+    assert record["nonfinite_total"] == 3 and record["step"] == 12
 
 
 def test_init_from_an_exported_checkpoint(run_a, tmp_path):
@@ -149,3 +156,28 @@ def test_a_plugin_method_runs_through_the_unchanged_loop(tiny_data, tmp_path):
     assert len(selecting) == 4  # steps 3-6: the first 2 are the tiny run's warm-up
     assert all(r["kept_score"] < r["dropped_score"] for r in selecting)
     assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000006"
+
+
+def test_zero3_resume_scores_with_the_restored_weights(tiny_data, tmp_path):
+    """Under ZeRO-3 the scorer reads a replica of the exit's modules: after a resume it must hold the
+    checkpoint's weights (not the initial ones), or the first selections after the resume differ."""
+    common = ("deepspeed.zero_stage=3", "train.steps=12", "train.save_every=6", "train.eval_every=12")
+    train(tmp_path / "ref", tiny_data, *common)
+    killed = train(tmp_path / "run", tiny_data, *common, env={"SIFT_FAULT": "after_save:6"}, check=False)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    train(tmp_path / "run", tiny_data, *common)
+    assert losses(tmp_path / "run") == losses(tmp_path / "ref")
+
+
+def test_corrupt_shard_stops_training_with_the_default_config(tiny_data, tmp_path):
+    """Flipped bytes in a shard of the right size: the default config stops before training on it."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_data, data)
+    shard = data / "train-00000.arrow"
+    raw = bytearray(shard.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 64] = bytes(64)
+    shard.write_bytes(bytes(raw))
+    result = train(tmp_path / "run", data, "train.steps=2", "data.num_workers=1", check=False)
+    assert result.returncode == 2
+    assert f"shard {shard} fails its SHA-256 check against index.json" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "checkpoints").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, RunConfig, load_config, parse_overrides, to_dict
-from engine.ds_config import DSConfigError, RunFacts, fill, load_json, zero_stage
+from engine.ds_config import DSConfigError, RunFacts, bucket_sizes, fill, load_json, zero_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,7 +36,18 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "train.stpes: unknown key (did you mean 'steps'?)" in msg
     assert "bogus: unknown key" in msg
     assert "optim.lr: expected float, got 'fast'" in msg
-    assert len(e.value.problems) == 3  # type/key errors first; value checks follow once those are fixed
+    # bad values in the same config are reported in the same message
+    assert "train.micro_batch_size: must be >= 1, got 0" in msg
+    assert "sift.policy: 'greedy' is not one of topk, random, none" in msg
+    assert len(e.value.problems) == 5
+    # a value of the wrong type is reported once, not again by the value checks (which see its default)
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["train.micro_batch_size=four", "sift.keep=0.3", "train.stpes=1", "train.steps=0"])
+    assert e.value.problems == [
+        "train.micro_batch_size: expected int, got 'four'",
+        "train.stpes: unknown key (did you mean 'steps'?)",
+        "train.steps: must be >= 1, got 0",
+    ]
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "train:\n  micro_batch_size: 0\nsift:\n  policy: greedy\n  keep: 1.5\n"))
     msg = str(e.value)
@@ -77,7 +88,7 @@ def test_shipped_run_configs_parse(path, tmp_path):
     assert to_dict(cfg)["train"]["steps"] == cfg.train.steps
 
 
-FACTS = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="bf16", hidden_size=64)
+FACTS = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="bf16", num_params=10**6)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
@@ -111,7 +122,7 @@ def test_deepspeed_conflicts_are_errors_not_overrides(tmp_path):
 
 def test_zero_stage_override_and_auto_buckets():
     out = fill(load_json(ROOT / "ds_configs" / "zero3.json"), FACTS)
-    assert out["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert out["zero_optimization"]["stage3_prefetch_bucket_size"] == bucket_sizes(10**6, 4)["stage3_prefetch_bucket_size"]
     facts = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="fp32",
-                     hidden_size=64, zero_stage=1)
+                     num_params=10**6, zero_stage=1)
     assert zero_stage(fill(load_json(ROOT / "ds_configs" / "zero3.json"), facts)) == 1

@@ -9,14 +9,18 @@ from __future__ import annotations
 import gzip
 import json
 import shutil
+from itertools import islice
 
+import numpy as np
 import pytest
 
 from data_pipeline import prepare
 from data_pipeline.errors import DataError
 from data_pipeline.index import FORMAT_VERSION
+from data_pipeline.loader import build_loader
 from data_pipeline.reader import ShardDataset, check_vocab_fits
 from data_pipeline.sources import ReadStats, SourceOptions, iter_documents, resolve_inputs
+from launcher.cli import main as sift
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog near the river bank.",
@@ -36,7 +40,8 @@ def write_jsonl(path, n=12, field="text"):
 
 
 def run(argv, capsys) -> tuple[int, str]:
-    code = prepare.main([*argv, "--log-level", "WARNING"])
+    """`sift prepare ...` as the command line runs it (errors become a message and exit status 2)."""
+    code = sift(["prepare", *argv, "--log-level", "WARNING"])
     return code, capsys.readouterr().err
 
 
@@ -220,15 +225,71 @@ def test_truncated_shard(tmp_path, dataset):
         ShardDataset.open(out)
 
 
+def flip_byte(shard, offset=None):
+    data = bytearray(shard.read_bytes())
+    offset = len(data) // 2 if offset is None else offset
+    data[offset] ^= 0xFF
+    shard.write_bytes(bytes(data))
+
+
 def test_altered_shard_fails_the_checksum(tmp_path, dataset):
     out = fresh_copy(dataset, tmp_path)
-    shard = out / "train-00000.arrow"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
-    ShardDataset.open(out)  # sizes match: only the checksum can tell
+    flip_byte(out / "train-00000.arrow")
+    ds = ShardDataset.open(out)  # sizes match: only the checksum can tell, on open ...
     with pytest.raises(DataError, match=r"train-00000\.arrow.*SHA-256"):
         ShardDataset.open(out, verify_checksums=True)
+    # ... or, by default, before the first row of that shard is served (the other shards still read)
+    assert len(ds.rows(np.arange(10, 20))["tokens"]) == 10
+    with pytest.raises(DataError, match=r"shard .*train-00000\.arrow fails its SHA-256 check"):
+        ds.rows(np.array([12, 3]))
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_altered_shard_stops_the_default_loader_with_the_file_named(tmp_path, dataset, workers):
+    out = fresh_copy(dataset, tmp_path)
+    flip_byte(out / "train-00001.arrow")
+    loader = build_loader(ShardDataset.open(out), seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: 8,
+                          num_workers=workers)
+    with pytest.raises(DataError) as e:
+        list(islice(loader, 10))
+    assert "train-00001.arrow fails its SHA-256 check" in str(e.value)
+    assert "Traceback" not in str(e.value)  # not PyTorch's worker re-raise, which pastes the worker's traceback
+
+
+def corrupt_token(out, shard_name, row, col, value):
+    """Rewrite a shard with ``value`` as the token at (row, col), recording its new hash: corruption that
+    happened before the hash was taken (a faulty writer or copy), which only the range check can see."""
+    from data_pipeline.shards import MappedShard, ShardWriter
+
+    meta = ShardDataset.open(out).meta
+    dtype = np.dtype(meta.token_dtype)
+    shard = MappedShard(out / shard_name, meta.seq_len, dtype)
+    tokens = shard.tokens.copy()
+    tokens[row, col] = value
+    tmp = out / "rewrite"
+    tmp.mkdir()
+    writer = ShardWriter(tmp, "train", meta.seq_len, dtype, meta.rows_per_shard)
+    writer.add(tokens, shard.length, shard.segment_b, shard.nsp_label)
+    (info,) = writer.close()
+    del shard
+    (tmp / info.file).replace(out / shard_name)
+    index = json.loads((out / "index.json").read_text())
+    entry = next(e for e in index["splits"]["train"]["shards"] if e["file"] == shard_name)
+    entry.update(sha256=info.sha256, bytes=info.bytes)
+    (out / "index.json").write_text(json.dumps(index))
+
+
+def test_token_id_outside_the_vocabulary_names_shard_and_row(tmp_path, dataset):
+    out = fresh_copy(dataset, tmp_path)
+    corrupt_token(out, "train-00001.arrow", row=3, col=5, value=52497)
+    ds = ShardDataset.open(out)
+    vocab = ds.meta.vocab_size
+    with pytest.raises(DataError, match=rf"train-00001\.arrow row 3 \(row 13 of split 'train'\): token id 52497 at "
+                                        rf"position 5 is not below the vocabulary size {vocab}"):
+        ds.rows(np.array([0, 13, 25]))
+    loader = build_loader(ds, seed=0, rank=0, world_size=1, batch_size_for_draw=lambda d: 8)
+    with pytest.raises(DataError, match="row 13 of split 'train'"):  # not the collator's bare IndexError
+        list(islice(loader, 10))
 
 
 def test_garbage_shard_of_the_right_size(tmp_path, dataset):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -12,10 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from data_pipeline import build, prepare
+from data_pipeline import build
 from data_pipeline.demo_corpus import write_demo_corpus
 from data_pipeline.errors import DataError
 from data_pipeline.reader import ShardDataset
+from launcher.cli import main as sift
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,12 +51,12 @@ def test_killed_prepare_is_not_a_dataset(corpus, tmp_path):
         [sys.executable, "-c", KILLER, *argv(corpus, out)], env=env, capture_output=True, timeout=120
     )
     assert proc.returncode == -signal.SIGKILL
-    assert list(out.glob("*.arrow")) and not (out / "index.json").exists()
+    assert list(out.glob(".tmp-prepare-*/*.arrow")) and not list(out.rglob("index.json"))
     with pytest.raises(DataError, match=r"index\.json is missing.*interrupted"):
         ShardDataset.open(out)
     # A second run refuses to mix with the leftovers, and --overwrite recovers.
-    assert prepare.main(argv(corpus, out)) == 2
-    assert prepare.main(argv(corpus, out, "--overwrite")) == 0
+    assert sift(["prepare", *argv(corpus, out)]) == 2
+    assert sift(["prepare", *argv(corpus, out, "--overwrite")]) == 0
     assert len(ShardDataset.open(out)) > 0
 
 
@@ -64,7 +64,7 @@ def test_failure_midway_cleans_up(corpus, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(corpus.read_text() + "{broken\n")
     out = tmp_path / "ds"
-    assert prepare.main(argv(bad, out)) == 2
+    assert sift(["prepare", *argv(bad, out)]) == 2
     assert "bad.jsonl:61" in capsys.readouterr().err
     assert not list(out.glob("*.arrow")) and not (out / "index.json").exists()
 
@@ -75,23 +75,25 @@ def test_interrupt_before_the_index_is_written(corpus, tmp_path, monkeypatch, ca
 
     monkeypatch.setattr(build, "write_index", interrupted)
     out = tmp_path / "ds"
-    assert prepare.main(argv(corpus, out)) == 130
+    assert sift(["prepare", *argv(corpus, out)]) == 130
     assert "interrupted" in capsys.readouterr().err
     assert not (out / "index.json").exists() and not list(out.glob("*.arrow"))
 
 
-def test_overwrite_removes_the_old_index_first(corpus, tmp_path, monkeypatch):
+def test_swap_removes_the_old_index_first(corpus, tmp_path, monkeypatch):
+    """Killed while swapping the new dataset in: what is left must not pass for the old dataset."""
     out = tmp_path / "ds"
-    assert prepare.main(argv(corpus, out)) == 0
-    old = json.loads((out / "index.json").read_text())
+    assert sift(["prepare", *argv(corpus, out)]) == 0
+    real_replace = os.replace
 
-    def crash(root, index):
-        raise RuntimeError("crash")
+    def crash_after_first_move_into_out(src, dst):
+        real_replace(src, dst)
+        if Path(dst).parent == out:
+            raise RuntimeError("crash")
 
-    monkeypatch.setattr(build, "write_index", crash)
+    monkeypatch.setattr(os, "replace", crash_after_first_move_into_out)
     with pytest.raises(RuntimeError):
-        prepare.main(argv(corpus, out, "--overwrite", "--seq-len", "64"))
-    # The half-replaced directory must not pass for the old dataset.
-    assert not (out / "index.json").exists() and old["seq_len"] == 32
+        sift(["prepare", *argv(corpus, out, "--overwrite", "--seq-len", "64")])
+    assert not (out / "index.json").exists()
     with pytest.raises(DataError):
         ShardDataset.open(out)

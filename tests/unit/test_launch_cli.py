@@ -123,6 +123,20 @@ def test_a_real_run_writes_files_then_calls_the_command(capsys, monkeypatch, tmp
     assert (tmp_path / ".deepspeed_env.bak").read_text() == "OLD=1\n"
 
 
+def test_an_unwritable_directory_stops_before_running(capsys, monkeypatch, tmp_path):
+    monkeypatch.setattr(launch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    monkeypatch.setattr(launch.subprocess, "call", lambda argv: pytest.fail("must not run"))
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(launch, "write_deepspeed_env", read_only)
+    (tmp_path / "launcher").mkdir()
+    (tmp_path / "launcher" / "train.py").write_text("")
+    code, _, err = run(capsys, "--hosts", "n1,n2", "--gpus-per-node", "2", "--env", "FI_LOG_LEVEL=warn")
+    assert code == 2 and f"cannot write .deepspeed_env in {tmp_path}: Permission denied; run from a writable" in err
+
+
 def test_a_missing_tool_or_script_stops_before_running(capsys, monkeypatch):
     monkeypatch.setattr(launch.shutil, "which", lambda tool: None if tool == "pdsh" else f"/usr/bin/{tool}")
     monkeypatch.setattr(launch.subprocess, "call", lambda argv: pytest.fail("must not run"))
