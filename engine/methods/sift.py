@@ -46,7 +46,9 @@ class Scorer:
         live = model.exit_path(exit_layer)
         self._src = live.parameters()
         self._gather = gather
-        self.paths: list[ExitPath] = [live.replicate(device, self._src[0].dtype) for _ in range(replicas)] or [live]
+        with torch.random.fork_rng(devices=[]):  # module init must not shift the run's dropout stream
+            copies = [live.replicate(device, self._src[0].dtype) for _ in range(replicas)]
+        self.paths: list[ExitPath] = copies or [live]
         self._dst = [p.parameters() for p in self.paths]
         self._current = 0
         self.reads_live_weights = replicas == 0

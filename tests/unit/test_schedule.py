@@ -94,7 +94,9 @@ def test_double_buffered_scorer_refreshes_the_idle_replica():
     model = tiny_model(seed=3)
     batch = random_batch(G=G)
     live = Scorer(model, 2, "loss", device=torch.device("cpu"))
+    rng = torch.get_rng_state()
     double = Scorer(model, 2, "loss", device=torch.device("cpu"), replicas=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # building replicas leaves the dropout stream alone
     assert live.reads_live_weights and not double.reads_live_weights
     before = double(batch)
     assert torch.equal(before, live(batch))
