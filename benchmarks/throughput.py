@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from benchmarks import flops as F
+from benchmarks import vcas_rows
 from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
 from engine.models.base import FlopCounts
 from engine.scoring import CRITERIA
@@ -39,6 +40,7 @@ from sift_common.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
+"""The default variants; ``--variants`` also takes the VCAS kinds (benchmarks/vcas_rows.py)."""
 PHASES = ("data", "scoring", "forward", "backward", "optimizer")
 log = logging.getLogger("sift.bench")
 
@@ -81,10 +83,16 @@ class Variant:
     exit_layer: int | None = None
     criterion: str | None = None
     compile: bool = False
+    vcas: tuple[float, float] | None = None
+    """VCAS kinds: fixed (rho, nu), or None for the adaptive controller."""
 
     @property
     def name(self) -> str:
         base = "vanilla" if self.kind == "vanilla" else f"{self.kind}-j{self.exit_layer}-{self.criterion}"
+        if self.kind == "vcas":
+            base = f"vcas-{vcas_rows.suffix(self.vcas)}"
+        elif self.kind == "sift+vcas":
+            base += f"-{vcas_rows.suffix(self.vcas)}"
         return f"T{self.seq_len}-{base}" + ("-compiled" if self.compile else "")
 
     def overrides(self, p: Preset, extra: list[str]) -> list[str]:
@@ -94,6 +102,11 @@ class Variant:
              "sift.warmup_steps=0", "train.grad_accum=1", f"train.steps={p.steps + p.warmup}"]
         if self.kind == "vanilla":
             o += ["method=none"]
+        elif self.kind == "vcas":
+            o += vcas_rows.overrides(self.kind, self.vcas)
+        elif self.kind == "sift+vcas":
+            o += ["sift.policy=topk", "sift.schedule=serial", f"sift.exit_layer={self.exit_layer}",
+                  f"sift.criterion={self.criterion}", *vcas_rows.overrides(self.kind, self.vcas)]
         else:
             o += ["method=sift", "sift.policy=topk", f"sift.schedule={self.kind}", f"sift.exit_layer={self.exit_layer}",
                   f"sift.criterion={self.criterion}"]
@@ -111,6 +124,11 @@ def grid(p: Preset, variants: tuple[str, ...], compiles: tuple[bool, ...], num_l
             for j in exits:
                 for crit in p.criteria:
                     out += [Variant(k, T, j, crit, c) for k in ("serial", "pipelined") if k in variants]
+            if "vcas" in variants:
+                out += [Variant("vcas", T, compile=c, vcas=r) for r in vcas_rows.ratios_for("vcas")]
+            if "sift+vcas" in variants:
+                out += [Variant("sift+vcas", T, exits[0], p.criteria[0], c, vcas=r)
+                        for r in vcas_rows.ratios_for("sift+vcas")]
     return out
 
 
@@ -278,6 +296,7 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
         # training stream, so this is the footprint of scoring concurrently with training.
         peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
         flops = b.model.flops(v.seq_len)
+        extra_fields = {"vcas": vcas_rows.row_extra(b.methods, cuda)} if v.kind in vcas_rows.KINDS else {}
         if profile_dir is not None:  # after the timed steps, so it cannot perturb them
             profile(b.sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
         B, G, stage, precision = b.cfg.train.micro_batch_size, b.cfg.gross_batch_size, b.stage, b.precision
@@ -287,7 +306,8 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, flops=flops, peak=peak)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
                wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
-               peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
+               peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline,
+               **extra_fields)
     return row
 
 
@@ -387,7 +407,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sift bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
                    help="auto: gpu-base on CUDA, cpu-tiny otherwise")
-    p.add_argument("--variants", type=csv(str), default=VARIANTS, help="comma list of vanilla,serial,pipelined")
+    p.add_argument("--variants", type=csv(str), default=VARIANTS,
+                   help="comma list of vanilla,serial,pipelined (default) and vcas,sift+vcas")
     p.add_argument("--exits", type=csv(int), help="exit layers (clipped to the model depth); default 1,2,3,6,12")
     p.add_argument("--criteria", type=csv(str), help="loss,entropy (default both)")
     p.add_argument("--seq-lens", type=csv(int), help="sequence lengths (gpu-base: 128,512; cpu-tiny: 64)")
@@ -408,9 +429,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--profile-steps", type=int, default=3, help="micro-steps per profile (after the timed ones)")
     p.add_argument("overrides", nargs="*", help="extra run-config overrides, e.g. model.attn_implementation=eager")
     args = p.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in (*VARIANTS, *vcas_rows.KINDS)]
     if bad:
-        p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
+        p.error(f"--variants: unknown {bad}; choose from {', '.join((*VARIANTS, *vcas_rows.KINDS))}")
     if args.criteria and any(c not in CRITERIA for c in args.criteria):
         p.error("--criteria: choose from loss, entropy")
     if any(n is not None and n < 1 for n in (args.steps, args.warmup, args.profile_steps)):
@@ -443,7 +464,8 @@ def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> 
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(result["rows"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(report.markdown(result))
+    vcas_table = vcas_rows.markdown(result) if any("vcas" in r for r in result["rows"]) else ""
+    (out / f"{stem}.md").write_text(report.markdown(result) + vcas_table)
     if not chart:
         return None
     try:

@@ -81,6 +81,20 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def whole(param: torch.nn.Parameter) -> Iterator[None]:
+    """ZeRO-3, inside a backward: make a partitioned weight whole for the duration, as DeepSpeed's own
+    ZeRO-3 linear function does (its module hooks usually have gathered it already: then nothing)."""
+    partitioned = getattr(getattr(param, "ds_status", None), "name", None) == "NOT_AVAILABLE"
+    if partitioned:
+        param.all_gather()
+    try:
+        yield
+    finally:
+        if partitioned:
+            param.partition()
+
+
 def save_checkpoint(engine: Any, root: Path, tag: str) -> None:
     """DeepSpeed's own files (model, ZeRO optimizer shards, scheduler) under root/tag. Our pointer to the
     latest complete checkpoint is written separately, last (engine/checkpoint.py)."""

@@ -203,12 +203,14 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
 
 
 def describe(cfg: RunConfig) -> str:
-    """The selection settings in one phrase, for the start-up log line."""
-    if not cfg.selecting:
-        return "every drawn row trained"
-    s = cfg.sift
-    return (f"G={cfg.gross_batch_size}, {s.policy} selection, {s.criterion} exit at layer {s.exit_layer}, "
-            f"{s.schedule}")
+    """The methods' settings in one phrase, for the start-up log line."""
+    s, v = cfg.sift, cfg.vcas
+    out = (f"G={cfg.gross_batch_size}, {s.policy} selection, {s.criterion} exit at layer {s.exit_layer}, "
+           f"{s.schedule}") if cfg.selecting else "every drawn row trained"
+    if "vcas" in cfg.effective_method.split("+"):
+        out += (f"; VCAS adaptive (tau {v.tau_act:g}/{v.tau_w:g}, every {v.calib_every} steps on {v.calib_batches} "
+                f"batches)" if v.adaptive else f"; VCAS fixed rho={v.rho:g} nu={v.nu:g}")
+    return out
 
 
 # ---------------------------------------------------------------------- command line

@@ -114,6 +114,8 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's saved state ({} on a fresh start); called once, after the engine's weights are
+        loaded (or initialised) and before the first micro-step."""
         if state:
             raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
 
