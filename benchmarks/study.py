@@ -154,6 +154,25 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def without_new_defaults(config: dict[str, Any], old: dict[str, Any],
+                         defaults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``config`` without the keys ``old`` lacks that hold their default: knobs a later version of the
+    engine added (a ``vcas`` section, say) do not make the runs made before them foreign."""
+    if defaults is None:
+        defaults = to_dict(load_config(None, []))
+    out = {}
+    for k, v in config.items():
+        if k not in old:
+            if k in defaults and v == defaults[k]:
+                continue
+            out[k] = v
+        elif isinstance(v, dict) and isinstance(old[k], dict) and isinstance(defaults.get(k), dict):
+            out[k] = without_new_defaults(v, old[k], defaults[k])
+        else:
+            out[k] = v
+    return out
+
+
 def check_marker(plan: RunPlan, data_id: dict[str, Any]) -> None:
     """Refuse to continue or reuse a run made with another config or other data."""
     marker = plan.dir / MARKER
@@ -163,7 +182,8 @@ def check_marker(plan: RunPlan, data_id: dict[str, Any]) -> None:
         made = json.loads(marker.read_text())
     except (ValueError, OSError):
         raise StudyError(f"{marker} is unreadable; delete {plan.dir} to redo that run") from None
-    same_config = comparable(made.get("config") or {}) == comparable(plan.config)
+    old = made.get("config") or {}
+    same_config = comparable(old) == comparable(without_new_defaults(plan.config, old))
     if not same_config or made.get("data", {}).get("index_sha256") != data_id["index_sha256"]:
         what = "config" if not same_config else "data (index.json differs)"
         raise StudyError(f"{plan.dir} was made with another {what}; use another --out, or delete that "

@@ -232,6 +232,21 @@ def test_comparable_ignores_locations_and_vanilla_selection_settings():
     assert study.comparable({**base, "train": {"out_dir": "/x", "steps": 6}}) != study.comparable(base)
 
 
+def test_runs_made_before_a_new_knob_existed_still_match():
+    """A key the marker lacks is ignored while it holds its default (an engine upgrade added it), and
+    counts as soon as it does not."""
+    from engine.config import load_config, to_dict
+
+    now = to_dict(load_config(None, ["train.steps=7"]))
+    old = {k: v for k, v in now.items() if k != "vcas"}
+    old["sift"] = {k: v for k, v in now["sift"].items() if k != "fidelity_every"}
+    assert study.comparable(study.without_new_defaults(now, old)) == study.comparable(old)
+    changed = to_dict(load_config(None, ["train.steps=7", "vcas.alpha=0.5", "sift.fidelity_every=3"]))
+    kept = study.without_new_defaults(changed, old)
+    assert kept["vcas"]["alpha"] == 0.5 and kept["sift"]["fidelity_every"] == 3
+    assert study.comparable(kept) != study.comparable(old)
+
+
 def test_regimes_preset_without_its_corpus_says_so(tmp_path, capsys):
     """A clone without ../shared/: the regimes study cannot build its data and says what to do instead."""
     tree = yaml.safe_load(study.PRESETS["regimes-cpu"].read_text())
