@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.models.base import Mean, Metric, Ratio
+from engine.models.base import Exp, Mean, Metric, Ratio, exp_metric
 from engine.progress import Progress
 from engine.schedule import MicroOut
 from engine.streams import PhaseTimer
@@ -28,12 +28,14 @@ class StepAccumulator:
     (one all-reduce and one host sync per log interval; every rank must call it).
 
     Reports ``loss`` (the cross-rank objective), the model's metrics (``metrics``: ratios of summed
-    outputs, or means) and whatever statistics the methods attached to each micro-step, by their names.
+    outputs, means, or exp of either) and whatever statistics the methods attached to each micro-step,
+    by their names.
     """
 
     def __init__(self, metrics: dict[str, Metric]) -> None:
         self.means = {name: m.key for name, m in metrics.items() if isinstance(m, Mean)}
         self.ratios = {name: m for name, m in metrics.items() if isinstance(m, Ratio)}
+        self.exps = {name: m.of for name, m in metrics.items() if isinstance(m, Exp)}
         self.reset()
 
     def reset(self) -> None:
@@ -77,6 +79,7 @@ class StepAccumulator:
         for name, m in self.ratios.items():
             if totals.get(m.den):
                 out[name] = totals[m.num] / totals[m.den]
+        out |= {name: exp_metric(out[of]) for name, of in self.exps.items() if of in out}
         out["skipped_nonfinite"] = int(host[-1])
         self.reset()
         return out

@@ -106,7 +106,9 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
     # ------------------------------------------------------------------ model, methods, engine
     torch.manual_seed(t.seed)  # identical init on every rank
-    model = build_model(cfg.model, DataFacts(meta.vocab_size, meta.seq_len, meta.objective, meta.special_ids["pad"]))
+    specials = meta.special_ids
+    model = build_model(cfg.model, DataFacts(meta.vocab_size, meta.seq_len, meta.objective, specials["pad"],
+                                             eos_id=specials.get("eos"), bos_id=specials.get("bos")))
     methods = prepare_methods(cfg, model)
     torch.manual_seed(t.seed * 1_000_003 + rank + 1)  # per-rank dropout streams
     engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda)

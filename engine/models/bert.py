@@ -20,12 +20,12 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, Be
 from engine.config import ModelConfig
 from engine.models.base import Batch, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
 from engine.models.errors import ModelError
-from engine.models.presets import PRESETS
+from engine.models.presets import size as preset_size
 from engine.scoring import per_sequence_mean, token_cross_entropy
 
 
 def hf_config(cfg: ModelConfig, *, vocab_size: int, seq_len: int, pad_id: int) -> BertConfig:
-    size = PRESETS[cfg.preset]
+    size = preset_size("bert", cfg.preset)
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size or size.hidden_size,
