@@ -36,6 +36,8 @@ class StepAccumulator:
         self.means = {name: m.key for name, m in metrics.items() if isinstance(m, Mean)}
         self.ratios = {name: m for name, m in metrics.items() if isinstance(m, Ratio)}
         self.exps = {name: m.of for name, m in metrics.items() if isinstance(m, Exp)}
+        # each output once, however many ratios share it (a token count is every token metric's den)
+        self.raw_keys = sorted({k for m in self.ratios.values() for k in (m.num, m.den)})
         self.reset()
 
     def reset(self) -> None:
@@ -56,10 +58,9 @@ class StepAccumulator:
         for name, value in means.items():
             self._add(self._sums, name, value)
             self._counts[name] += 1
-        for m in self.ratios.values():
-            for key in (m.num, m.den):
-                if key in mo.out:
-                    self._add(self._raw, key, mo.out[key])
+        for key in self.raw_keys:
+            if key in mo.out:
+                self._add(self._raw, key, mo.out[key])
 
     def flush(self) -> dict[str, float]:
         """Global values over the interval: ratios of sums, and means over micro-steps and ranks (``loss``
