@@ -23,10 +23,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-FORMULA = ("training = 3 x forward; forward/seq = T L (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV) + NSP (2h^2 + 4h); "
-           "scoring/seq at exit j = T j (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV); P = ceil(0.15 T) masked slots, "
-           "T counts padding")
-
 # Dense (no sparsity) bf16/fp16 tensor-core peaks from the vendor data sheets, TFLOP/s. Matched in order
 # against torch.cuda.get_device_name(), so "H100 PCIe" must precede "H100".
 PEAK_TFLOPS_BF16: tuple[tuple[str, float], ...] = (

@@ -128,9 +128,10 @@ class FlopCounts:
     def train(self) -> float:
         return 3.0 * self.forward()
 
-    def scoring(self, exit_layer: int) -> float:
-        """The early exit at block j: j blocks and the head, no extra heads, no backward."""
-        return exit_layer * self.block + self.head
+    def scoring(self, exit_layer: int, head_fraction: float = 1.0) -> float:
+        """The early exit at block j: j blocks and the head, no extra heads, no backward; the head on
+        ``head_fraction`` of its positions (``sift.score_positions``)."""
+        return exit_layer * self.block + head_fraction * self.head
 
 
 class SiftModel(nn.Module):

@@ -135,6 +135,12 @@ def flop_counts(config: BertConfig, seq_len: int, masked: int, nsp: bool) -> Flo
     )
 
 
+FLOP_FORMULA = ("training = 3 x forward; forward/seq = T L (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV) + NSP (2h^2 + 4h); "
+                "scoring/seq at exit j = T j (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV); P = ceil(0.15 T) masked slots, "
+                "T counts padding")
+"""The FLOP model of ``flop_counts`` in one line (for benchmark records)."""
+
+
 class SiftBert(SiftModel):
     """BERT pretraining model whose forward takes a batch dict (see data_pipeline/batch.py).
 

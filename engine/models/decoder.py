@@ -107,6 +107,14 @@ class DecoderExit:
         return replica
 
 
+DECODER_FLOP_FORMULA = (
+    "training = 3 x forward; forward/seq = T L (block + 4Th) + T (2hV); block per position: GPT-2 8h^2 + 4hi, "
+    "Llama 4h^2 + 4h h_kv + 6hi; 4Th: attention scores and weighted sum over the full T x T square; LM head 2hV "
+    "at every position; scoring/seq at exit j = T j (block + 4Th) + T (2hV) (x P/T with sift.score_positions = P)"
+)
+"""The FLOP model of ``decoder_flop_counts`` in one line (for benchmark records)."""
+
+
 def decoder_flop_counts(*, layers: int, block_per_position: float, hidden: int, vocab: int,
                         seq_len: int) -> FlopCounts:
     """A decoder's FLOPs per sequence of T = ``seq_len`` positions (multiply-add = 2; backward = 2 x

@@ -16,6 +16,7 @@ from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 from engine.config import ModelConfig
 from engine.models.base import DataFacts
 from engine.models.decoder import (
+    DECODER_FLOP_FORMULA,
     DecoderExit,
     SiftDecoder,
     causal_mask,
@@ -25,6 +26,9 @@ from engine.models.decoder import (
     special_token_ids,
 )
 from engine.models.presets import size as preset_size
+
+FLOP_FORMULA = DECODER_FLOP_FORMULA
+"""The family's FLOP model in one line (for benchmark records)."""
 
 
 class GPT2Exit(DecoderExit):

@@ -17,6 +17,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMS
 from engine.config import ModelConfig
 from engine.models.base import DataFacts
 from engine.models.decoder import (
+    DECODER_FLOP_FORMULA,
     DecoderExit,
     SiftDecoder,
     causal_mask,
@@ -26,6 +27,9 @@ from engine.models.decoder import (
     special_token_ids,
 )
 from engine.models.presets import size as preset_size
+
+FLOP_FORMULA = DECODER_FLOP_FORMULA
+"""The family's FLOP model in one line (for benchmark records)."""
 
 
 class LlamaExit(DecoderExit):
