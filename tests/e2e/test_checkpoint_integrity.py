@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from engine import checkpoint as ckpt
-from engine.export import main as export_main
+from launcher.cli import main as sift
 from tests.runs import train
 
 STAGES = (0, 1, 2, 3)
@@ -54,7 +54,7 @@ def test_flipped_bytes_in_any_checkpoint_file_are_refused_by_name(stage_runs, st
             assert ckpt.find_latest(root) == "step00000001"
         assert f"is corrupt: {name}" in caplog.text
         # sift export verifies before DeepSpeed unpickles anything
-        assert export_main([str(root.parent), "--out", str(tmp_path / "hf"), "--tag", "step00000002"]) == 2
+        assert sift(["export", str(root.parent), "--out", str(tmp_path / "hf"), "--tag", "step00000002"]) == 2
 
 
 def test_resume_skips_a_corrupt_checkpoint_and_replays_exactly(stage_runs, tiny_data, tmp_path):
