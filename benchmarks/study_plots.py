@@ -44,9 +44,11 @@ def _exits(arms: Sequence[Arm]) -> list[int]:
 
 
 def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCurves]], *, x: str,
-                    title: str, targets: Sequence[float] = (), ref: str | None = "vanilla") -> None:
-    """Left: validation MLM accuracy (mean over seeds, min–max band) against ``x``. Right, for the
-    samples axis: the paired difference to ``ref``; for the hours axis: the last half of the run, zoomed."""
+                    title: str, targets: Sequence[float] = (), ref: str | None = "vanilla", token: str = "mlm") -> None:
+    """Left: validation token accuracy (``val_<token>_acc``; mean over seeds, min–max band) against ``x``.
+    Right, for the samples axis: the paired difference to ``ref``; for the hours axis: the last half of
+    the run, zoomed."""
+    key, ylabel = f"val_{token}_acc", f"validation {token.upper()} accuracy"
     exits = _exits(arms)
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.15, 1]})
     xlabel = "back-propagated samples" if x == "backprop_samples" else "wall-clock hours"
@@ -55,7 +57,7 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
         if not done:
             continue
         st = arm_style(arm, exits)
-        c = mean_curve(done, x=x)
+        c = mean_curve(done, key=key, x=x)
         label = f"{arm.label()} (n={len(done)})"
         ax.plot(c.x, c.mean, label=label, marker="o", markersize=2.5, **st)
         _band(ax, c.x, c.lo, c.hi, st)
@@ -63,7 +65,7 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
             if arm.name == ref:
                 ax2.axhline(0.0, **st)
                 continue
-            d = paired_difference(done, runs.get(ref or "", []))
+            d = paired_difference(done, runs.get(ref or "", []), key=key)
             if d.steps:
                 ax2.plot(d.x, [v * 100 for v in d.mean], marker="o", markersize=2.5, **st)
                 ax2.fill_between(d.x, [v * 100 for v in d.lo], [v * 100 for v in d.hi], color=st["color"],
@@ -77,7 +79,7 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
         ax.annotate(f"target {t:.3f}", xy=(0.01, t), xycoords=("axes fraction", "data"), fontsize=8,
                     va="bottom", color="#444444")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel("validation MLM accuracy")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=11)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
@@ -88,7 +90,7 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
         ax2.set_ylabel(f"accuracy minus {ref}, same seed (percentage points)")
         ax2.set_title(f"paired difference to {ref} (mean, min–max over seeds)", fontsize=11)
     else:
-        ax2.set_ylabel("validation MLM accuracy")
+        ax2.set_ylabel(ylabel)
         ax2.set_title("second half of training, zoomed", fontsize=11)
     ax2.set_xlabel(xlabel)
     ax2.grid(alpha=0.3)

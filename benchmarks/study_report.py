@@ -1,7 +1,8 @@
 """Reading a study's runs and summarising them: pure functions over the logged curves, then the tables.
 
-Every number here comes from a run's metrics.jsonl: the "eval" records (validation MLM accuracy and
-loss, back-propagated samples, wall-clock hours) and the step records (fidelity, kept/dropped scores,
+Every number here comes from a run's metrics.jsonl: the "eval" records (validation token accuracy and
+loss: ``val_mlm_*`` for BERT, ``val_lm_*`` for decoders, see ``token_name``; back-propagated samples,
+wall-clock hours) and the step records (fidelity, kept/dropped scores,
 throughput, phase times). Plots live in study_plots.py.
 """
 
@@ -134,6 +135,20 @@ class MeanCurve:
     hi: list[float]  # max over seeds
 
 
+def token_name(runs: dict[str, list[RunCurves]]) -> str:
+    """The model's token-objective name in its metric keys (engine/models: ``mlm`` for BERT, ``lm`` for
+    decoders), from any run's summary.json, else from its eval records; ``mlm`` when nothing says."""
+    for rs in runs.values():
+        for r in rs:
+            if r.summary and r.summary.get("token_loss"):
+                return str(r.summary["token_loss"])
+            for e in r.evals:
+                for k in e:
+                    if k.startswith("val_") and k.endswith("_acc"):
+                        return k[len("val_"):-len("_acc")]
+    return "mlm"
+
+
 def mean_curve(runs: Sequence[RunCurves], key: str = "val_mlm_acc", x: str = "backprop_samples") -> MeanCurve:
     common = sorted(set.intersection(*(set(e["step"] for e in r.evals) for r in runs))) if runs else []
     by_run = [{e["step"]: e for e in r.evals} for r in runs]
@@ -186,10 +201,12 @@ def run_costs(run: RunCurves) -> dict[str, float | None]:
     return out
 
 
-def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str | None) -> list[dict[str, Any]]:
-    """Table 1: final validation MLM accuracy (mean, spread over seeds), paired difference to the
-    reference arm, final loss, and cost (hours, throughput)."""
-    ref_final = {r.seed: r.final["val_mlm_acc"] for r in runs.get(ref or "", []) if r.final}
+def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str | None,
+                token: str = "mlm") -> list[dict[str, Any]]:
+    """Table 1: final validation token accuracy (``val_<token>_acc``: mean, spread over seeds), paired
+    difference to the reference arm, final loss, and cost (hours, throughput)."""
+    acc_key, loss_key = f"val_{token}_acc", f"val_{token}_loss"
+    ref_final = {r.seed: r.final[acc_key] for r in runs.get(ref or "", []) if r.final}
     ref_hours = {r.seed: r.final["hours"] for r in runs.get(ref or "", []) if r.final}
     rows = []
     for arm in arms:
@@ -197,17 +214,17 @@ def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str 
         if not done:
             rows.append({"arm": arm, "seeds": 0})
             continue
-        acc = [r.final["val_mlm_acc"] for r in done]
-        diffs = [r.final["val_mlm_acc"] - ref_final[r.seed] for r in done if r.seed in ref_final]
+        acc = [r.final[acc_key] for r in done]
+        diffs = [r.final[acc_key] - ref_final[r.seed] for r in done if r.seed in ref_final]
         costs = [run_costs(r) for r in done]
         # accuracy when the same seed's reference run had finished: the equal-wall-clock comparison
-        at_ref = {r.seed: value_at(*r.series("val_mlm_acc", "hours"), ref_hours[r.seed])
+        at_ref = {r.seed: value_at(*r.series(acc_key, "hours"), ref_hours[r.seed])
                   for r in done if r.seed in ref_hours}
         at_ref_delta = [v - ref_final[k] for k, v in at_ref.items() if v is not None]
         rows.append({
-            "arm": arm, "seeds": len(done), "per_seed": {r.seed: r.final["val_mlm_acc"] for r in done},
-            "val_mlm_acc": spread(acc),
-            "val_mlm_loss": spread([r.final["val_mlm_loss"] for r in done]),
+            "arm": arm, "seeds": len(done), "per_seed": {r.seed: r.final[acc_key] for r in done},
+            acc_key: spread(acc),
+            loss_key: spread([r.final[loss_key] for r in done]),
             "delta_vs_ref": spread(diffs) if arm != ref and diffs else None,
             "backprop_samples": done[0].final["backprop_samples"],
             "hours": spread([r.final["hours"] for r in done]),
@@ -231,7 +248,7 @@ def _sum_or_none(costs: dict[str, float | None], phases: Sequence[str]) -> float
 
 
 def target_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], targets: Sequence[float],
-                 ref: str | None) -> list[dict[str, Any]]:
+                 ref: str | None, token: str = "mlm") -> list[dict[str, Any]]:
     """Per target and arm: back-propagated samples and hours to reach it, per seed and over seeds.
 
     An arm counts as reaching a target only when every one of its seeds does; otherwise the row says
@@ -246,7 +263,7 @@ def target_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], targets:
                 continue
             row: dict[str, Any] = {"target": target, "arm": arm, "seeds": len(done)}
             for x in ("backprop_samples", "hours"):
-                hits = [time_to_target(*r.series("val_mlm_acc", x), target) for r in done]
+                hits = [time_to_target(*r.series(f"val_{token}_acc", x), target) for r in done]
                 reached = [h for h in hits if h is not None]
                 row[x] = {"per_seed": {r.seed: h for r, h in zip(done, hits)}, "reached": len(reached),
                           **(spread(reached) if len(reached) == len(done) else {})}
@@ -329,26 +346,28 @@ def _num(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None) -> str:
-    head = ("| arm | seeds | val MLM acc (mean ± std) | min–max | Δ vs " + (ref or "ref") +
-            " (paired, mean ± std) | Δ min–max | val MLM loss | wall clock, min | backprop seq/s |")
+def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None, token: str = "mlm") -> str:
+    name, acc, loss = token.upper(), f"val_{token}_acc", f"val_{token}_loss"
+    head = (f"| arm | seeds | val {name} acc (mean ± std) | min–max | Δ vs " + (ref or "ref") +
+            f" (paired, mean ± std) | Δ min–max | val {name} loss | wall clock, min | backprop seq/s |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         if not r.get("seeds"):
             lines.append(f"| {labels.get(r['arm'], r['arm'])} | 0 | no complete run | | | | | | |")
             continue
         lines.append(
-            f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r['val_mlm_acc'])} | {_range(r['val_mlm_acc'])}"
+            f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r[acc])} | {_range(r[acc])}"
             f" | {_pm(r['delta_vs_ref'], scale=1.0) if r['delta_vs_ref'] else '(reference)'}"
             f" | {_range(r['delta_vs_ref']) if r['delta_vs_ref'] else ''}"
-            f" | {_pm(r['val_mlm_loss'], 3)} | {_pm(r['hours'], 1, 60.0)} | {_pm(r['backprop_seq_per_s'], 0)} |"
+            f" | {_pm(r[loss], 3)} | {_pm(r['hours'], 1, 60.0)} | {_pm(r['backprop_seq_per_s'], 0)} |"
         )
     return "\n".join(lines)
 
 
-def markdown_equal_time(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None) -> str:
+def markdown_equal_time(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None,
+                        token: str = "mlm") -> str:
     """Accuracy of each arm when its seed's reference run had finished (same wall clock)."""
-    lines = [f"| arm | val MLM acc at {ref}'s final wall clock (mean ± std) | Δ vs {ref} (paired, mean ± std)"
+    lines = [f"| arm | val {token.upper()} acc at {ref}'s final wall clock (mean ± std) | Δ vs {ref} (paired, mean ± std)"
              " | Δ min–max |", "|---|---|---|---|"]
     for r in rows:
         if not r.get("seeds"):

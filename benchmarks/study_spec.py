@@ -26,7 +26,7 @@ from typing import Any
 
 import yaml
 
-from engine.models.presets import PRESETS
+from engine.models.presets import FAMILY_PRESETS
 
 ARM_GRAMMAR = "vanilla | random | loss:J | entropy:J, with J a layer number, L (the last) or L/2"
 STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare")
@@ -147,10 +147,11 @@ def model_layers(tree: dict[str, Any]) -> int:
     model = tree.get("model") or {}
     if model.get("num_layers"):
         return int(model["num_layers"])
-    preset = model.get("preset", "tiny")
-    if preset not in PRESETS:
-        raise StudyError(f"model.preset {preset!r} is not one of {', '.join(PRESETS)}")
-    return PRESETS[preset].num_layers
+    family, preset = model.get("family", "bert"), model.get("preset", "tiny")
+    sizes = FAMILY_PRESETS.get(family, {})
+    if preset not in sizes:
+        raise StudyError(f"model.preset {preset!r} is not one of {', '.join(sizes)} (the {family} sizes)")
+    return sizes[preset].num_layers
 
 
 def _seeds(value: Any) -> list[int]:

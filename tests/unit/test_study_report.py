@@ -142,3 +142,21 @@ def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_torn_line(tmp_p
     evals, steps = read_metrics(path)
     assert [s["loss"] for s in steps] == [3.0, 1.5]
     assert [e["val_mlm_acc"] for e in evals] == [0.2]
+
+
+def test_decoder_runs_are_read_by_their_own_metric_names():
+    """A decoder's evals say val_lm_acc / val_lm_loss (summary token_loss "lm"); tables follow."""
+    from benchmarks.study_report import markdown_final, target_table, token_name
+
+    def as_lm(r: RunCurves) -> RunCurves:
+        evals = [{k.replace("_mlm_", "_lm_"): v for k, v in e.items()} for e in r.evals]
+        return RunCurves(r.arm, r.seed, evals, [], r.complete, {"token_loss": "lm"})
+
+    runs = {"vanilla": [as_lm(r) for r in VANILLA], "sift": [as_lm(r) for r in SIFT]}
+    assert token_name(runs) == "lm" and token_name({"vanilla": VANILLA}) == "mlm"
+    assert token_name({"v": [RunCurves("v", 0, runs["sift"][0].evals, [], True)]}) == "lm"  # no summary
+    rows = final_table(["vanilla", "sift"], runs, "vanilla", "lm")
+    assert rows[1]["val_lm_acc"]["mean"] == pytest.approx(0.28) and rows[1]["delta_vs_ref"]["mean"] == pytest.approx(0.07)
+    assert "val LM acc" in markdown_final(rows, {}, "vanilla", "lm")
+    hits = target_table(["vanilla", "sift"], runs, [0.2], "vanilla", "lm")
+    assert all(r["backprop_samples"]["reached"] == 2 for r in hits)
