@@ -47,7 +47,8 @@ import yaml  # noqa: E402
 from benchmarks.study_spec import Arm, StudyError, StudySpec, build_spec  # noqa: E402
 from engine.config import ConfigError, load_config, to_dict  # noqa: E402
 
-PRESETS = {"cpu": REPO / "configs" / "study-cpu.yaml", "gpu": REPO / "configs" / "study-gpu.yaml"}
+PRESETS = {"cpu": REPO / "configs" / "study-cpu.yaml", "gpu": REPO / "configs" / "study-gpu.yaml",
+           "gpt2-cpu": REPO / "configs" / "study-gpt2-cpu.yaml"}
 MARKER = "study-run.json"  # in each run directory: the config and data it was made with
 log = logging.getLogger("sift.study")
 
