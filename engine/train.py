@@ -153,7 +153,7 @@ def run(cfg: RunConfig) -> dict[str, Any]:
                   "hours": progress.elapsed_hours(), **evaluator()}
         logger.write(record)
         log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                         if k.endswith(("_acc", "_loss"))))
+                                                         if k.endswith(("_acc", "_loss", "_ppl"))))
         return record
 
     # ------------------------------------------------------------------ the loop
