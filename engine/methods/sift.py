@@ -5,8 +5,8 @@ model's own output head (the early exit of the model adapter) and reduces each r
 (``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, or B at random as the
 control). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
 logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
-drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and those after ``sift.stop_fraction``) draw
-only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
+drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and
+those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
 one) is the schedule's business (engine/schedule.py).
 """
 
@@ -41,7 +41,7 @@ class Scorer:
 
     def __init__(self, model: SiftModel, exit_layer: int, criterion: str, *, device: torch.device,
                  gather: Any | None = None, positions: int = 0):
-        self.criterion, self.positions, self.device = criterion, positions, device
+        self.criterion, self.positions = criterion, positions
         live = model.exit_path(exit_layer)
         self._gather = gather
         if gather is None:

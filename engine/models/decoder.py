@@ -188,6 +188,14 @@ def special_token_ids(data: DataFacts) -> dict[str, int | None]:
             "pad_token_id": data.pad_id}
 
 
+def check_heads(hidden: int, heads: int, kv_heads: int | None = None) -> None:
+    """ModelError unless the hidden size splits into ``heads`` heads (and those into ``kv_heads`` groups)."""
+    if heads < 1 or hidden % heads:
+        raise ModelError(f"model.hidden_size {hidden} is not a multiple of model.num_heads {heads}")
+    if kv_heads is not None and (kv_heads < 1 or heads % kv_heads):
+        raise ModelError(f"model.num_heads {heads} is not a multiple of model.num_kv_heads {kv_heads}")
+
+
 def check_objective(family: str, data: DataFacts) -> None:
     if data.objective != "clm":
         raise ModelError(f"model.family {family} trains on data prepared with --objective clm, not "

@@ -20,6 +20,7 @@ from engine.models.decoder import (
     DecoderExit,
     SiftDecoder,
     causal_mask,
+    check_heads,
     check_objective,
     load_pretrained,
     rebuild,
@@ -67,6 +68,7 @@ class SiftGPT2(SiftDecoder):
 
 def hf_config(cfg: ModelConfig, data: DataFacts) -> GPT2Config:
     s = preset_size("gpt2", cfg.preset)
+    check_heads(cfg.hidden_size or s.hidden_size, cfg.num_heads or s.num_heads)
     return GPT2Config(
         vocab_size=data.vocab_size, n_positions=max(1024, data.seq_len), n_embd=cfg.hidden_size or s.hidden_size,
         n_layer=cfg.num_layers or s.num_layers, n_head=cfg.num_heads or s.num_heads,

@@ -21,6 +21,7 @@ from engine.models.decoder import (
     DecoderExit,
     SiftDecoder,
     causal_mask,
+    check_heads,
     check_objective,
     load_pretrained,
     rebuild,
@@ -75,10 +76,12 @@ class SiftLlama(SiftDecoder):
 def hf_config(cfg: ModelConfig, data: DataFacts) -> LlamaConfig:
     s = preset_size("llama", cfg.preset)
     heads = cfg.num_heads or s.num_heads
+    kv_heads = cfg.num_kv_heads or s.num_kv_heads or heads
+    check_heads(cfg.hidden_size or s.hidden_size, heads, kv_heads)
     return LlamaConfig(
         vocab_size=data.vocab_size, hidden_size=cfg.hidden_size or s.hidden_size,
         intermediate_size=cfg.intermediate_size or s.intermediate_size, num_hidden_layers=cfg.num_layers or s.num_layers,
-        num_attention_heads=heads, num_key_value_heads=cfg.num_kv_heads or s.num_kv_heads or heads,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=max(2048, data.seq_len), tie_word_embeddings=s.tie_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": s.rope_theta}, attention_dropout=cfg.dropout,
         attn_implementation=cfg.attn_implementation, **special_token_ids(data),

@@ -126,6 +126,11 @@ def test_errors_name_the_problem():
     with pytest.raises(ConfigError, match=r"model.preset: 'base' is not one of tiny, 125m, 350m, 1b \(the llama"):
         load_config(None, ["model.family=llama", "model.preset=base"])
     assert load_config(None, ["model.family=gpt2", "model.preset=1.5b"]).model.preset == "1.5b"
+    clm = DataFacts(vocab_size=VOCAB, seq_len=32, objective="clm", pad_id=0)
+    with pytest.raises(ModelError, match="hidden_size 100 is not a multiple of model.num_heads 3"):
+        build_model(ModelConfig(family="gpt2", hidden_size=100, num_heads=3), clm)
+    with pytest.raises(ModelError, match="num_heads 4 is not a multiple of model.num_kv_heads 3"):
+        build_model(ModelConfig(family="llama", num_heads=4, num_kv_heads=3), clm)
 
 
 def test_init_from_a_saved_checkpoint(tmp_path):
