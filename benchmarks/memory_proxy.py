@@ -25,6 +25,7 @@ import torch
 
 from benchmarks.synthetic import batch_pool
 from benchmarks.throughput import PRESETS, REPO, Variant, ensure_distributed, run_variant
+from engine.scoring import CRITERIA
 
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "DS_ACCELERATOR": "cpu"}
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.memory_proxy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--criterion", choices=["loss", "entropy"], default="loss")
+    ap.add_argument("--criterion", choices=sorted(CRITERIA), default="loss")
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--child", choices=["serial", "pipelined"], help=argparse.SUPPRESS)

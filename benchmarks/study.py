@@ -21,52 +21,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
-import os
-import platform
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project importable without installing it
-    sys.path.insert(0, str(REPO))
 
 import yaml  # noqa: E402
 
-from benchmarks.study_spec import Arm, StudyError, StudySpec, build_spec  # noqa: E402
+from benchmarks.study_jobs import EventLog, RunPlan, child_env, execute, run_state  # noqa: E402
+from benchmarks.study_spec import VANILLA, Arm, StudyError, StudySpec, build_spec  # noqa: E402
 from engine.config import ConfigError, load_config, to_dict  # noqa: E402
+from engine.resources import resolve  # noqa: E402
+from sift_common.logs import setup_logging  # noqa: E402
+from sift_common.provenance import git_commit, load_average, machine, versions  # noqa: E402
 
-PRESETS = {"cpu": REPO / "configs" / "study-cpu.yaml", "gpu": REPO / "configs" / "study-gpu.yaml",
-           "gpt2-cpu": REPO / "configs" / "study-gpt2-cpu.yaml"}
+PRESETS = {name: resolve(f"study-{name}", "configs") for name in ("cpu", "gpu", "regimes-cpu", "gpt2-cpu")}
+"""Preset name -> the shipped study file (configs/, package data: engine/resources.py)."""
 MARKER = "study-run.json"  # in each run directory: the config and data it was made with
 log = logging.getLogger("sift.study")
-
-
-@dataclass(slots=True)
-class RunPlan:
-    arm: Arm
-    seed: int
-    dir: Path
-    config: dict[str, Any]  # the resolved run config (engine.config.to_dict)
-
-    @property
-    def key(self) -> str:
-        return f"{self.arm.name}/seed{self.seed}"
-
-    @property
-    def steps(self) -> int:
-        return int(self.config["train"]["steps"])
 
 
 # ----------------------------------------------------------------------------- planning
@@ -81,45 +65,79 @@ def data_fingerprint(data: Path) -> dict[str, Any]:
             "rows": {k: v.get("rows") for k, v in index.get("splits", {}).items()}}
 
 
-def plan_runs(spec: StudySpec, out: Path, data: Path) -> list[RunPlan]:
-    """Every (arm, seed) run, seed-major (an interrupted study has whole seeds), each config validated."""
-    plans, problems = [], []
+@dataclass(slots=True)
+class Regime:
+    """One dataset the grid runs on, with its own runs and report: a regime of `study.regimes`
+    (clean, redundant, noisy), or the study's data alone (name "")."""
+
+    name: str
+    data: Path
+    out: Path  # runs/, warm/, start/ go here
+    heldout: dict[str, Path] = field(default_factory=dict)  # extra evaluation sets (data.extra_eval), by name
+    kinds: dict[str, tuple[Path, float]] = field(default_factory=dict)  # kind -> (dataset, share of training)
+
+
+def selection_of(config: dict[str, Any]) -> str | None:
+    """"criterion:exit" for a run config that keeps the top-scoring rows, else None."""
+    sift = config.get("sift", {})
+    if sift.get("policy") != "topk" or config.get("method") in ("none", "vcas"):
+        return None
+    return f"{sift.get('criterion')}:{sift.get('exit_layer')}"
+
+
+def _resolve(base: Path, overrides: list[str], where: str, problems: list[str]) -> dict[str, Any] | None:
+    try:
+        return to_dict(load_config(base, overrides))
+    except ConfigError as e:
+        problems.append(f"{where}: " + "; ".join(e.problems))
+        return None
+
+
+def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
+    """Every job of one regime, each config validated: with the continuation protocol the warm-up run,
+    then per seed its start evaluation and every arm's run (seed-major: an interrupted study has whole
+    seeds); without it, every (arm, seed) run from random init."""
+    held = [f"data.extra_eval.{n}={d}" for n, d in regime.heldout.items()]  # evaluated at every evaluation
+    common = [*spec.overrides, f"data.path={regime.data}", *held]
+    kinds = [a for k, (d, w) in regime.kinds.items() for a in ("--kind", f"{k}={d}:{w}")]
+    br = spec.branch
+    protocol = [] if br is None else [f"train.steps={br.total}", f"optim.schedule_steps={br.total}"]
+    plans: list[RunPlan] = []
+    problems: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base.yaml"
         base.write_text(yaml.safe_dump(spec.base, sort_keys=False))
+
+        def add(arm: Arm, seed: int, run_dir: Path, extra: list[str], kind: str = "run") -> RunPlan | None:
+            cfg = _resolve(base, [*common, *arm.overrides, *protocol, *extra, f"train.seed={seed}",
+                                  f"train.out_dir={run_dir}"], f"{kind} {arm.name}", problems)
+            if cfg is None:
+                return None
+            plan = RunPlan(arm, seed, run_dir, cfg, kind=kind, regime=regime.name)
+            if warm is not None:
+                plan.deps, plan.branch = [warm.key], warm.dir
+            plans.append(plan)
+            return plan
+
+        warm = None
+        if br is not None:
+            warm = add(VANILLA, br.warm_seed, regime.out / "warm", [f"train.steps={br.warm_steps}"], "warm")
         for seed in spec.seeds:
+            if warm is not None:
+                add(VANILLA, seed, regime.out / "start" / f"seed{seed}", [f"train.steps={br.warm_steps}"], "start")
             for arm in spec.arms:
-                run_dir = out / "runs" / arm.name / f"seed{seed}"
-                overrides = [*spec.overrides, f"data.path={data}", *arm.overrides(), f"train.seed={seed}",
-                             f"train.out_dir={run_dir}"]
-                try:
-                    cfg = load_config(base, overrides)
-                except ConfigError as e:
-                    problems.append(f"arm {arm.name}: " + "; ".join(e.problems))
+                plan = add(arm, seed, regime.out / "runs" / arm.name / f"seed{seed}", [])
+                if plan is None:
                     continue
-                plans.append(RunPlan(arm, seed, run_dir, to_dict(cfg)))
+                select = selection_of(plan.config)
+                plan.probe = ["--run", str(plan.dir), "--select", select, *kinds] if select and kinds else []
+        if warm is not None and kinds:
+            selects = sorted({s for p in plans if (s := selection_of(p.config))})
+            warm.probe = ["--run", str(warm.dir), *(a for s in selects for a in ("--select", s)), *kinds] if selects else []
     if problems:
         unique = list(dict.fromkeys(problems))
         raise StudyError(f"{spec.source}: the run config is not usable:\n  " + "\n  ".join(unique))
     return plans
-
-
-def run_state(plan: RunPlan) -> tuple[str, int]:
-    """("done", steps) | ("partial", step of the latest complete checkpoint) | ("new", 0)."""
-    from engine import checkpoint as ckpt
-
-    summary = plan.dir / "summary.json"
-    if summary.is_file():
-        with contextlib.suppress(ValueError, OSError):
-            if json.loads(summary.read_text()).get("steps") == plan.steps:
-                return "done", plan.steps
-    try:
-        tag = ckpt.find_latest(plan.dir / "checkpoints") if (plan.dir / "checkpoints").is_dir() else None
-    except ckpt.CheckpointError:  # damaged: the run itself refuses, with the engine's explanation
-        return "partial", -1
-    if tag is not None:
-        return "partial", int(tag.removeprefix("step"))
-    return "new", 0
 
 
 def comparable(config: dict[str, Any]) -> dict[str, Any]:
@@ -129,6 +147,7 @@ def comparable(config: dict[str, Any]) -> dict[str, Any]:
     differ only in those)."""
     out = json.loads(json.dumps(config))
     out.get("data", {}).pop("path", None)
+    out.get("data", {}).pop("extra_eval", None)  # locations too; the main data's hash identifies the study
     out.get("train", {}).pop("out_dir", None)
     if out.get("sift", {}).get("policy") == "none":
         out["sift"] = {"policy": "none"}
@@ -167,172 +186,66 @@ def ensure_data(spec: StudySpec, data: Path) -> None:
     if spec.prepare is None:
         raise StudyError(f"no prepared dataset at {data} (index.json missing): make one with "
                          f"`sift prepare INPUTS --out {data} --seq-len 128 ...`, or pass --data DIR")
-    inputs = [str(p if p.is_absolute() else REPO / p) for p in map(Path, spec.prepare.inputs)]
+    inputs = [str(Path(p).resolve()) for p in spec.prepare.inputs]
     missing = [i for i, p in zip(spec.prepare.inputs, inputs) if not Path(p).exists()]
     if missing:
-        raise StudyError(f"the study prepares its data from {', '.join(missing)} (relative to the repository), "
+        raise StudyError(f"the study prepares its data from {', '.join(missing)} (relative to the current "
+                         "directory: run it from the repository root), "
                          f"which is not there; pass --data DIR with shards made by `sift prepare`")
     if data.exists() and any(data.iterdir()):
         raise StudyError(f"{data} exists but holds no complete dataset (no index.json); remove it or pass --data")
     cmd = [sys.executable, "-m", "data_pipeline.prepare", *inputs, "--out", str(data), *spec.prepare.args]
     log.info("preparing the data: %s", shlex.join(cmd))
-    if subprocess.run(cmd, cwd=REPO, env=child_env({})).returncode != 0:
+    if subprocess.run(cmd, env=child_env({})).returncode != 0:
         raise StudyError(f"`sift prepare` failed; see its message above ({shlex.join(cmd)})")
 
 
-# ----------------------------------------------------------------------------- running
+def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | None, build: bool) -> list[Regime]:
+    """The datasets the grid runs on. With `study.regimes`: ``data`` is the root the regimes are built
+    in (built now when ``build``), one Regime per name; otherwise ``data`` itself (prepared now with the
+    study's recipe when ``build``)."""
+    if spec.regimes is None:
+        if names:
+            raise StudyError("--regimes needs a study file with a `study.regimes` section")
+        if build:
+            ensure_data(spec, data)
+        elif not (data / "index.json").is_file():
+            log.warning("no prepared dataset at %s yet", data)
+        return [Regime("", data, out)]
+    from benchmarks.study_regimes import HELDOUT, RegimeConfig
+    from benchmarks.study_regimes import build as build_regimes
 
-
-def child_env(extra: dict[str, str]) -> dict[str, str]:
-    env = dict(os.environ)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(var, None)  # each run is its own one-process world (launcher/train.py picks a port)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    env.update(extra)
-    return env
-
-
-def slot_envs(parallel: int) -> list[dict[str, str]]:
-    """Per concurrent slot: a GPU of its own where there are GPUs, else a fair share of the CPU threads."""
-    accelerator = os.environ.get("DS_ACCELERATOR", "")
-    gpus: list[str] = []
-    if accelerator != "cpu":
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        if visible is not None:
-            gpus = [g for g in visible.split(",") if g.strip()]
-        else:
-            import torch
-
-            gpus = [str(i) for i in range(torch.cuda.device_count())]
-    if gpus:
-        if parallel > len(gpus):
-            log.warning("--parallel %d > %d GPU(s): runs share GPUs, so their wall clocks are not comparable",
-                        parallel, len(gpus))
-        return [{"CUDA_VISIBLE_DEVICES": gpus[i % len(gpus)]} for i in range(parallel)]
-    if parallel == 1:
-        return [{}]
-    threads = max(1, len(os.sched_getaffinity(0)) // parallel)  # oversubscribed OpenMP threads thrash
-    return [{"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)} for _ in range(parallel)]
-
-
-class EventLog:
-    """<out>/study-log.jsonl: what each invocation did to each run (skip, start, resume, done, failed)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def write(self, **record: Any) -> None:
-        record = {"time": datetime.now(timezone.utc).isoformat(timespec="seconds"), **record}
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-
-
-def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_checkpoints: bool,
-            env: dict[str, str]) -> dict[str, int]:
-    """Run what is not done yet, up to ``parallel`` at a time; returns {run key: exit code} of those run."""
-    todo: list[tuple[RunPlan, str, int]] = []
-    for plan in plans:
-        state, step = run_state(plan)
-        if state == "done":
-            events.write(run=plan.key, action="skip", step=step)
-            log.info("%-28s done, skipped", plan.key)
-        else:
-            todo.append((plan, state, step))
-    slots = slot_envs(parallel)
-    free = list(range(len(slots)))
-    running: dict[int, tuple[subprocess.Popen, RunPlan, float, Any]] = {}
-    codes: dict[str, int] = {}
-
-    def start(plan: RunPlan, state: str, step: int) -> None:
-        slot = free.pop(0)
-        plan.dir.mkdir(parents=True, exist_ok=True)
-        logf = (plan.dir / "train.log").open("a")
-        action = "resume" if state == "partial" else "start"
-        logf.write(f"\n=== sift study: {action} {plan.key} at step {step} ({datetime.now().isoformat()}) ===\n")
-        logf.flush()
-        # Written at every start: the study (or its data) may have moved since the run was made.
-        (plan.dir / "config.yaml").write_text(yaml.safe_dump(plan.config, sort_keys=False))
-        cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(plan.dir / "config.yaml")]
-        proc = subprocess.Popen(cmd, cwd=REPO, env=child_env({**slots[slot], **env}), stdout=logf,
-                                stderr=subprocess.STDOUT)
-        running[slot] = (proc, plan, time.time(), logf)
-        events.write(run=plan.key, action=action, step=step, pid=proc.pid, slot=slot)
-        log.info("%-28s %s%s", plan.key, action, f" from step {step}" if step else "")
-
-    def reap(slot: int) -> None:
-        proc, plan, t0, logf = running.pop(slot)
-        logf.close()
-        free.append(slot)
-        rc = proc.returncode
-        codes[plan.key] = rc
-        seconds = time.time() - t0
-        if rc == 0 and run_state(plan)[0] == "done":
-            events.write(run=plan.key, action="done", seconds=round(seconds, 1))
-            log.info("%-28s done in %.0f s", plan.key, seconds)
-            if not keep_checkpoints:
-                shutil.rmtree(plan.dir / "checkpoints", ignore_errors=True)
-        else:
-            events.write(run=plan.key, action="failed", rc=rc, seconds=round(seconds, 1))
-            log.error("%-28s failed (exit %s); see %s", plan.key, rc, plan.dir / "train.log")
-
-    try:
-        while todo or running:
-            while todo and free:
-                start(*todo.pop(0))
-            time.sleep(0.2)
-            for slot in [s for s, (p, *_) in running.items() if p.poll() is not None]:
-                reap(slot)
-    except KeyboardInterrupt:  # stop the children too; a rerun resumes them from their checkpoints
-        for proc, plan, _, logf in running.values():
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(signal.SIGTERM)
-            proc.wait()
-            logf.close()
-            events.write(run=plan.key, action="interrupted")
-        raise
-    return codes
+    tree = dict(spec.regimes)
+    source = Path(str(tree.get("input", "")))
+    tree["input"] = str(source.resolve())
+    cfg = RegimeConfig.from_dict(tree)
+    unknown = [n for n in names or [] if n not in cfg.names]
+    if unknown:
+        raise StudyError(f"--regimes: {', '.join(unknown)} not among the study's regimes ({', '.join(cfg.names)})")
+    cfg.names = [n for n in cfg.names if not names or n in names]
+    manifest_path = data / "regimes.json"
+    if build:
+        if not Path(cfg.input).is_file():
+            raise StudyError(f"the study builds its data from {source} (relative to the current directory), which is not "
+                             "there; set study.regimes.input to a corpus, or pass --data with regimes built by "
+                             "`python -m benchmarks.study_regimes`")
+        manifest = build_regimes(cfg, data)
+    elif manifest_path.is_file():
+        manifest = json.loads(manifest_path.read_text())
+    else:
+        log.warning("no regimes built in %s yet", data)
+        manifest = {"regimes": {}}
+    regimes = []
+    for name in cfg.names:
+        info = manifest.get("regimes", {}).get(name, {})
+        shares = info.get("char_share", {})
+        kinds = {k: (data / rel, shares.get(k, 0.0)) for k, rel in info.get("kind_data", {}).items()}
+        heldout = {HELDOUT: data / HELDOUT} if "heldout" in manifest else {}
+        regimes.append(Regime(name, data / name, out / name, heldout, kinds))
+    return regimes
 
 
 # ----------------------------------------------------------------------------- provenance
-
-
-def machine_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version(),
-                            "cpus": len(os.sched_getaffinity(0))}
-    with contextlib.suppress(OSError):
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        info["cpu"] = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), None)
-    with contextlib.suppress(OSError, ValueError, IndexError, StopIteration):
-        lines = Path("/proc/meminfo").read_text().splitlines()
-        info["memory_gib"] = round(next(int(ln.split()[1]) for ln in lines if ln.startswith("MemTotal")) / 2**20, 1)
-    versions = {}
-    for mod in ("torch", "deepspeed", "transformers", "numpy", "matplotlib"):
-        with contextlib.suppress(Exception):
-            versions[mod] = __import__(mod).__version__
-    info["versions"] = versions
-    with contextlib.suppress(Exception):
-        import torch
-
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    return info
-
-
-def load_average() -> list[float] | None:
-    with contextlib.suppress(OSError):
-        return [round(x, 2) for x in os.getloadavg()]
-    return None
-
-
-def git_commit() -> str | None:
-    with contextlib.suppress(Exception):
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=10)
-        if out.returncode == 0:
-            return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
-    return None
 
 
 # ----------------------------------------------------------------------------- command line
@@ -356,6 +269,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--report-only", action="store_true", help="do not train: report on the runs there are")
     p.add_argument("--dry-run", action="store_true", help="print the plan (arms, seeds, run states) and exit")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' checkpoints")
+    p.add_argument("--regimes", help="with a `study.regimes` section: only these, e.g. clean,noisy")
+    p.add_argument("--warm-steps", type=int, help="the continuation protocol: vanilla warm-up steps (study.warm.steps)")
+    p.add_argument("--continue-steps", type=int, help="the continuation protocol: steps per arm (study.continue_steps)")
     p.add_argument("overrides", nargs="*", help="run-config overrides for every arm, e.g. train.steps=300")
     return p.parse_args(argv)
 
@@ -370,47 +286,46 @@ def resolve_paths(args: argparse.Namespace, spec: StudySpec) -> tuple[Path, Path
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     source = Path(args.config) if args.config else PRESETS[args.preset or "cpu"]
-    try:
-        spec = build_spec(source, seeds=args.seeds, arms=args.arms, targets=args.targets,
-                          parallel=args.parallel, overrides=args.overrides)
-        spec.name = args.name or spec.name
-        data, out, report_dir = resolve_paths(args, spec)
-        if not args.report_only and not args.dry_run:
-            ensure_data(spec, data)
-        elif not (data / "index.json").is_file() and not args.report_only:
-            log.warning("no prepared dataset at %s yet", data)
-        data_id = data_fingerprint(data) if (data / "index.json").is_file() else {"index_sha256": None}
-        plans = plan_runs(spec, out, data)
-        if not args.report_only:
-            for plan in plans:
-                check_marker(plan, data_id)
-    except StudyError as e:
-        print(f"sift study: error: {e}", file=sys.stderr)
-        return 2
+    spec = build_spec(source, seeds=args.seeds, arms=args.arms, targets=args.targets,
+                      parallel=args.parallel, overrides=args.overrides, warm_steps=args.warm_steps,
+                      continue_steps=args.continue_steps)
+    spec.name = args.name or spec.name
+    data, out, report_dir = resolve_paths(args, spec)
+    names = [n.strip() for n in args.regimes.split(",") if n.strip()] if args.regimes else None
+    regimes = regimes_of(spec, data, out, names=names, build=not (args.report_only or args.dry_run))
+    data_ids = {r.name: data_fingerprint(r.data) if (r.data / "index.json").is_file() else {"index_sha256": None}
+                for r in regimes}
+    plans = {r.name: plan_runs(spec, r) for r in regimes}
+    if not args.report_only:
+        for r in regimes:
+            for plan in plans[r.name]:
+                check_marker(plan, data_ids[r.name])
+    every = [p for r in regimes for p in plans[r.name]]
 
     if args.dry_run:
-        print(f"study {spec.name}: {len(spec.arms)} arms x {len(spec.seeds)} seeds = {len(plans)} runs "
-              f"({plans[0].steps} steps each) -> {out}")
-        for plan in plans:
+        print(f"study {spec.name}: {len(spec.arms)} arms x {len(spec.seeds)} seeds"
+              f"{f' x {len(regimes)} regimes' if regimes[0].name else ''} = {len(every)} jobs -> {out}")
+        for plan in every:
             state, step = run_state(plan)
-            print(f"  {plan.key:<28} {state}{f' (step {step})' if state == 'partial' else ''}  "
-                  f"{' '.join(plan.arm.overrides())}")
+            print(f"  {plan.key:<36} {state}{f' (step {step})' if state == 'partial' else ''}  "
+                  f"{plan.steps} steps  {' '.join(plan.arm.overrides) if plan.kind == 'run' else plan.kind}")
         return 0
 
     out.mkdir(parents=True, exist_ok=True)
-    record = write_study_record(out, spec, data, data_id, argv, invocation=not args.report_only)
+    record = write_study_record(out, spec, data, data_ids, argv, invocation=not args.report_only)
     codes: dict[str, int] = {}
     if not args.report_only:
-        for plan in plans:  # each was checked against its marker above
-            if not (plan.dir / MARKER).is_file():
-                write_marker(plan, data_id)
+        for r in regimes:
+            for plan in plans[r.name]:  # each was checked against its marker above
+                if not (plan.dir / MARKER).is_file():
+                    write_marker(plan, data_ids[r.name])
         events = EventLog(out / "study-log.jsonl")
         t0, load0 = time.time(), load_average()
         signal.signal(signal.SIGTERM, _interrupt)  # a killed study stops its runs too, resumably
         try:
-            codes = execute(plans, parallel=spec.parallel, events=events, keep_checkpoints=args.keep_checkpoints,
+            codes = execute(every, parallel=spec.parallel, events=events, keep_checkpoints=args.keep_checkpoints,
                             env={})
         except KeyboardInterrupt:
             print("sift study: interrupted; rerun the same command to continue", file=sys.stderr)
@@ -419,10 +334,16 @@ def main(argv: list[str] | None = None) -> int:
                                           "load_after": load_average(), "ran": codes})
         (out / "study.json").write_text(json.dumps(record, indent=1))
 
-    from benchmarks.study_output import write_report
+    from benchmarks.study_output import write_report, write_verdict
 
-    summary = write_report(report_dir, spec, plans, record)
-    print(summary)
+    tables = {}
+    for r in regimes:
+        where = report_dir / r.name if r.name else report_dir
+        tables[r.name] = write_report(where, spec, plans[r.name], record, regime=r.name)
+    if regimes[0].name:
+        print(write_verdict(report_dir, spec, {r.name: report_dir / r.name for r in regimes}, record))
+    else:
+        print(tables[""])
     failed = sorted(k for k, rc in codes.items() if rc != 0)
     if failed:
         print(f"sift study: {len(failed)} run(s) failed: {', '.join(failed)}; their train.log says why; "
@@ -435,7 +356,7 @@ def _interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
-def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str, Any], argv: list[str], *,
+def write_study_record(out: Path, spec: StudySpec, data: Path, data_ids: dict[str, dict[str, Any]], argv: list[str], *,
                        invocation: bool = True) -> dict[str, Any]:
     """<out>/study.json: the spec, the data and one entry per training invocation (command, machine,
     versions); a report-only invocation adds none."""
@@ -446,16 +367,19 @@ def write_study_record(out: Path, spec: StudySpec, data: Path, data_id: dict[str
             record = json.loads(path.read_text())
     record.update({
         "name": spec.name, "source": _repo_relative(Path(spec.source)), "seeds": spec.seeds,
-        "arms": [a.name for a in spec.arms], "num_layers": spec.num_layers, "targets": spec.targets,
+        "arms": [a.name for a in spec.arms], "arm_overrides": {a.name: list(a.overrides) for a in spec.arms},
+        "num_layers": spec.num_layers, "targets": spec.targets,
         "parallel": spec.parallel, "base": spec.base, "overrides": [portable_arg(o) for o in spec.overrides],
-        "data": {"path": data.name, **data_id},
+        "data": {"path": data.name, **data_ids.get("", {"regimes": data_ids})},
+        "branch": None if spec.branch is None else dataclasses.asdict(spec.branch),
+        "reference": spec.reference, "control": spec.control,
     })
     record.setdefault("invocations", [])
     if invocation:
         record["invocations"].append({
             "command": shlex.join(["sift", "study", *map(portable_arg, argv)]),
             "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "commit": git_commit(), "machine": machine_info(),
+            "commit": git_commit(), "machine": {**machine(), "versions": versions()},
         })
     path.write_text(json.dumps(record, indent=1))
     return record
@@ -480,4 +404,6 @@ def _repo_relative(path: Path) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["study", *sys.argv[1:]]))

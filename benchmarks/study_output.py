@@ -1,4 +1,5 @@
-"""Writing a study's report: results.json, report.md, the per-run curves and the PNG figures."""
+"""Writing a study's report: results.json, report.md, the per-run curves and the PNG figures, per regime;
+and, for a study over several data regimes, the verdict across them (verdict.md, verdict.json)."""
 
 from __future__ import annotations
 
@@ -6,112 +7,194 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.study_report import (
-    RunCurves,
-    auto_targets,
-    fidelity_table,
-    final_table,
-    load_run,
+from benchmarks.study_markdown import (
+    markdown_comparisons,
+    markdown_costs,
     markdown_equal_time,
     markdown_fidelity,
     markdown_final,
+    markdown_kept,
     markdown_per_seed,
     markdown_targets,
+    verdict_lines,
+)
+from benchmarks.study_report import (
+    RunCurves,
+    auto_targets,
+    comparisons,
+    continuation_targets,
+    cost_table,
+    fidelity_table,
+    final_table,
+    kept_table,
+    load_run,
+    metric_keys,
     read_metrics,
     target_table,
     token_name,
 )
 
 if TYPE_CHECKING:
-    from benchmarks.study import RunPlan
+    from benchmarks.study_jobs import RunPlan
     from benchmarks.study_spec import StudySpec
 
 FIGURES = {
     "samples": "accuracy_vs_samples.png",
+    "heldout": "heldout_vs_samples.png",
+    "cpu": "accuracy_vs_cpu.png",
     "hours": "accuracy_vs_hours.png",
     "fidelity": "fidelity.png",
 }
 
 
-def load_runs(plans: list[RunPlan]) -> dict[str, list[RunCurves]]:
+def selection(plan: RunPlan) -> tuple[str, int] | None:
+    """(criterion, exit layer) of a run that keeps its top-scoring rows."""
+    from benchmarks.study import selection_of
+
+    sel = selection_of(plan.config)
+    if sel is None:
+        return None
+    criterion, _, exit_layer = sel.partition(":")
+    return criterion, int(exit_layer)
+
+
+def load_runs(plans: list[RunPlan]) -> tuple[dict[str, list[RunCurves]], RunCurves | None]:
+    """The arms' runs (continuations with their seed's start evaluation first) and the warm-up run."""
+    starts = {p.seed: load_run(p.dir, "start", p.seed, p.steps) for p in plans if p.kind == "start"}
+    warm = next((load_run(p.dir, "warm", p.seed, p.steps) for p in plans if p.kind == "warm"), None)
     runs: dict[str, list[RunCurves]] = {}
     for plan in plans:
-        run = load_run(plan.dir, plan.arm.name, plan.seed, plan.steps)
+        if plan.kind != "run":
+            continue
+        start = starts.get(plan.seed)
+        run = load_run(plan.dir, plan.arm.name, plan.seed, plan.steps,
+                       start=start if start is not None and start.complete else None)
         if run.evals or run.steps:
             runs.setdefault(plan.arm.name, []).append(run)
-    return runs
+    return runs, warm
 
 
 def write_curves(report: Path, plans: list[RunPlan]) -> None:
-    """curves/<arm>/seed<k>.jsonl: each run's logged records (deduplicated by step), small enough to commit."""
+    """curves/<arm>/seed<k>.jsonl: each run's logged records (deduplicated by step), small enough to commit;
+    also the warm-up run's and the start evaluations', and each run's CPU trace and probe."""
     for plan in plans:
         evals, steps = read_metrics(plan.dir / "metrics.jsonl")
         if not evals and not steps:
             continue
-        path = report / "curves" / plan.arm.name / f"seed{plan.seed}.jsonl"
+        name = {"warm": "warm/warm", "start": f"start/seed{plan.seed}"}.get(plan.kind, f"{plan.arm.name}/seed{plan.seed}")
+        path = report / "curves" / f"{name}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
         merged = sorted([*steps, *evals], key=lambda r: (r["step"], r.get("event") == "eval"))
         path.write_text("".join(json.dumps(r) + "\n" for r in merged))
+        for extra, suffix in (("cputime.jsonl", ".cputime.jsonl"), ("probe.json", ".probe.json"),
+                              ("branch.json", ".branch.json")):
+            if (plan.dir / extra).is_file():
+                (report / "curves" / f"{name}{suffix}").write_text((plan.dir / extra).read_text())
 
 
-def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: dict[str, Any]) -> str:
+def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: dict[str, Any],
+                 regime: str = "") -> str:
     """Compute every table, write the files, and return the headline table as markdown."""
     from benchmarks.study_plots import accuracy_figure, fidelity_figure
 
     report.mkdir(parents=True, exist_ok=True)
-    runs = load_runs(plans)
+    runs, warm = load_runs(plans)
+    arm_plans = [p for p in plans if p.kind == "run"]
     names = [a.name for a in spec.arms]
-    labels = {a.name: a.label() for a in spec.arms}
-    ref = "vanilla" if "vanilla" in names else None
-    total = plans[0].steps if plans else 0
+    labels = {a.name: a.title() for a in spec.arms}
+    ref = spec.reference if spec.reference in names else None
+    refs = [r for r in (spec.reference, spec.control) if r in names]
+    total = arm_plans[0].steps if arm_plans else 0
+    first = spec.branch.warm_steps if spec.branch else 0
     complete = {k: [r for r in v if r.complete] for k, v in runs.items()}
-    token = token_name(complete)  # mlm (BERT) or lm (decoders): which val_<token>_acc the tables use
+    token = token_name(complete)  # mlm (BERT) or lm (decoders)
+    keys = metric_keys(complete, token)
+    acc = keys[0]
 
     targets = spec.targets
     if targets is None:
-        targets = auto_targets([r.final[f"val_{token}_acc"] for r in complete.get(ref or "", []) if r.final])
+        ref_final = [r.final[acc] for r in complete.get(ref or "", []) if r.final]
+        if spec.branch is not None:
+            starts = [r.evals[0][acc] for rs in complete.values() for r in rs
+                      if r.evals and r.evals[0].get("branch_point")]
+            targets = continuation_targets(starts, ref_final)
+        else:
+            targets = auto_targets(ref_final)
     final = final_table(names, complete, ref, token)
-    to_target = target_table(names, complete, targets, ref, token)
-    selecting = [(a.name, a.criterion, a.exit_layer) for a in spec.arms if a.policy == "topk"]
-    fidelity = fidelity_table(selecting, complete, total)
+    compared = comparisons(names, complete, refs, keys)
+    to_target = [row for key in keys for row in target_table(names, complete, targets, ref, key=key)]
+    sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
+    fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete, total, first)
+    kept = kept_table([(n, f"{c}:{j}") for n, (c, j) in sel_plans.items()], complete,
+                      warm.probe if warm is not None else {})
+    costs = cost_table(names, complete)
 
     write_curves(report, plans)
-    family = ((plans[0].config or {}).get("model") or {}).get("family", "bert") if plans else "bert"
-    title = f"{spec.name}: {spec.num_layers}-layer {family}, {total} steps, seeds {spec.seeds}"
-    accuracy_figure(report / FIGURES["samples"], spec.arms, complete, x="backprop_samples", title=title,
-                    targets=targets, ref=ref, token=token)
-    accuracy_figure(report / FIGURES["hours"], spec.arms, complete, x="hours", title=title, targets=targets, ref=ref,
-                    token=token)
-    if selecting:
+    family = ((arm_plans[0].config or {}).get("model") or {}).get("family", "bert") if arm_plans else "bert"
+    what = f"{spec.num_layers}-layer {family}" + (f", {regime}" if regime else "")
+    steps_text = (f"warm-up {first} steps, then {total - first} steps per arm" if spec.branch else f"{total} steps")
+    title = f"{spec.name}: {what}, {steps_text}, seeds {spec.seeds}"
+    warm_curve = warm if warm is not None and warm.evals else None
+    accuracy_figure(report / FIGURES["samples"], spec.arms, complete, x="backprop_samples", key=acc, title=title,
+                    targets=targets, ref=ref, warm=warm_curve, since_branch=spec.branch is not None)
+    for key in keys[1:2]:
+        accuracy_figure(report / FIGURES["heldout"], spec.arms, complete, x="backprop_samples", key=key,
+                        title=f"{title} — {key}", ref=ref, since_branch=spec.branch is not None)
+    if any(r.cpu for rs in complete.values() for r in rs):
+        accuracy_figure(report / FIGURES["cpu"], spec.arms, complete, x="cpu_s", key=acc, title=title, targets=targets,
+                        ref=ref, since_branch=spec.branch is not None)
+    accuracy_figure(report / FIGURES["hours"], spec.arms, complete, x="hours", key=acc, title=title, targets=targets,
+                    ref=ref, since_branch=spec.branch is not None)
+    if sel_plans:
         fidelity_figure(report / FIGURES["fidelity"], spec.arms, complete,
-                        title=f"{spec.name}: early-exit proxy vs exact loss on the gross batch (mean over seeds)")
+                        title=f"{spec.name}{f' ({regime})' if regime else ''}: early-exit proxy vs exact loss on the "
+                              "gross batch (mean over seeds)")
 
-    missing = [p.key for p in plans if not any(r.seed == p.seed and r.complete for r in runs.get(p.arm.name, []))]
+    missing = [p.key for p in arm_plans
+               if not any(r.seed == p.seed and r.complete for r in runs.get(p.arm.name, []))]
+    warm_cost = None
+    if warm is not None and warm.complete and warm.final:
+        warm_cost = {"steps": first, "metric": acc, "value": warm.final.get(acc),
+                     "cpu_s": warm.x(warm.final, "cpu_s"), "wall_s": warm.x(warm.final, "hours") * 3600,
+                     "load": warm.load}
     results = {
-        "study": {k: record.get(k) for k in ("name", "source", "seeds", "arms", "num_layers", "parallel",
-                                             "overrides", "data")},
-        "base_config": plans[0].config if plans else None,
-        "targets": targets, "targets_source": "given" if spec.targets is not None else "auto (vanilla final)",
-        "final": final, "time_to_target": to_target, "fidelity": fidelity,
-        "incomplete_runs": missing, "invocations": record.get("invocations", []),
+        "study": {k: record.get(k) for k in ("name", "source", "seeds", "arms", "arm_overrides", "num_layers",
+                                             "parallel", "overrides", "data", "branch", "reference", "control")},
+        "regime": regime, "base_config": arm_plans[0].config if arm_plans else None,
+        "targets": targets, "targets_source": "given" if spec.targets is not None else f"auto ({ref} final)",
+        "metrics": keys, "warm": warm_cost,
+        "comparisons": compared, "final": final, "time_to_target": to_target, "fidelity": fidelity, "kept": kept,
+        "costs": costs, "incomplete_runs": missing, "invocations": record.get("invocations", []),
     }
-    out = plans[0].dir.parents[2] if plans else report
+    out = arm_plans[0].dir.parents[2] if arm_plans else report
     (report / "results.json").write_text(json.dumps(_portable(results, out), indent=1) + "\n")
     table = markdown_final(final, labels, ref, token)
+    selecting = [n for n in names if n not in refs]
     md = [
-        f"# {spec.name}", "",
+        f"# {spec.name}{f' — {regime}' if regime else ''}", "",
         f"Generated by `sift study` from `{record.get('source')}`; {len(spec.arms)} arms x {len(spec.seeds)} seeds, "
-        f"{total} optimizer steps per run, on `{record.get('data', {}).get('path')}` "
-        f"(index.json sha256 {str(record.get('data', {}).get('index_sha256'))[:12]}).", "",
+        f"{steps_text}, on `{_data_name(record, regime)}`.", "",
         *([f"**Incomplete runs (not in the tables):** {', '.join(missing)}", ""] if missing else []),
+        *(_warm_lines(warm_cost, spec) if spec.branch else []),
+        "## Verdict (95% t intervals over seeds, paired by seed)", "",
+        *(verdict_lines(compared, labels, selecting, refs, keys) or ["(no complete comparison yet)"]), "",
+        *[line for ref_ in refs for key in keys for line in (
+            f"## {key}: paired difference to {ref_}", "", markdown_comparisons(compared, labels, ref_, key), "")],
+        "Δ: arm minus reference with the same seed, in percentage points, mean over seeds [95% t interval]. "
+        "Equal samples: the end of training. Equal CPU time / wall clock: both runs read at the budget the faster "
+        "one used up. A verdict is per comparison, not corrected for the number of comparisons.", "",
         f"## Final validation {token.upper()} accuracy (table 1)", "", table, "",
-        "Δ is the paired difference to vanilla with the same seed (same initial weights and validation masks).", "",
         "Per seed:", "", markdown_per_seed(final, labels), "",
-        "## At equal wall clock", "", markdown_equal_time(final, labels, ref, token) if ref else "(no vanilla arm)", "",
-        "Each arm's curve interpolated at the wall-clock time its seed's vanilla run finished.", "",
+        "## At equal wall clock", "", markdown_equal_time(final, labels, ref, token) if ref else "(no reference arm)", "",
         f"## Time to target ({results['targets_source']})", "", markdown_targets(to_target, labels), "",
-        "Interpolated linearly between evaluations; an arm reaches a target only when all its seeds do.", "",
+        "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
+        "a target only when all its seeds do.", "",
+        *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
+           "From each run's probe (benchmarks/study_probe.py): the share of each kind among the B rows top-k keeps "
+           "of simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and at "
+           "the run's final weights.", ""] if kept else []),
         "## Proxy fidelity and cost per exit", "", markdown_fidelity(fidelity) if fidelity else "(no selecting arm)", "",
+        "## Cost per run", "", markdown_costs(costs, labels), "",
         "## Figures", "", *(f"![{k}]({v})" for k, v in FIGURES.items() if (report / v).is_file()), "",
         "## Invocations", "",
         *(f"- `{i.get('command')}` at {i.get('started')} ({i.get('seconds', '?')} s, load {i.get('load_before')} -> "
@@ -119,6 +202,74 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     ]
     (report / "report.md").write_text("\n".join(md))
     return table
+
+
+def _data_name(record: dict[str, Any], regime: str) -> str:
+    data = record.get("data", {})
+    ident = data.get("regimes", {}).get(regime, data) if regime else data
+    return f"{data.get('path')}{'/' + regime if regime else ''} (index.json sha256 {str(ident.get('index_sha256'))[:12]})"
+
+
+def _warm_lines(warm: dict[str, Any] | None, spec: StudySpec) -> list[str]:
+    assert spec.branch is not None
+    if warm is None:
+        return ["**Warm-up run not complete yet.**", ""]
+    cpu = f"{warm['cpu_s'] / 60:.1f} CPU min, " if warm.get("cpu_s") is not None else ""
+    load = f", load {warm['load']:.2f}" if warm.get("load") is not None else ""
+    return [f"Protocol: one vanilla warm-up run of {spec.branch.warm_steps} steps from random init (seed "
+            f"{spec.branch.warm_seed}), ending at {warm['metric']} {warm['value']:.4f}; its cost, paid "
+            f"once for every arm and seed: {cpu}{warm['wall_s'] / 60:.1f} wall-clock min{load}. Every arm and seed "
+            f"continues from its checkpoint for {spec.branch.steps} steps on one LR schedule over "
+            f"{spec.branch.total} steps.", ""]
+
+
+def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path], record: dict[str, Any]) -> str:
+    """verdict.md and verdict.json across regimes, from each regime's results.json; returns the markdown."""
+    report.mkdir(parents=True, exist_ok=True)
+    names = [a.name for a in spec.arms]
+    labels = {a.name: a.title() for a in spec.arms}
+    refs = [r for r in (spec.reference, spec.control) if r in names]
+    selecting = [n for n in names if n not in refs]
+    md = [f"# {spec.name}: where does SIFT win?", "",
+          "Per data regime, which arms beat (or lose to) the reference and the control beyond the 95% t interval "
+          "of the paired difference over seeds; details in each regime's report.md.", ""]
+    summary: dict[str, Any] = {}
+    for regime, where in regime_reports.items():
+        path = where / "results.json"
+        if not path.is_file():
+            md += [f"## {regime}", "", "(no results yet)", ""]
+            continue
+        res = json.loads(path.read_text())
+        summary[regime] = {"comparisons": res["comparisons"], "kept": res.get("kept", []), "warm": res.get("warm"),
+                           "incomplete_runs": res.get("incomplete_runs", [])}
+        md += [f"## {regime} ([report]({regime}/report.md))", ""]
+        if res.get("incomplete_runs"):
+            md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
+        md += [*(verdict_lines(res["comparisons"], labels, selecting, refs, res.get("metrics", ["val_mlm_acc"]))
+                 or ["(no complete comparison yet)"]), *_kept_lines(res.get("kept", []), labels),
+               *_fidelity_lines(res.get("fidelity", []), labels), ""]
+    (report / "verdict.json").write_text(json.dumps({"study": record.get("name"), "regimes": summary}, indent=1) + "\n")
+    (report / "verdict.md").write_text("\n".join(md))
+    return "\n".join(md)
+
+
+def _kept_lines(kept: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    """One line per kind of row other than `original`: its share drawn, and kept by each selecting arm."""
+    out = []
+    for kind in dict.fromkeys(r["kind"] for r in kept if r["kind"] != "original"):
+        rows = [r for r in kept if r["kind"] == kind and "mean" in r["end_exit"]]
+        if rows:
+            arms = "; ".join(f"{labels.get(r['arm'], r['arm'])} {r['end_exit']['mean']:.1%}" for r in rows)
+            out.append(f"- {kind} rows back-propagated at the end of training: {rows[0]['drawn']:.1%} by vanilla and "
+                       f"random (drawn); {arms}")
+    return out
+
+
+def _fidelity_lines(fidelity: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
+    cells = [f"{labels.get(r['arm'], r['arm'])} {r['spearman_last_third']:.2f}" for r in fidelity
+             if r.get("spearman_last_third") is not None]
+    return [f"- early-exit fidelity (Spearman with the exact loss, last third of the continuation): {'; '.join(cells)}"
+            ] if cells else []
 
 
 def _portable(obj: Any, out: Path) -> Any:

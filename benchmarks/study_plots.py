@@ -20,15 +20,30 @@ _ENTROPY = ("#7f2704", "#d94801", "#fd8d3c", "#fdbe85")
 _STYLES = ("-", "--", "-.", ":")
 
 
-def arm_style(arm: Arm, exits: Sequence[int]) -> dict[str, object]:
-    """Colour by criterion (vanilla black, random grey, loss blue, entropy orange), dash by exit depth."""
-    if arm.policy == "none":
+_OTHER = ("#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")  # arms of other methods
+
+
+def settings(arm: Arm) -> dict[str, str]:
+    """The arm's overrides as a mapping (what the plots colour by)."""
+    return dict(o.split("=", 1) for o in arm.overrides)
+
+
+def arm_style(arm: Arm, exits: Sequence[int], others: Sequence[str] = ()) -> dict[str, object]:
+    """Colour by criterion (vanilla black, random grey, loss blue, entropy orange), dash by exit depth;
+    arms of other methods (any other overrides) in other colours, in the order of ``others``."""
+    s = settings(arm)
+    method, policy = s.get("method"), s.get("sift.policy")
+    if method is None and policy == "none":
         return {"color": "black", "linestyle": "-", "linewidth": 2.2}
-    if arm.policy == "random":
+    if method is None and policy == "random":
         return {"color": "#7f7f7f", "linestyle": "-", "linewidth": 1.8}
-    i = list(exits).index(arm.exit_layer) if arm.exit_layer in exits else 0
-    palette = _LOSS if arm.criterion == "loss" else _ENTROPY
-    return {"color": palette[i % len(palette)], "linestyle": _STYLES[i % len(_STYLES)], "linewidth": 1.6}
+    if method is None and policy == "topk" and s.get("sift.criterion") in ("loss", "entropy"):
+        j = int(s.get("sift.exit_layer", "1"))
+        i = list(exits).index(j) if j in exits else 0
+        palette = _LOSS if s["sift.criterion"] == "loss" else _ENTROPY
+        return {"color": palette[i % len(palette)], "linestyle": _STYLES[i % len(_STYLES)], "linewidth": 1.6}
+    i = list(others).index(arm.name) if arm.name in others else 0
+    return {"color": _OTHER[i % len(_OTHER)], "linestyle": _STYLES[i // len(_OTHER) % len(_STYLES)], "linewidth": 1.6}
 
 
 def _samples_fmt(x: float, _pos: int) -> str:
@@ -40,27 +55,44 @@ def _band(ax, xs, lo, hi, style) -> None:
 
 
 def _exits(arms: Sequence[Arm]) -> list[int]:
-    return sorted({a.exit_layer for a in arms if a.policy == "topk"})
+    return sorted({int(settings(a).get("sift.exit_layer", "1")) for a in arms if settings(a).get("sift.policy") == "topk"})
+
+
+def _styles(arms: Sequence[Arm]) -> dict[str, dict[str, object]]:
+    exits = _exits(arms)
+    plain = [a.name for a in arms if arm_style(a, exits)["color"] in _OTHER]
+    return {a.name: arm_style(a, exits, plain) for a in arms}
+
+
+AXIS_LABELS = {"backprop_samples": "back-propagated samples", "hours": "wall-clock hours", "cpu_s": "CPU minutes"}
 
 
 def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCurves]], *, x: str,
-                    title: str, targets: Sequence[float] = (), ref: str | None = "vanilla", token: str = "mlm") -> None:
-    """Left: validation token accuracy (``val_<token>_acc``; mean over seeds, min–max band) against ``x``.
-    Right, for the samples axis: the paired difference to ``ref``; for the hours axis: the last half of
-    the run, zoomed."""
-    key, ylabel = f"val_{token}_acc", f"validation {token.upper()} accuracy"
-    exits = _exits(arms)
+                    title: str, targets: Sequence[float] = (), ref: str | None = "vanilla", key: str = "val_mlm_acc",
+                    warm: RunCurves | None = None, since_branch: bool = False) -> None:
+    """Left: ``key`` (mean over seeds, min–max band) against ``x``, with the warm-up run's curve before the
+    branch point when given. Right, for the samples axis: the paired difference to ``ref`` (mean and 95%
+    t interval); for the time axes: the last half of the run, zoomed."""
+    styles = _styles(arms)
+    scale = 1 / 60 if x == "cpu_s" else 1.0
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(14, 5.6), gridspec_kw={"width_ratios": [1.15, 1]})
-    xlabel = "back-propagated samples" if x == "backprop_samples" else "wall-clock hours"
+    xlabel = AXIS_LABELS[x] + (" since the branch point" if since_branch else "")
+    if warm is not None and x == "backprop_samples":
+        wx, wy = warm.series(key, x)
+        end = warm.final["backprop_samples"] if warm.final else 0
+        ax.plot([v - end for v in wx], wy, color="#bbbbbb", linewidth=1.6, marker="o", markersize=2,
+                label="vanilla warm-up (shared)")
     for arm in arms:
         done = [r for r in runs.get(arm.name, []) if r.evals]
         if not done:
             continue
-        st = arm_style(arm, exits)
+        st = styles[arm.name]
         c = mean_curve(done, key=key, x=x)
-        label = f"{arm.label()} (n={len(done)})"
-        ax.plot(c.x, c.mean, label=label, marker="o", markersize=2.5, **st)
-        _band(ax, c.x, c.lo, c.hi, st)
+        if not c.steps:
+            continue
+        xs = [v * scale for v in c.x]
+        ax.plot(xs, c.mean, label=f"{arm.title()} (n={len(done)})", marker="o", markersize=2.5, **st)
+        _band(ax, xs, c.lo, c.hi, st)
         if x == "backprop_samples":
             if arm.name == ref:
                 ax2.axhline(0.0, **st)
@@ -68,30 +100,30 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
             d = paired_difference(done, runs.get(ref or "", []), key=key)
             if d.steps:
                 ax2.plot(d.x, [v * 100 for v in d.mean], marker="o", markersize=2.5, **st)
-                ax2.fill_between(d.x, [v * 100 for v in d.lo], [v * 100 for v in d.hi], color=st["color"],
+                ax2.fill_between(d.x, [v * 100 for v in d.ci_lo], [v * 100 for v in d.ci_hi], color=st["color"],
                                  alpha=0.12, linewidth=0)
         else:
-            half = [i for i, s in enumerate(c.steps) if s >= c.steps[-1] / 2]
-            ax2.plot([c.x[i] for i in half], [c.mean[i] for i in half], marker="o", markersize=3, **st)
-            _band(ax2, [c.x[i] for i in half], [c.lo[i] for i in half], [c.hi[i] for i in half], st)
+            half = [i for i, s in enumerate(c.steps) if s >= (c.steps[0] + c.steps[-1]) / 2]
+            ax2.plot([xs[i] for i in half], [c.mean[i] for i in half], marker="o", markersize=3, **st)
+            _band(ax2, [xs[i] for i in half], [c.lo[i] for i in half], [c.hi[i] for i in half], st)
     for t in targets:
         ax.axhline(t, color="#444444", linewidth=0.8, linestyle=":")
-        ax.annotate(f"target {t:.3f}", xy=(0.01, t), xycoords=("axes fraction", "data"), fontsize=8,
+        ax.annotate(f"target {t:.4f}", xy=(0.01, t), xycoords=("axes fraction", "data"), fontsize=8,
                     va="bottom", color="#444444")
     ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title, fontsize=11)
+    ax.set_ylabel(key.replace("_", " "))
+    ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="lower right")
     if x == "backprop_samples":
         ax.xaxis.set_major_formatter(FuncFormatter(_samples_fmt))
         ax2.xaxis.set_major_formatter(FuncFormatter(_samples_fmt))
-        ax2.set_ylabel(f"accuracy minus {ref}, same seed (percentage points)")
-        ax2.set_title(f"paired difference to {ref} (mean, min–max over seeds)", fontsize=11)
+        ax2.set_ylabel(f"{key.replace('_', ' ')} minus {ref}, same seed (percentage points)")
+        ax2.set_title(f"paired difference to {ref} (mean, 95% t interval over seeds)", fontsize=10)
     else:
-        ax2.set_ylabel(ylabel)
-        ax2.set_title("second half of training, zoomed", fontsize=11)
+        ax2.set_ylabel(key.replace("_", " "))
+        ax2.set_title("second half of training, zoomed", fontsize=10)
     ax2.set_xlabel(xlabel)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -102,19 +134,20 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
 def fidelity_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCurves]], *, title: str) -> None:
     """Spearman correlation and top-B overlap of the exit scores with exact losses, and the kept and
     dropped mean scores, over training (mean over seeds), for each selecting (top-k) arm."""
-    exits = _exits(arms)
-    selecting = [a for a in arms if a.policy == "topk" and runs.get(a.name)]
+    styles = _styles(arms)
+    selecting = [a for a in arms if any("spearman" in rec or "kept_score" in rec
+                                        for r in runs.get(a.name, []) for rec in r.steps)]
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for arm in selecting:
-        st = arm_style(arm, exits)
+        st = styles[arm.name]
         for ax, key in zip(axes[:2], ("spearman", "topk_overlap")):
             steps, vals = fidelity_curve(runs[arm.name], key)
             if steps:
-                ax.plot(steps, vals, label=arm.label(), marker="o", markersize=2, **st)
+                ax.plot(steps, vals, label=arm.title(), marker="o", markersize=2, **st)
         steps, kept = fidelity_curve(runs[arm.name], "kept_score")
         _, dropped = fidelity_curve(runs[arm.name], "dropped_score")
         if steps:
-            axes[2].plot(steps, [k - d for k, d in zip(kept, dropped)], label=arm.label(), **st)
+            axes[2].plot(steps, [k - d for k, d in zip(kept, dropped)], label=arm.title(), **st)
     axes[0].set_ylabel("Spearman(exit score, exact loss)")
     axes[1].set_ylabel("top-B overlap with exact-loss selection")
     axes[1].axhline(0.5, color="#7f7f7f", linewidth=1, linestyle=":")

@@ -1,22 +1,29 @@
 """Reading a study's runs and summarising them: pure functions over the logged curves, then the tables.
 
-Every number here comes from a run's metrics.jsonl: the "eval" records (validation token accuracy and
-loss: ``val_mlm_*`` for BERT, ``val_lm_*`` for decoders, see ``token_name``; back-propagated samples,
-wall-clock hours) and the step records (fidelity, kept/dropped scores,
+Every number here comes from a run's metrics.jsonl: the "eval" records (validation MLM accuracy and
+loss, back-propagated samples, wall-clock hours) and the step records (fidelity, kept/dropped scores,
 throughput, phase times). Plots live in study_plots.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from benchmarks.study_stats import mean_ci, verdict
+
 # ----------------------------------------------------------------------------- one run
+
+
+X_AXES = ("backprop_samples", "cpu_s", "hours")
+"""A curve's x: back-propagated samples, wall-clock hours, or process CPU seconds, each counted from the
+branch point in a continuation study (from the start otherwise)."""
 
 
 @dataclass(slots=True)
@@ -29,10 +36,25 @@ class RunCurves:
     steps: list[dict[str, Any]]  # step records in step order, one per step
     complete: bool
     summary: dict[str, Any] | None = None
+    origin: dict[str, float] = field(default_factory=dict)  # backprop_samples and hours at the branch point
+    cpu: dict[int, float] = field(default_factory=dict)  # eval step -> process CPU seconds (from the branch)
+    probe: dict[str, Any] = field(default_factory=dict)  # probe.json, when the run has one
+    load: float | None = None  # mean 1-minute load average over the run's traced records
+
+    def x(self, record: dict[str, Any], axis: str) -> float | None:
+        """An eval record's position on ``axis`` (see X_AXES)."""
+        if record.get("branch_point"):  # the shared start evaluation: the origin of every axis
+            return 0.0
+        if axis == "cpu_s":
+            return self.cpu.get(int(record["step"]))
+        if axis in ("backprop_samples", "hours") and axis in record:
+            return record[axis] - self.origin.get(axis, 0)
+        return record.get(axis)
 
     def series(self, key: str, x: str = "backprop_samples") -> tuple[list[float], list[float]]:
         """(x, y) of an eval quantity, e.g. ("val_mlm_acc", "hours")."""
-        pts = [(e[x], e[key]) for e in self.evals if key in e and x in e]
+        pts = [(self.x(e, x), e[key]) for e in self.evals if key in e]
+        pts = [p for p in pts if p[0] is not None]
         return [p[0] for p in pts], [p[1] for p in pts]
 
     @property
@@ -61,13 +83,32 @@ def read_metrics(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]
     return [evals[s] for s in sorted(evals)], [steps[s] for s in sorted(steps)]
 
 
-def load_run(run_dir: Path, arm: str, seed: int, total_steps: int) -> RunCurves:
+def _json(path: Path) -> dict[str, Any]:
+    if path.is_file():
+        with contextlib.suppress(ValueError, OSError):
+            return json.loads(path.read_text())
+    return {}
+
+
+def load_run(run_dir: Path, arm: str, seed: int, total_steps: int, start: RunCurves | None = None) -> RunCurves:
+    """A run's curves. A continuation (branch.json, written when it was branched) gets the seed's start
+    evaluation (``start``: the warm-up weights evaluated with this seed's masks) as its first point, and
+    its axes counted from the branch point; a probe's held-out metrics join the eval record of its step."""
+    from benchmarks.study_jobs import read_cpu_trace
+
     evals, steps = read_metrics(run_dir / "metrics.jsonl")
-    summary = None
-    if (run_dir / "summary.json").is_file():
-        summary = json.loads((run_dir / "summary.json").read_text())
+    summary = _json(run_dir / "summary.json") or None
     complete = summary is not None and summary.get("steps") == total_steps
-    return RunCurves(arm, seed, evals, steps, complete, summary)
+    probe = _json(run_dir / "probe.json")
+    branch = _json(run_dir / "branch.json")
+    origin = {k: float(branch[k]) for k in ("backprop_samples", "hours") if k in branch}
+    if start is not None and start.evals and (not evals or start.evals[-1]["step"] < evals[0]["step"]):
+        evals.insert(0, {**start.evals[-1], "branch_point": True})
+    trace = read_cpu_trace(run_dir)
+    cpu = {s: r["cpu_s"] for (event, s), r in trace.items() if event == "eval"}
+    loads = [r["load1"] for r in trace.values() if r.get("load1") is not None]
+    load = statistics.fmean(loads) if loads else None
+    return RunCurves(arm, seed, evals, steps, complete, summary, origin, cpu, probe, load)
 
 
 # ----------------------------------------------------------------------------- time to target
@@ -133,30 +174,19 @@ class MeanCurve:
     mean: list[float]
     lo: list[float]  # min over seeds
     hi: list[float]  # max over seeds
-
-
-def token_name(runs: dict[str, list[RunCurves]]) -> str:
-    """The model's token-objective name in its metric keys (engine/models: ``mlm`` for BERT, ``lm`` for
-    decoders), from any run's summary.json, else from its eval records; ``mlm`` when nothing says."""
-    for rs in runs.values():
-        for r in rs:
-            if r.summary and r.summary.get("token_loss"):
-                return str(r.summary["token_loss"])
-            for e in r.evals:
-                for k in e:
-                    if k.startswith("val_") and k.endswith("_acc"):
-                        return k[len("val_"):-len("_acc")]
-    return "mlm"
+    ci_lo: list[float] = field(default_factory=list)  # paired differences: the 95% t interval of the mean
+    ci_hi: list[float] = field(default_factory=list)
 
 
 def mean_curve(runs: Sequence[RunCurves], key: str = "val_mlm_acc", x: str = "backprop_samples") -> MeanCurve:
-    common = sorted(set.intersection(*(set(e["step"] for e in r.evals) for r in runs))) if runs else []
+    common = sorted(set.intersection(*(set(e["step"] for e in r.evals if key in e and r.x(e, x) is not None)
+                                       for r in runs))) if runs else []
     by_run = [{e["step"]: e for e in r.evals} for r in runs]
     out = MeanCurve([], [], [], [], [])
     for s in common:
         ys = [b[s][key] for b in by_run]
         out.steps.append(s)
-        out.x.append(statistics.fmean(b[s][x] for b in by_run))
+        out.x.append(statistics.fmean(r.x(b[s], x) for r, b in zip(runs, by_run)))
         out.mean.append(statistics.fmean(ys))
         out.lo.append(min(ys))
         out.hi.append(max(ys))
@@ -171,15 +201,19 @@ def paired_difference(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: 
     out = MeanCurve([], [], [], [], [])
     if not pairs:
         return out
-    common = sorted(set.intersection(*(set(e["step"] for e in r.evals) & set(b) for r, b in pairs)))
+    common = sorted(set.intersection(*({e["step"] for e in r.evals if key in e} & {s for s, e in b.items() if key in e}
+                                       for r, b in pairs)))
     for s in common:
         mine = [{e["step"]: e for e in r.evals}[s] for r, _ in pairs]
         diffs = [m[key] - b[s][key] for m, (_, b) in zip(mine, pairs)]
         out.steps.append(s)
-        out.x.append(statistics.fmean(m["backprop_samples"] for m in mine))
+        out.x.append(statistics.fmean(r.x(m, "backprop_samples") for m, (r, _) in zip(mine, pairs)))
         out.mean.append(statistics.fmean(diffs))
         out.lo.append(min(diffs))
         out.hi.append(max(diffs))
+        ci = mean_ci(diffs)
+        out.ci_lo.append(ci.get("lo", out.mean[-1]))
+        out.ci_hi.append(ci.get("hi", out.mean[-1]))
     return out
 
 
@@ -201,13 +235,27 @@ def run_costs(run: RunCurves) -> dict[str, float | None]:
     return out
 
 
+def token_name(runs: dict[str, list[RunCurves]]) -> str:
+    """The model's token-objective name in its metric keys (engine/models: ``mlm`` for BERT, ``lm`` for
+    decoders), from any run's summary.json, else from its eval records; ``mlm`` when nothing says."""
+    for rs in runs.values():
+        for r in rs:
+            if r.summary and r.summary.get("token_loss"):
+                return str(r.summary["token_loss"])
+            for e in r.evals:
+                for k in e:
+                    if k.startswith("val_") and k.endswith("_acc"):
+                        return k[len("val_"):-len("_acc")]
+    return "mlm"
+
+
 def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str | None,
                 token: str = "mlm") -> list[dict[str, Any]]:
     """Table 1: final validation token accuracy (``val_<token>_acc``: mean, spread over seeds), paired
     difference to the reference arm, final loss, and cost (hours, throughput)."""
     acc_key, loss_key = f"val_{token}_acc", f"val_{token}_loss"
     ref_final = {r.seed: r.final[acc_key] for r in runs.get(ref or "", []) if r.final}
-    ref_hours = {r.seed: r.final["hours"] for r in runs.get(ref or "", []) if r.final}
+    ref_hours = {r.seed: r.x(r.final, "hours") for r in runs.get(ref or "", []) if r.final}
     rows = []
     for arm in arms:
         done = [r for r in runs.get(arm, []) if r.complete and r.final]
@@ -226,8 +274,8 @@ def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str 
             acc_key: spread(acc),
             loss_key: spread([r.final[loss_key] for r in done]),
             "delta_vs_ref": spread(diffs) if arm != ref and diffs else None,
-            "backprop_samples": done[0].final["backprop_samples"],
-            "hours": spread([r.final["hours"] for r in done]),
+            "backprop_samples": done[0].x(done[0].final, "backprop_samples"),
+            "hours": spread([r.x(r.final, "hours") for r in done]),
             "backprop_seq_per_s": spread([c["backprop_seq_per_s"] for c in costs if c["backprop_seq_per_s"]]),
             "time_scoring": _mean_or_none([c["time_scoring"] for c in costs]),
             "time_train": _mean_or_none([_sum_or_none(c, ("forward", "backward", "optimizer")) for c in costs]),
@@ -248,11 +296,14 @@ def _sum_or_none(costs: dict[str, float | None], phases: Sequence[str]) -> float
 
 
 def target_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], targets: Sequence[float],
-                 ref: str | None, token: str = "mlm") -> list[dict[str, Any]]:
-    """Per target and arm: back-propagated samples and hours to reach it, per seed and over seeds.
+                 ref: str | None, key: str = "val_mlm_acc") -> list[dict[str, Any]]:
+    """Per target and arm: back-propagated samples, wall-clock hours and CPU seconds (where traced) to
+    reach it, per seed and over seeds.
 
     An arm counts as reaching a target only when every one of its seeds does; otherwise the row says
-    how many did. The ratio to the reference arm is of the means (ref / arm: > 1 means sooner).
+    how many did. The ratio to the reference arm is of the means (ref / arm: > 1 means sooner);
+    ``delta_vs_ref`` is the paired difference (arm - ref) over the seeds where both reach it, with its
+    t interval.
     """
     rows = []
     for target in targets:
@@ -261,9 +312,11 @@ def target_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], targets:
             done = [r for r in runs.get(arm, []) if r.complete]
             if not done:
                 continue
-            row: dict[str, Any] = {"target": target, "arm": arm, "seeds": len(done)}
-            for x in ("backprop_samples", "hours"):
-                hits = [time_to_target(*r.series(f"val_{token}_acc", x), target) for r in done]
+            row: dict[str, Any] = {"target": target, "arm": arm, "seeds": len(done), "metric": key}
+            for x in X_AXES:
+                hits = [time_to_target(*r.series(key, x), target) for r in done]
+                if x == "cpu_s" and not any(r.cpu for r in done):
+                    continue
                 reached = [h for h in hits if h is not None]
                 row[x] = {"per_seed": {r.seed: h for r, h in zip(done, hits)}, "reached": len(reached),
                           **(spread(reached) if len(reached) == len(done) else {})}
@@ -271,20 +324,25 @@ def target_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], targets:
             rows.append(row)
         base = per_arm.get(ref or "")
         for row in per_arm.values():
-            for x in ("backprop_samples", "hours"):
-                ok = base is not None and "mean" in base[x] and "mean" in row[x] and row[x]["mean"] > 0
+            for x in (x for x in X_AXES if x in row):
+                ok = base is not None and "mean" in base.get(x, {}) and "mean" in row[x] and row[x]["mean"] > 0
                 row[x]["speedup_vs_ref"] = base[x]["mean"] / row[x]["mean"] if ok else None
+                if base is not None and x in base and row is not base:  # paired by seed where both reach it
+                    pairs = [(v, base[x]["per_seed"].get(k)) for k, v in row[x]["per_seed"].items()]
+                    row[x]["delta_vs_ref"] = mean_ci([a - b for a, b in pairs if a is not None and b is not None])
     return rows
 
 
 def fidelity_table(arms: Sequence[tuple[str, str, int]], runs: dict[str, list[RunCurves]],
-                   total_steps: int) -> list[dict[str, Any]]:
+                   total_steps: int, first_step: int = 0) -> list[dict[str, Any]]:
     """Proxy fidelity per selecting arm: Spearman correlation and top-B overlap of the early-exit scores
-    with the exact full-model losses on the same gross batch, pooled over seeds, over all of training
-    and over its first and last thirds; plus the mean kept and dropped scores and the scoring cost.
+    with the exact full-model losses on the same gross batch, pooled over seeds, over all of the steps
+    first_step..total_steps (the continuation, in a continuation study) and over their first and last
+    thirds; plus the mean kept and dropped scores and the scoring cost.
 
     ``arms`` holds (name, criterion, exit layer) of the arms to include.
     """
+    span = max(total_steps - first_step, 1)
     rows = []
     for name, criterion, exit_layer in arms:
         recs = [rec for r in runs.get(name, []) for rec in r.steps]
@@ -292,12 +350,12 @@ def fidelity_table(arms: Sequence[tuple[str, str, int]], runs: dict[str, list[Ru
         sel = [rec for rec in recs if "kept_score" in rec]
 
         def window(lo: float, hi: float, key: str, pool: list[dict[str, Any]] = fid) -> float | None:
-            vals = [rec[key] for rec in pool if lo * total_steps < rec["step"] <= hi * total_steps]
+            vals = [rec[key] for rec in pool if first_step + lo * span < rec["step"] <= first_step + hi * span]
             return statistics.fmean(vals) if vals else None
 
         per_seed_last = {}
         for r in runs.get(name, []):
-            vals = [rec["spearman"] for rec in r.steps if "spearman" in rec and rec["step"] > 2 / 3 * total_steps]
+            vals = [rec["spearman"] for rec in r.steps if "spearman" in rec and rec["step"] > first_step + 2 / 3 * span]
             if vals:
                 per_seed_last[r.seed] = statistics.fmean(vals)
         rows.append({
@@ -327,98 +385,105 @@ def fidelity_curve(runs: Sequence[RunCurves], key: str = "spearman") -> tuple[li
     return steps, [statistics.fmean(by_step[s]) for s in steps]
 
 
-# ----------------------------------------------------------------------------- markdown
+# ----------------------------------------------------------------------------- paired comparisons
 
 
-def _pm(s: dict[str, Any] | None, digits: int = 4, scale: float = 1.0) -> str:
-    if not s or "mean" not in s:
-        return "–"
-    return f"{s['mean'] * scale:.{digits}f} ± {s['std'] * scale:.{digits}f}"
+def metric_keys(runs: dict[str, list[RunCurves]], token: str = "mlm") -> list[str]:
+    """val_<token>_acc, then every extra evaluation set's accuracy (``<name>_val_<token>_acc``) any final
+    eval has."""
+    main = f"val_{token}_acc"
+    extra = {k for rs in runs.values() for r in rs if r.final for k in r.final if k.endswith("_" + main)}
+    return [main, *sorted(extra)]
 
 
-def _range(s: dict[str, Any] | None, digits: int = 4, scale: float = 1.0) -> str:
-    if not s or "mean" not in s:
-        return "–"
-    return f"[{s['min'] * scale:.{digits}f}, {s['max'] * scale:.{digits}f}]"
+def paired_at_end(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: str) -> dict[str, Any]:
+    """Final ``key`` minus the reference's, seed by seed (every arm ends at the same back-propagated
+    samples), with the t interval of the mean difference."""
+    base = {r.seed: r.final[key] for r in ref if r.complete and r.final and key in r.final}
+    diffs = {r.seed: r.final[key] - base[r.seed] for r in runs
+             if r.complete and r.final and key in r.final and r.seed in base}
+    return {**mean_ci(list(diffs.values())), "per_seed": diffs}
 
 
-def _num(v: float | None, fmt: str) -> str:
-    return "–" if v is None else format(v, fmt)
-
-
-def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None, token: str = "mlm") -> str:
-    name, acc, loss = token.upper(), f"val_{token}_acc", f"val_{token}_loss"
-    head = (f"| arm | seeds | val {name} acc (mean ± std) | min–max | Δ vs " + (ref or "ref") +
-            f" (paired, mean ± std) | Δ min–max | val {name} loss | wall clock, min | backprop seq/s |")
-    lines = [head, "|" + "---|" * 9]
-    for r in rows:
-        if not r.get("seeds"):
-            lines.append(f"| {labels.get(r['arm'], r['arm'])} | 0 | no complete run | | | | | | |")
+def paired_at_equal(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: str, axis: str) -> dict[str, Any]:
+    """``key`` minus the reference's at equal ``axis`` (hours or cpu_s), seed by seed: both curves read at
+    the budget the faster of the two used up (its final value against the other's interpolated one)."""
+    base = {r.seed: r for r in ref if r.complete}
+    diffs, budgets = {}, {}
+    for r in runs:
+        b = base.get(r.seed)
+        if not r.complete or b is None:
             continue
-        lines.append(
-            f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r[acc])} | {_range(r[acc])}"
-            f" | {_pm(r['delta_vs_ref'], scale=1.0) if r['delta_vs_ref'] else '(reference)'}"
-            f" | {_range(r['delta_vs_ref']) if r['delta_vs_ref'] else ''}"
-            f" | {_pm(r[loss], 3)} | {_pm(r['hours'], 1, 60.0)} | {_pm(r['backprop_seq_per_s'], 0)} |"
-        )
-    return "\n".join(lines)
-
-
-def markdown_equal_time(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None,
-                        token: str = "mlm") -> str:
-    """Accuracy of each arm when its seed's reference run had finished (same wall clock)."""
-    lines = [f"| arm | val {token.upper()} acc at {ref}'s final wall clock (mean ± std) | Δ vs {ref} (paired, mean ± std)"
-             " | Δ min–max |", "|---|---|---|---|"]
-    for r in rows:
-        if not r.get("seeds"):
+        (xa, ya), (xb, yb) = r.series(key, axis), b.series(key, axis)
+        if not xa or not xb:
             continue
-        d = r.get("delta_at_ref_hours")
-        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {_pm(r.get('acc_at_ref_hours'))} | "
-                     f"{_pm(d) if d else '(reference)'} | {_range(d) if d else ''} |")
-    return "\n".join(lines)
+        budget = min(xa[-1], xb[-1])
+        va, vb = value_at(xa, ya, budget), value_at(xb, yb, budget)
+        if va is not None and vb is not None:
+            diffs[r.seed], budgets[r.seed] = va - vb, budget
+    return {**mean_ci(list(diffs.values())), "per_seed": diffs, "budget": spread(list(budgets.values()))}
 
 
-def markdown_per_seed(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    seeds = sorted({int(k) for r in rows for k in (r.get("per_seed") or {})})
-    lines = ["| arm | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|" + "---|" * (1 + len(seeds))]
-    for r in rows:
-        per = {int(k): v for k, v in (r.get("per_seed") or {}).items()}
-        lines.append(f"| {labels.get(r['arm'], r['arm'])} | "
-                     + " | ".join(f"{per[s]:.4f}" if s in per else "–" for s in seeds) + " |")
-    return "\n".join(lines)
+def comparisons(arms: Sequence[str], runs: dict[str, list[RunCurves]], refs: Sequence[str],
+                keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Every arm against every reference arm, per metric, at equal back-propagated samples (the end of
+    training), equal CPU time and equal wall clock: mean paired difference, 95% t interval, verdict."""
+    rows = []
+    for ref in refs:
+        if ref not in runs:
+            continue
+        for arm in arms:
+            if arm == ref or arm not in runs:
+                continue
+            for key in keys:
+                for axis in X_AXES:
+                    ci = (paired_at_end(runs[arm], runs[ref], key) if axis == "backprop_samples"
+                          else paired_at_equal(runs[arm], runs[ref], key, axis))
+                    rows.append({"arm": arm, "ref": ref, "metric": key, "axis": axis, **ci, "verdict": verdict(ci)})
+    return rows
 
 
-def markdown_targets(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = ["| target acc | arm | back-prop samples to target (mean [min, max]) | × vs ref | wall-clock min to target"
-             " (mean [min, max]) | × vs ref |", "|" + "---|" * 6]
-    for r in rows:
-        cells = []
-        for x, digits, scale in (("backprop_samples", 0, 1.0), ("hours", 1, 60.0)):
-            s = r[x]
-            if "mean" in s:
-                cells.append(f"{s['mean'] * scale:,.{digits}f} {_range(s, digits, scale)}")
-                cells.append(_num(s.get("speedup_vs_ref"), ".2f"))
-            else:
-                hits = ", ".join(f"seed {k}: {v * scale:,.{digits}f}" for k, v in s["per_seed"].items() if v is not None)
-                cells.append(f"not reached ({s['reached']}/{r['seeds']} seeds{'; ' + hits if hits else ''})")
-                cells.append("–")
-        lines.append(f"| {r['target']:.3f} | {labels.get(r['arm'], r['arm'])} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+def continuation_targets(start: Sequence[float], ref_final: Sequence[float]) -> list[float]:
+    """Targets in a continuation study: half of the reference arm's mean gain over the shared start,
+    and all of it ("how soon does an arm get as far as vanilla does"), to 4 decimals."""
+    if not start or not ref_final:
+        return []
+    s, f = statistics.fmean(start), statistics.fmean(ref_final)
+    return [round(s + 0.5 * (f - s), 4), round(f, 4)] if f > s else []
 
 
-def markdown_fidelity(rows: list[dict[str, Any]]) -> str:
-    lines = ["| criterion | exit | Spearman (all) | first ⅓ | last ⅓ | last ⅓, worst seed | top-B overlap (all) |"
-             " first ⅓ | last ⅓ | kept score | dropped score | scoring s/step | fwd+bwd+opt s/step |",
-             "|" + "---|" * 13]
-    for r in rows:
-        per = r.get("spearman_last_third_per_seed") or {}
-        worst = min(per.items(), key=lambda kv: kv[1]) if per else None
-        lines.append(
-            f"| {r['criterion']} | {r['exit_layer']} | {_num(r['spearman'], '.3f')} | {_num(r['spearman_first_third'], '.3f')}"
-            f" | {_num(r['spearman_last_third'], '.3f')} | {f'{worst[1]:.3f} (seed {worst[0]})' if worst else '–'}"
-            f" | {_num(r['topk_overlap'], '.3f')}"
-            f" | {_num(r['topk_overlap_first_third'], '.3f')} | {_num(r['topk_overlap_last_third'], '.3f')}"
-            f" | {_num(r['kept_score'], '.3f')} | {_num(r['dropped_score'], '.3f')}"
-            f" | {_num(r['time_scoring'], '.3f')} | {_num(r['time_train'], '.3f')} |"
-        )
-    return "\n".join(lines)
+def kept_table(arms: Sequence[tuple[str, str]], runs: dict[str, list[RunCurves]],
+               warm_probe: dict[str, Any]) -> list[dict[str, Any]]:
+    """Share of each kind of row among those a selecting arm back-propagates: at the branch point (the
+    warm-up weights) and at the end of each seed's run (mean and t interval over seeds), by the arm's
+    exit score and by the exact loss; ``drawn`` is what vanilla and random back-propagate.
+
+    ``arms``: (name, "criterion:exit") of the selecting arms."""
+    rows = []
+    for name, select in arms:
+        at_end = [r.probe["kept"][select] for r in runs.get(name, []) if select in r.probe.get("kept", {})]
+        at_branch = warm_probe.get("kept", {}).get(select, {})
+        drawn = (at_end[0] if at_end else at_branch).get("drawn", {})
+        for kind in drawn:
+            rows.append({"arm": name, "select": select, "kind": kind, "drawn": drawn[kind],
+                         "branch_exit": at_branch.get("exit", {}).get(kind),
+                         "branch_exact": at_branch.get("exact", {}).get(kind),
+                         "end_exit": mean_ci([e["exit"][kind] for e in at_end]),
+                         "end_exact": mean_ci([e["exact"][kind] for e in at_end])})
+    return rows
+
+
+def cost_table(arms: Sequence[str], runs: dict[str, list[RunCurves]]) -> list[dict[str, Any]]:
+    """Per arm: CPU seconds and wall-clock seconds of a run (from the branch point), and the machine's
+    mean 1-minute load average while it ran."""
+    rows = []
+    for arm in arms:
+        done = [r for r in runs.get(arm, []) if r.complete and r.final]
+        if not done:
+            continue
+        cpu = [r.x(r.final, "cpu_s") for r in done]
+        rows.append({"arm": arm, "seeds": len(done),
+                     "cpu_s": spread([c for c in cpu if c is not None]),
+                     "wall_s": spread([r.x(r.final, "hours") * 3600 for r in done]),
+                     "load": spread([r.load for r in done if r.load is not None])})
+    return rows

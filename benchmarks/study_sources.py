@@ -24,14 +24,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
+import numpy as np
+import yaml
 
-import numpy as np  # noqa: E402
-import yaml  # noqa: E402
-
-from benchmarks.study_spec import StudyError  # noqa: E402
+from benchmarks.study_spec import StudyError
+from sift_common.logs import setup_logging
 
 log = logging.getLogger("sift.study.sources")
 
@@ -63,7 +60,7 @@ def prepare_part(part: Path, out: Path, data: Path) -> Path:
            str(data / "tokenizer"), "--seq-len", str(opts["seq_len"]), "--val-fraction", str(opts["val_fraction"]),
            "--seed", str(opts["seed"]), "--objective", opts["objective"], "--text-field", opts["text_field"],
            "--num-proc", "1", "--log-level", "WARNING"]
-    if subprocess.run(cmd, cwd=REPO).returncode != 0:
+    if subprocess.run(cmd).returncode != 0:
         raise StudyError(f"preparing {part} failed")
     return out
 
@@ -187,12 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=512, help="training rows per source to score")
     p.add_argument("--batches", type=int, default=2000, help="simulated gross batches")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        result = analyse(args)
-    except StudyError as e:
-        print(f"study_sources: error: {e}", file=sys.stderr)
-        return 2
+    setup_logging()
+    result = analyse(args)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "sources.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / "sources.md").write_text(markdown(result))
@@ -272,4 +265,6 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.study_sources", main, sys.argv[1:]))

@@ -13,7 +13,14 @@ A study file is a run config (the sections of engine/config.py) plus a `study:` 
         args: [--text-field, text, --seq-len, "128", --vocab-size, "8192"]
 
 Every arm shares the base config, hence the same shards, validation split, evaluation schedule and
-step count; an arm only sets the selection policy, criterion and exit layer.
+step count; an arm is a name plus run-config overrides (the shorthands vanilla, random, loss:J and
+entropy:J expand to sift.* overrides). The continuation protocol adds
+
+      warm: {steps: 1000, seed: 0}   # one vanilla run from random init, saved once per data regime
+      continue_steps: 600            # every arm and seed continues it for this many optimizer steps
+      regimes: {...}                 # optional: clean / redundant / noisy variants of one corpus
+      reference: vanilla             # the arm the others are compared with (default vanilla)
+      control: random                # the second comparison (default random)
 """
 
 from __future__ import annotations
@@ -27,44 +34,50 @@ from typing import Any
 import yaml
 
 from engine.models.presets import FAMILY_PRESETS
+from sift_common.errors import SiftError
 
-ARM_GRAMMAR = "vanilla | random | loss:J | entropy:J, with J a layer number, L (the last) or L/2"
-STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare")
-# Keys an arm sets; overriding them for the whole study would silently merge arms.
-RESERVED = ("sift.policy", "sift.criterion", "sift.exit_layer", "train.seed", "train.out_dir")
+ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J (J a layer number, L or L/2), or a mapping "
+               "{name: ..., overrides: [key=value, ...], label: ...}")
+STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare", "reference", "control", "warm",
+              "continue_steps", "regimes")
+# Set by the study for every run; overriding them for the whole study would silently merge runs.
+RUN_KEYS = ("train.seed", "train.out_dir")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
-class StudyError(ValueError):
+class StudyError(SiftError, ValueError):
     """A study the user asked for that cannot run (bad preset, arm, seed list, data path)."""
 
 
 @dataclass(frozen=True, slots=True)
 class Arm:
-    """One configuration of the grid; `name` is also its directory."""
+    """One configuration of the grid: a name (also its directory) and the run-config overrides that make
+    it. Nothing else in the study or its report depends on what the overrides say, so a new method is
+    an arm in a study file, e.g. ``{name: vcas, overrides: [method=vcas]}``."""
 
     name: str
-    policy: str  # none | random | topk
-    criterion: str = "loss"
-    exit_layer: int = 1
+    overrides: tuple[str, ...]
+    label: str = ""
 
-    def overrides(self) -> list[str]:
-        if self.policy == "none":  # vanilla draws B per step; the pipelined schedule needs a scorer
-            return ["sift.policy=none", "sift.schedule=serial"]
-        return [f"sift.policy={self.policy}", f"sift.criterion={self.criterion}", f"sift.exit_layer={self.exit_layer}"]
+    def __post_init__(self) -> None:
+        if not _NAME.match(self.name):
+            raise StudyError(f"arm name {self.name!r}: use letters, digits and _ . + - (it names a directory)")
+        bad = [o for o in self.overrides if "=" not in o or not o.partition("=")[0].strip()]
+        if bad:
+            raise StudyError(f"arm {self.name!r}: override(s) {', '.join(map(repr, bad))} are not key=value")
 
-    def label(self) -> str:
+    def keys(self) -> set[str]:
+        return {o.partition("=")[0].strip() for o in self.overrides}
+
+    def title(self) -> str:
         """How plots and tables name the arm."""
-        if self.policy == "none":
-            return "vanilla (B per step)"
-        if self.policy == "random":
-            return "random B of G (control)"
-        return f"{self.criterion}-SIFT, exit {self.exit_layer}"
+        return self.label or self.name
 
 
-VANILLA = Arm("vanilla", "none")
+VANILLA = Arm("vanilla", ("sift.policy=none", "sift.schedule=serial"), "vanilla (B per step)")
 # The control draws the same G and keeps B at random. It still runs the cheapest scorer (exit 1), so its
 # wall clock carries the same scoring cost as exit-1 SIFT and only the choice of rows differs.
-RANDOM = Arm("random", "random", "loss", 1)
+RANDOM = Arm("random", ("sift.policy=random", "sift.criterion=loss", "sift.exit_layer=1"), "random B of G (control)")
 
 
 def default_exits(num_layers: int) -> list[int]:
@@ -73,7 +86,9 @@ def default_exits(num_layers: int) -> list[int]:
 
 
 def sift_arm(criterion: str, exit_layer: int) -> Arm:
-    return Arm(f"{criterion}-{exit_layer}", "topk", criterion, exit_layer)
+    return Arm(f"{criterion}-{exit_layer}",
+               ("sift.policy=topk", f"sift.criterion={criterion}", f"sift.exit_layer={exit_layer}"),
+               f"{criterion}-SIFT, exit {exit_layer}")
 
 
 def default_arms(num_layers: int) -> list[Arm]:
@@ -95,30 +110,77 @@ def _layer(token: str, num_layers: int, spec: str) -> int:
     return j
 
 
-def parse_arm(spec: str, num_layers: int) -> Arm:
-    """`vanilla`, `random`, `loss:J` or `entropy:J` -> an Arm (StudyError on anything else)."""
+def parse_arm(spec: Any, num_layers: int) -> Arm:
+    """A shorthand (`vanilla`, `random`, `loss:J`, `entropy:J`) or a mapping {name, overrides, label}."""
+    if isinstance(spec, dict):
+        unknown = sorted(set(spec) - {"name", "overrides", "label"})
+        if unknown or not spec.get("name") or not isinstance(spec.get("overrides", []), list):
+            raise StudyError(f"arm {spec!r}: expected {{name: ..., overrides: [key=value, ...], label: ...}}")
+        return Arm(str(spec["name"]), tuple(str(o) for o in spec.get("overrides") or []), str(spec.get("label") or ""))
     text = str(spec).strip().lower()
     if text == "vanilla":
         return VANILLA
     if text == "random":
         return RANDOM
     criterion, sep, layer = text.partition(":")
-    if criterion in ("loss", "entropy") and sep:
+    from engine.scoring import CRITERIA
+
+    if criterion in CRITERIA and sep:
         return sift_arm(criterion, _layer(layer, num_layers, spec))
     raise StudyError(f"arm {spec!r} is not understood; expected {ARM_GRAMMAR}")
 
 
-def parse_arms(specs: list[str] | str, num_layers: int) -> list[Arm]:
-    """A list of arm specs (or "default"), deduplicated in order; the `default` token expands in place."""
-    items = [specs] if isinstance(specs, str) else list(specs)
+def parse_arms(specs: Any, num_layers: int) -> list[Arm]:
+    """A list of arm specs (or "default"), deduplicated in order; the `default` token expands in place;
+    comma-separated shorthands are split. Two different arms with one name are an error."""
+    items = [specs] if isinstance(specs, (str, dict)) else list(specs)
     arms: list[Arm] = []
     for item in items:
-        for spec in (s for s in str(item).split(",") if s.strip()):
-            expanded = default_arms(num_layers) if spec.strip().lower() == "default" else [parse_arm(spec, num_layers)]
-            arms += [a for a in expanded if a not in arms]
+        parts = [item] if isinstance(item, dict) else [s for s in str(item).split(",") if s.strip()]
+        for spec in parts:
+            is_default = isinstance(spec, str) and spec.strip().lower() == "default"
+            for arm in default_arms(num_layers) if is_default else [parse_arm(spec, num_layers)]:
+                same = [a for a in arms if a.name == arm.name]
+                if same and same[0] != arm:
+                    raise StudyError(f"two different arms are named {arm.name!r}")
+                if not same:
+                    arms.append(arm)
     if not arms:
         raise StudyError("no arms to run")
     return arms
+
+
+@dataclass(frozen=True, slots=True)
+class Branch:
+    """The continuation protocol: one vanilla warm-up run of ``warm_steps`` from random init (seed
+    ``warm_seed``), saved once; every arm and seed continues from its checkpoint for ``steps`` more
+    optimizer steps, on one LR schedule over warm_steps + steps."""
+
+    warm_steps: int
+    steps: int
+    warm_seed: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.warm_steps + self.steps
+
+
+def _branch(warm: Any, steps: Any) -> Branch | None:
+    if warm is None and steps is None:
+        return None
+    if not isinstance(warm, dict) or steps is None:
+        raise StudyError("study.warm ({steps: W, seed: S}) and study.continue_steps (C) go together")
+    unknown = sorted(set(warm) - {"steps", "seed"})
+    if unknown:
+        raise StudyError(f"study.warm: unknown key(s) {', '.join(unknown)} (known: steps, seed)")
+    try:
+        branch = Branch(int(warm["steps"]), int(steps), int(warm.get("seed", 0)))
+    except (KeyError, TypeError, ValueError):
+        raise StudyError(f"study.warm.steps and study.continue_steps must be integers, got {warm!r}, {steps!r}") from None
+    if branch.warm_steps < 1 or branch.steps < 1 or branch.warm_seed < 0:
+        raise StudyError(f"study.warm.steps and study.continue_steps must be >= 1 (got {branch.warm_steps}, "
+                         f"{branch.steps}); study.warm.seed >= 0")
+    return branch
 
 
 @dataclass(slots=True)
@@ -134,13 +196,17 @@ class StudySpec:
     name: str
     seeds: list[int]
     arms: list[Arm]
-    targets: list[float] | None  # None: derived from the vanilla arm (see study_report.auto_targets)
+    targets: list[float] | None  # None: derived from the reference arm (see study_report.auto_targets)
     parallel: int
     base: dict[str, Any]  # the run-config tree shared by every arm
     num_layers: int
     prepare: PrepareRecipe | None = None
     source: str = ""
     overrides: list[str] = field(default_factory=list)
+    reference: str = "vanilla"  # the arm every other is compared with, paired by seed
+    control: str = "random"  # the second comparison: same draws, rows kept at random
+    branch: Branch | None = None  # None: every run trains from random init for train.steps
+    regimes: dict[str, Any] | None = None  # the `study.regimes` section (benchmarks/study_regimes.py)
 
 
 def model_layers(tree: dict[str, Any]) -> int:
@@ -216,21 +282,35 @@ def read_study_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets: Any = None,
-               parallel: int | None = None, overrides: list[str] | None = None) -> StudySpec:
+               parallel: int | None = None, overrides: list[str] | None = None, warm_steps: int | None = None,
+               continue_steps: int | None = None) -> StudySpec:
     """The study file plus command-line choices (which win over the file's `study` section)."""
     study, tree = read_study_file(path)
+    if warm_steps is not None:
+        study["warm"] = {**(study.get("warm") or {}), "steps": warm_steps}
+    if continue_steps is not None:
+        study["continue_steps"] = continue_steps
     overrides = list(overrides or [])
-    clash = [o for o in overrides if o.partition("=")[0].strip() in RESERVED]
-    if clash:
-        raise StudyError(f"override(s) {', '.join(clash)} would change what an arm is; use --arms/--seeds instead")
     layers = model_layers(_with_overrides(tree, overrides))
+    arm_list = parse_arms(arms if arms is not None else study.get("arms", "default"), layers)
+    branch = _branch(study.get("warm"), study.get("continue_steps"))
+    reserved = set(RUN_KEYS).union(*(a.keys() for a in arm_list))
+    if branch is not None:
+        reserved |= {"train.steps", "optim.schedule_steps"}
+    clash = [o for o in overrides if o.partition("=")[0].strip() in reserved]
+    if clash:
+        raise StudyError(f"override(s) {', '.join(clash)} would change what an arm is (or the study's protocol); "
+                         "use --arms/--seeds, or the study file's warm/continue_steps, instead")
     n_parallel = parallel if parallel is not None else int(study.get("parallel", 1))
     if n_parallel < 1:
         raise StudyError(f"parallel must be >= 1, got {n_parallel}")
+    regimes = study.get("regimes")
+    if regimes is not None and not isinstance(regimes, dict):
+        raise StudyError("study.regimes: expected a mapping (see benchmarks/study_regimes.py)")
     return StudySpec(
         name=str(study.get("name") or Path(path).stem),
         seeds=_seeds(seeds if seeds is not None else study.get("seeds", 3)),
-        arms=parse_arms(arms if arms is not None else study.get("arms", "default"), layers),
+        arms=arm_list,
         targets=_targets(targets if targets is not None else study.get("targets")),
         parallel=n_parallel,
         base=tree,
@@ -238,6 +318,10 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
         prepare=_prepare(study.get("prepare")),
         source=str(path),
         overrides=overrides,
+        reference=str(study.get("reference", "vanilla")),
+        control=str(study.get("control", "random")),
+        branch=branch,
+        regimes=regimes,
     )
 
 

@@ -22,13 +22,10 @@ import logging
 import os
 import platform
 import shlex
-import subprocess
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -36,11 +33,16 @@ import numpy as np
 import torch
 
 from benchmarks import flops as F
+from benchmarks import vcas_rows
 from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
 from engine.models.base import FlopCounts
+from engine.scoring import CRITERIA
+from sift_common.logs import setup_logging
+from sift_common.provenance import provenance
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
+"""The default variants; ``--variants`` also takes the VCAS kinds (benchmarks/vcas_rows.py)."""
 PHASES = ("data", "scoring", "forward", "backward", "optimizer")
 log = logging.getLogger("sift.bench")
 
@@ -100,10 +102,16 @@ class Variant:
     exit_layer: int | None = None
     criterion: str | None = None
     compile: bool = False
+    vcas: tuple[float, float] | None = None
+    """VCAS kinds: fixed (rho, nu), or None for the adaptive controller."""
 
     @property
     def name(self) -> str:
         base = "vanilla" if self.kind == "vanilla" else f"{self.kind}-j{self.exit_layer}-{self.criterion}"
+        if self.kind == "vcas":
+            base = f"vcas-{vcas_rows.suffix(self.vcas)}"
+        elif self.kind == "sift+vcas":
+            base += f"-{vcas_rows.suffix(self.vcas)}"
         return f"T{self.seq_len}-{base}" + ("-compiled" if self.compile else "")
 
     def overrides(self, p: Preset, extra: list[str]) -> list[str]:
@@ -114,6 +122,11 @@ class Variant:
              "sift.warmup_steps=0", "train.grad_accum=1", f"train.steps={p.steps + p.warmup}"]
         if self.kind == "vanilla":
             o += ["method=none"]
+        elif self.kind == "vcas":
+            o += vcas_rows.overrides(self.kind, self.vcas)
+        elif self.kind == "sift+vcas":
+            o += ["sift.policy=topk", "sift.schedule=serial", f"sift.exit_layer={self.exit_layer}",
+                  f"sift.criterion={self.criterion}", *vcas_rows.overrides(self.kind, self.vcas)]
         else:
             o += ["method=sift", "sift.policy=topk", f"sift.schedule={self.kind}", f"sift.exit_layer={self.exit_layer}",
                   f"sift.criterion={self.criterion}"]
@@ -148,6 +161,11 @@ def grid(p: Preset, variants: tuple[str, ...], compiles: tuple[bool, ...], num_l
             for j in exits:
                 for crit in p.criteria:
                     out += [Variant(k, T, j, crit, c) for k in ("serial", "pipelined") if k in variants]
+            if "vcas" in variants:
+                out += [Variant("vcas", T, compile=c, vcas=r) for r in vcas_rows.ratios_for("vcas")]
+            if "sift+vcas" in variants:
+                out += [Variant("sift+vcas", T, exits[0], p.criteria[0], c, vcas=r)
+                        for r in vcas_rows.ratios_for("sift+vcas")]
     return out
 
 
@@ -249,10 +267,30 @@ def profile(sched: Any, first_draw: int, steps: int, cuda: bool, path: Path) -> 
     path.with_suffix(".txt").write_text(prof.key_averages().table(sort_by=key, row_limit=25) + "\n")
 
 
-def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
-                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
-                profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
-    """Build (as `sift train` does), measure, free; one result row (ratios are added later)."""
+@dataclass
+class Built:
+    """One variant built as `sift train` builds it: config, model, methods, DeepSpeed engine, schedule."""
+
+    cfg: Any
+    model: Any
+    methods: Any
+    engine: Any
+    stage: int
+    precision: str
+    timer: Any
+    sched: Any
+
+    def destroy(self) -> None:
+        """DeepSpeed's own teardown (optimizer hooks, buffers); the caller drops its reference after."""
+        destroy = getattr(self.engine, "destroy", None)
+        if destroy is not None:
+            destroy()
+
+
+def build_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
+                  extra: list[str]) -> Built:
+    """Model (seeded), methods, engine and schedule of one variant over its synthetic batch pool. Call it
+    inside ``engine.streams.training_stream(device)``, as `sift train` runs."""
     from engine.config import load_config
     from engine.models import build_model
     from engine.models.base import DataFacts
@@ -261,10 +299,6 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
 
     cuda = device.type == "cuda"
     cfg = load_config(None, v.overrides(p, extra))
-    B, G = cfg.train.micro_batch_size, cfg.gross_batch_size
-    baseline = torch.cuda.memory_allocated() if cuda else None  # whatever earlier variants left behind
-    baseline_reserved = torch.cuda.memory_reserved() if cuda else None
-    t0 = time.perf_counter()
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, DataFacts(vocab_size=p.vocab, seq_len=v.seq_len, objective=p.objective, pad_id=PAD,
                                              eos_id=PAD))
@@ -272,32 +306,49 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
     engine, stage, precision = build_engine(cfg, model, world_size=1, cuda=cuda)
     attach_methods(methods, model, engine, stage=stage, device=device, rank=0, world_size=1)
     timer = PhaseTimer(cuda)
-    sched = build_schedule(cfg, engine, methods, batches=cycle(pools[(G, v.seq_len)]), device=device, rank=0,
-                           world_size=1, timer=timer)
-    sync(cuda)
-    mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
-    build_s = time.perf_counter() - t0
+    sched = build_schedule(cfg, engine, methods, batches=cycle(pools[(cfg.gross_batch_size, v.seq_len)]),
+                           device=device, rank=0, world_size=1, timer=timer)
+    return Built(cfg, model, methods, engine, stage, precision, timer, sched)
 
-    m = measure(sched, timer, p, cuda, after_warmup)
-    peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
-    # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
-    # training stream, so this is the footprint of scoring concurrently with training.
-    peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
-    flops = model.flops(v.seq_len)
-    head_fraction = scored_fraction(cfg.sift.score_positions, model, pools[(G, v.seq_len)][0])
-    if profile_dir is not None:  # after the timed steps, so it cannot perturb them
-        profile(sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
 
-    destroy = getattr(engine, "destroy", None)  # DeepSpeed's own teardown (optimizer hooks, buffers)
-    if destroy is not None:
-        destroy()
-    del sched, engine, model, methods, timer, destroy
-    free_memory(cuda, v.compile)
+def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tuple[int, int], list],
+                extra: list[str], peak: float | None, after_warmup: Callable[[], None] | None = None,
+                profile_dir: Path | None = None, profile_steps: int = 3) -> dict[str, Any]:
+    """Build (as `sift train` does, on the training stream), measure, free; one result row (ratios are
+    added later)."""
+    from engine.streams import training_stream
+
+    cuda = device.type == "cuda"
+    with training_stream(device):
+        baseline = torch.cuda.memory_allocated() if cuda else None  # whatever earlier variants left behind
+        baseline_reserved = torch.cuda.memory_reserved() if cuda else None
+        t0 = time.perf_counter()
+        b = build_variant(v, p, device=device, pools=pools, extra=extra)
+        sync(cuda)
+        mem_static = torch.cuda.memory_allocated() - baseline if cuda else None
+        build_s = time.perf_counter() - t0
+
+        m = measure(b.sched, b.timer, p, cuda, after_warmup)
+        peak_mem = torch.cuda.max_memory_allocated() - baseline if cuda else None
+        # Reserved counts the side stream's cached blocks too: the allocator cannot lend them to the
+        # training stream, so this is the footprint of scoring concurrently with training.
+        peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
+        flops = b.model.flops(v.seq_len)
+        head_fraction = scored_fraction(b.cfg.sift.score_positions, b.model, pools[(b.cfg.gross_batch_size,
+                                                                                     v.seq_len)][0])
+        extra_fields = {"vcas": vcas_rows.row_extra(b.methods, cuda)} if v.kind in vcas_rows.KINDS else {}
+        if profile_dir is not None:  # after the timed steps, so it cannot perturb them
+            profile(b.sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
+        B, G, stage, precision = b.cfg.train.micro_batch_size, b.cfg.gross_batch_size, b.stage, b.precision
+        b.destroy()
+        del b
+        free_memory(cuda, v.compile)
     row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, flops=flops, peak=peak,
                     head_fraction=head_fraction)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
                wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
-               peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline)
+               peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline,
+               **extra_fields)
     return row
 
 
@@ -379,36 +430,17 @@ def device_name(device: torch.device) -> str:
     return f"CPU: {cpu}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
 
 
-def version(dist: str) -> str | None:
-    try:  # by metadata: only engine/ds.py imports deepspeed
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                             timeout=10, check=True)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.strip() or None
-
-
 def environment(device: torch.device, argv: list[str]) -> dict[str, Any]:
+    """Provenance (sift_common.provenance) plus the device and timing method; library versions also at
+    the top level, where the report reads them."""
     cuda = device.type == "cuda"
+    meta = provenance("python -m benchmarks.throughput " + shlex.join(argv))
     return {
+        **meta, **meta["versions"],
         "device": device_name(device),
         "device_type": device.type,
         "cuda": torch.version.cuda if cuda else None,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "deepspeed": version("deepspeed"),
-        "transformers": version("transformers"),
-        "command": "python -m benchmarks.throughput " + shlex.join(argv),
         "ds_accelerator": os.environ.get("DS_ACCELERATOR"),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "git_commit": git_commit(),
         "timing": "CUDA events at step boundaries" if cuda else "time.perf_counter at step boundaries",
     }
 
@@ -427,7 +459,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         "cpu-decoder)")
     p.add_argument("--model", help="FAMILY-SIZE of engine/models/presets.py, e.g. bert-base, gpt2-125m, llama-1b")
     p.add_argument("--vocab", type=int, help="vocabulary size of the synthetic data and the model")
-    p.add_argument("--variants", type=csv(str), default=VARIANTS, help="comma list of vanilla,serial,pipelined")
+    p.add_argument("--variants", type=csv(str), default=VARIANTS,
+                   help="comma list of vanilla,serial,pipelined (default) and vcas,sift+vcas")
     p.add_argument("--exits", type=csv(str), help="exit layers: numbers, L, L/2, L/4 (clipped to the model depth); "
                                                   "default 1,2,3,6,12 (decoders: 1,2,L/4,L/2)")
     p.add_argument("--criteria", type=csv(str), help="loss,entropy (default both)")
@@ -442,17 +475,17 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="train.compile: torch.compile the encoder layers (both: run each variant twice)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (cpu-tiny: 1)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the GPU's bf16 dense peak)")
-    p.add_argument("--out", default=str(REPO / "benchmarks" / "results"), help="output directory")
+    p.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
     p.add_argument("--name", help="output file stem (default throughput-<preset>)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--profile-dir", help="also write a torch.profiler trace and top-op table per variant here")
     p.add_argument("--profile-steps", type=int, default=3, help="micro-steps per profile (after the timed ones)")
     p.add_argument("overrides", nargs="*", help="extra run-config overrides, e.g. model.attn_implementation=eager")
     args = p.parse_args(argv)
-    bad = [v for v in args.variants if v not in VARIANTS]
+    bad = [v for v in args.variants if v not in (*VARIANTS, *vcas_rows.KINDS)]
     if bad:
-        p.error(f"--variants: unknown {bad}; choose from {', '.join(VARIANTS)}")
-    if args.criteria and any(c not in ("loss", "entropy") for c in args.criteria):
+        p.error(f"--variants: unknown {bad}; choose from {', '.join((*VARIANTS, *vcas_rows.KINDS))}")
+    if args.criteria and any(c not in CRITERIA for c in args.criteria):
         p.error("--criteria: choose from loss, entropy")
     if any(n is not None and n < 1 for n in (args.steps, args.warmup, args.profile_steps)):
         p.error("--steps, --warmup and --profile-steps must be >= 1")
@@ -500,26 +533,42 @@ def model_layers(p: Preset, extra: list[str]) -> int:
     return layers_of(cfg.model.family, cfg.model.preset, cfg.model.num_layers)
 
 
-def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> None:
+def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> str | None:
+    """JSON and markdown table, then the PNG chart. The chart is optional: if it fails (no matplotlib, a
+    broken backend) the tables are already written and the reason is returned instead of raised."""
     from benchmarks import report
 
     out.mkdir(parents=True, exist_ok=True)
     add_ratios(result["rows"])
     (out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / f"{stem}.md").write_text(report.markdown(result))
-    if chart:
+    vcas_table = vcas_rows.markdown(result) if any("vcas" in r for r in result["rows"]) else ""
+    (out / f"{stem}.md").write_text(report.markdown(result) + vcas_table)
+    if not chart:
+        return None
+    try:
         report.chart(result, out / f"{stem}.png")
+    except Exception as e:  # any failure of the plotting stack; the measurements are safe on disk
+        log.warning("chart not written (%s: %s); the JSON and markdown tables are", type(e).__name__, e)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def finish(result: dict[str, Any], out: Path, stem: str, chart: bool) -> int:
+    """Write the outputs, print the table and where everything went."""
+    chart_error = write_outputs(result, out, stem, chart)
+    print((out / f"{stem}.md").read_text())
+    made = ".json, .md" + (", .png" if chart and chart_error is None else "")
+    print(f"wrote {out / stem}{made}" + (f" (no chart: {chart_error})" if chart_error else ""))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from engine import ds
-    from engine.config import ConfigError
-    from engine.ds_config import DSConfigError
     from engine.models import family
 
     ensure_distributed()
@@ -535,33 +584,28 @@ def main(argv: list[str] | None = None) -> int:
         prof_dir.mkdir(parents=True, exist_ok=True)
     out, stem = Path(args.out), args.name or f"throughput-{name}"
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
-    try:
-        variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
-        shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
-        pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda, objective=p.objective) for g, T in shapes}
-        result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
-                           "overrides": list(args.overrides), "peak_flops": peak,
-                           "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
-                           "flop_formula": family(p.family).FLOP_FORMULA},
-                  "rows": []}
-        log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
-                 p.warmup, p.steps)
-        for v in variants:
-            row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
-                              profile_dir=prof_dir, profile_steps=args.profile_steps)
-            result["rows"].append(row)
-            write_outputs(result, out, stem, chart=False)  # a crash later keeps what was measured
-            log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
-                     1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
-                     1e3 * row["step_time_s"]["p90"], row["backprop_seq_per_s"])
-    except (ConfigError, DSConfigError) as e:
-        print(f"sift bench: error: {e}", file=sys.stderr)
-        return 2
-    write_outputs(result, out, stem, chart=not args.no_chart)
-    print((out / f"{stem}.md").read_text())
-    print(f"wrote {out / stem}.json, .md" + ("" if args.no_chart else ", .png"))
-    return 0
+    variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
+    shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
+    pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda, objective=p.objective) for g, T in shapes}
+    result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
+                       "overrides": list(args.overrides), "peak_flops": peak,
+                       "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
+                       "flop_formula": family(p.family).FLOP_FORMULA},
+              "rows": []}
+    log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
+             p.warmup, p.steps)
+    for v in variants:
+        row = run_variant(v, p, device=device, pools=pools, extra=list(args.overrides), peak=peak,
+                          profile_dir=prof_dir, profile_steps=args.profile_steps)
+        result["rows"].append(row)
+        write_outputs(result, out, stem, chart=False)  # a crash later keeps what was measured
+        log.info("%-36s step %.1f ms (p10 %.1f, p90 %.1f), %.1f back-propagated seq/s", v.name,
+                 1e3 * row["step_time_s"]["median"], 1e3 * row["step_time_s"]["p10"],
+                 1e3 * row["step_time_s"]["p90"], row["backprop_seq_per_s"])
+    return finish(result, out, stem, chart=not args.no_chart)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from launcher.cli import main as sift
+
+    sys.exit(sift(["bench", *sys.argv[1:]]))

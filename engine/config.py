@@ -99,13 +99,51 @@ class SiftConfig:
 
 
 @dataclass(kw_only=True, slots=True)
+class VcasConfig:
+    """VCAS (``method: vcas`` or ``sift+vcas``): sampling inside the backward pass, see docs/vcas.md."""
+
+    adaptive: bool = True
+    """true: the controller sets the ratios (exact training until its first calibration); false: the
+    fixed ratios ``rho`` and ``nu`` below, no calibration (for benchmarks)."""
+    rho: float = 1.0
+    """Fixed mode: fraction of the rows whose activation gradient each block back-propagates."""
+    nu: float = 1.0
+    """Fixed mode: fraction of the tokens (of the kept rows) each Linear's weight gradient is sampled from."""
+    tau_act: float = 0.025
+    """Accepted activation-sampling variance, relative to the SGD variance."""
+    tau_w: float = 0.025
+    """Accepted weight-sampling variance of each Linear, relative to its SGD variance."""
+    alpha: float = 0.01
+    """Step of s, the share of the gradient-norm mass the kept rows hold, per calibration."""
+    beta: float = 0.95
+    """Multiplier of a weight ratio per calibration (nu * beta, or nu / beta)."""
+    nu_min: float = 0.05
+    """Floor of the weight ratios (the reference has none; see docs/vcas.md)."""
+    rho_decay: float = 0.6
+    """The new activation ratios are decay x old + (1 - decay) x target (the reference's smoothing)."""
+    calib_every: int = 100
+    """F: calibrate after every F optimizer steps."""
+    calib_batches: int = 2
+    """M: micro-batches per calibration (the last M trained on), and sampled passes per batch."""
+    var_fraction: float = 0.01
+    """Share of each weight's entries the SGD and activation variances are estimated on (at least 1024)."""
+    live_positions: bool = True
+    """In the last block, back-propagate the position-wise Linears only where the loss reads the output
+    (BERT: the masked positions and [CLS]); exact, a saving at no variance cost."""
+
+
+@dataclass(kw_only=True, slots=True)
 class OptimConfig:
     lr: float = 1e-4
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-6
     weight_decay: float = 0.01
     warmup_fraction: float = 0.002
-    """Linear warm-up over this fraction of train.steps, then linear decay to 0 (the paper)."""
+    """Linear warm-up over this fraction of the schedule's horizon, then linear decay to 0 (the paper)."""
+    schedule_steps: int | None = None
+    """The LR schedule's horizon in optimizer steps (None: train.steps). A run that stops early and is
+    continued later, e.g. a warm-up run of W steps continued to W + C by several runs, sets W + C here
+    so that both parts follow one schedule; must be >= train.steps."""
     decay: str = "linear"
     """linear or constant after warm-up."""
     grad_clip: float = 1.0
@@ -167,6 +205,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     sift: SiftConfig = field(default_factory=SiftConfig)
+    vcas: VcasConfig = field(default_factory=VcasConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
@@ -241,6 +280,24 @@ def _check_method(spec: str, allowed: tuple[str, ...]) -> list[str]:
     return []
 
 
+def _check_vcas(v: VcasConfig) -> list[str]:
+    p = [f"vcas.{k}: must be in (0, 1], got {x}" for k, x in
+         {"rho": v.rho, "nu": v.nu, "nu_min": v.nu_min, "var_fraction": v.var_fraction}.items() if not 0.0 < x <= 1.0]
+    p += [f"vcas.{k}: must be in (0, 1), got {x}" for k, x in {"alpha": v.alpha, "beta": v.beta}.items()
+          if not 0.0 < x < 1.0]
+    p += [f"vcas.{k}: must be >= 0, got {x}" for k, x in {"tau_act": v.tau_act, "tau_w": v.tau_w}.items() if x < 0]
+    if not 0.0 <= v.rho_decay < 1.0:
+        p.append(f"vcas.rho_decay: must be in [0, 1), got {v.rho_decay}")
+    if v.calib_every < 1:
+        p.append(f"vcas.calib_every: must be >= 1, got {v.calib_every}")
+    if v.calib_batches < 2:
+        p.append(f"vcas.calib_batches: must be >= 2 (a variance needs two batches), got {v.calib_batches}")
+    if v.adaptive and (v.rho != 1.0 or v.nu != 1.0):
+        p.append(f"vcas.rho={v.rho}, vcas.nu={v.nu}: fixed ratios need vcas.adaptive=false (the controller "
+                 "starts from 1)")
+    return p
+
+
 def validate(cfg: RunConfig) -> list[str]:
     """Cross-field checks; returns every problem (empty when the config is usable)."""
     p: list[str] = load_plugins(cfg.train.plugins)
@@ -284,12 +341,16 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"data.mask_prob: must be in (0, 1), got {cfg.data.mask_prob}")
     if o.lr <= 0:
         p.append(f"optim.lr: must be > 0, got {o.lr}")
+    if o.schedule_steps is not None and o.schedule_steps < t.steps:
+        p.append(f"optim.schedule_steps={o.schedule_steps} is shorter than train.steps={t.steps}: the learning rate "
+                 "would be 0 for the last steps; use null (= train.steps) or a horizon >= train.steps")
     if not 0.0 <= o.warmup_fraction < 1.0:
         p.append(f"optim.warmup_fraction: must be in [0, 1), got {o.warmup_fraction}")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
     if not 0.0 <= cfg.model.dropout < 1.0:
         p.append(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
+    p += _check_vcas(cfg.vcas)
     if cfg.deepspeed.zero_stage is not None and cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         p.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     return p

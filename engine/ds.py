@@ -58,7 +58,12 @@ def initialize(
     lr_scheduler: Any,
     config: dict[str, Any],
 ) -> Any:
-    """deepspeed.initialize with a client optimizer and schedule; returns the engine."""
+    """deepspeed.initialize with a client optimizer and schedule; returns the engine.
+
+    No training_data is passed (the schedules feed batches), which in DeepSpeed 0.19.8 leaves the
+    throughput timer to synchronize the device at every forward and step unless the config turns it off
+    (engine/ds_config.py does).
+    """
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler, config=config, dist_init_required=False
     )
@@ -74,6 +79,20 @@ def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """ZeRO-3: all-gather exactly ``params`` for the duration (read-only)."""
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
         yield
+
+
+@contextmanager
+def whole(param: torch.nn.Parameter) -> Iterator[None]:
+    """ZeRO-3, inside a backward: make a partitioned weight whole for the duration, as DeepSpeed's own
+    ZeRO-3 linear function does (its module hooks usually have gathered it already: then nothing)."""
+    partitioned = getattr(getattr(param, "ds_status", None), "name", None) == "NOT_AVAILABLE"
+    if partitioned:
+        param.all_gather()
+    try:
+        yield
+    finally:
+        if partitioned:
+            param.partition()
 
 
 def save_checkpoint(engine: Any, root: Path, tag: str) -> None:

@@ -4,12 +4,21 @@ As in the Hugging Face DeepSpeed integration, the JSON in ``ds_configs/`` says "
 decides (batch sizes, clipping, precision, ZeRO bucket sizes). An explicit value that disagrees with
 the run is an error, never silently overridden: `train_micro_batch_size_per_gpu` must be the
 back-propagated B, not the gross G that SIFT scores.
+
+Two DeepSpeed defaults that cost every step are switched off unless the JSON sets them (DeepSpeed
+0.19.8): the throughput timer (`timers.throughput`), which calls a device-wide synchronize at every
+forward start and every step end when no training_data is passed to deepspeed.initialize (we never
+pass it), and bf16 `check_grad_overflow`, which in ZeRO 1/2 tests every gradient for inf/NaN and reads
+the all-reduced flag to the host before each optimizer step (the schedules already skip a micro-batch
+whose loss is non-finite on any rank, before its backward). ZeRO bucket sizes given as "auto" are
+sized from the model's parameter count and the world size (`bucket_sizes`).
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +32,7 @@ class DSConfigError(ConfigError):
     """A DeepSpeed JSON that cannot be used with this run; lists every problem."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class RunFacts:
     """What the run decides, for filling a DeepSpeed config."""
 
@@ -32,8 +41,42 @@ class RunFacts:
     world_size: int
     grad_clip: float
     precision: str  # "fp32" | "bf16" | "fp16" (already resolved from "auto")
-    hidden_size: int
+    num_params: int | None = None
+    """sum(p.numel()) of the model: sizes the "auto" ZeRO buckets (`bucket_sizes`)."""
     zero_stage: int | None = None  # run-config override of zero_optimization.stage
+
+
+# "auto" ZeRO buckets: a handful per step, so that the first gradient reduction starts after about a sixth
+# of the backward and overlaps the rest (one bucket overlaps nothing; hidden^2 elements make ~150 small
+# reductions per BERT-base backward, tests/unit/test_ds_config.py), bounded below so that collectives are
+# not dominated by their latency and above by DeepSpeed's own default. The floors are rules of thumb for
+# NCCL, not measured here.
+REDUCE_BUCKETS = 6
+MIN_BUCKET = 1 << 22
+"""Elements (8 MiB in bf16) of the smallest bucket."""
+MIN_BUCKET_PER_RANK = 1 << 19
+"""Elements each rank's share of a reduce-scatter / all-gather should hold (1 MiB in bf16)."""
+MAX_BUCKET = 500_000_000
+PERSISTENCE_RANGE = (10_000, 100_000)
+"""ZeRO-3 keeps parameters smaller than num_params / 10^4 (clamped to this range) whole on every rank:
+every bias and LayerNorm vector of a BERT/GPT-style model, no weight matrix."""
+
+
+SIZED_KEYS = ("reduce_bucket_size", "allgather_bucket_size", "stage3_prefetch_bucket_size",
+              "stage3_param_persistence_threshold")
+
+
+def bucket_sizes(num_params: int, world_size: int) -> dict[str, int]:
+    """The "auto" ZeRO bucket sizes, in elements, for a model of ``num_params`` on ``world_size`` ranks."""
+    floor = max(MIN_BUCKET, MIN_BUCKET_PER_RANK * world_size)
+    bucket = min(MAX_BUCKET, max(floor, math.ceil(num_params / REDUCE_BUCKETS)))
+    lo, hi = PERSISTENCE_RANGE
+    return {
+        "reduce_bucket_size": bucket,
+        "allgather_bucket_size": bucket,
+        "stage3_prefetch_bucket_size": bucket,
+        "stage3_param_persistence_threshold": min(hi, max(lo, num_params // 10_000)),
+    }
 
 
 def load_json(path: str | Path) -> dict[str, Any]:
@@ -84,22 +127,30 @@ def fill(template: dict[str, Any], run: RunFacts, source: str = "deepspeed confi
             continue
         _fill(block, "enabled", run.precision == name, f"{name}.", problems, f"deepspeed.precision={run.precision}")
 
+    # Per-step overhead DeepSpeed adds by default (module docstring); an explicit setting is kept.
+    timers = cfg.setdefault("timers", {})
+    if isinstance(timers, dict):
+        throughput = timers.setdefault("throughput", {})
+        if isinstance(throughput, dict):
+            throughput.setdefault("enabled", False)
+    if isinstance(cfg["bf16"], dict):
+        cfg["bf16"].setdefault("check_grad_overflow", False)
+
     zero = cfg.setdefault("zero_optimization", {"stage": 0})
     if run.zero_stage is not None:
         zero["stage"] = run.zero_stage
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
-    h = run.hidden_size
-    # Bucket sizes scale with the model, as the Hugging Face integration sets them.
-    sizes = {
-        "reduce_bucket_size": h * h,
-        "stage3_prefetch_bucket_size": int(0.9 * h * h),
-        "stage3_param_persistence_threshold": 10 * h,
-    }
-    for key, value in sizes.items():
-        if zero.get(key) == AUTO:
-            zero[key] = value
+    auto_sizes = [k for k in SIZED_KEYS if zero.get(k) == AUTO]
+    if auto_sizes:
+        if run.num_params is not None:
+            zero.update({k: bucket_sizes(run.num_params, run.world_size)[k] for k in auto_sizes})
+        else:
+            problems.append(f"zero_optimization: {', '.join(auto_sizes)} are \"auto\" but the run gave no "
+                            "parameter count to size them from")
+            for k in auto_sizes:  # reported once, here
+                del zero[k]
 
     def leftover(node: Any, path: str) -> None:
         if isinstance(node, dict):

@@ -35,7 +35,15 @@ def lr_factor(step: int, *, total_steps: int, warmup: int, decay: str) -> float:
     return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
 
+def schedule_horizon(cfg: OptimConfig, train_steps: int) -> int:
+    """The step at which the schedule reaches its end: optim.schedule_steps, or the run's train.steps."""
+    return cfg.schedule_steps if cfg.schedule_steps is not None else train_steps
+
+
 def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cuda: bool):
+    """AdamW and its LambdaLR schedule over ``schedule_horizon(cfg, total_steps)`` steps (``total_steps``:
+    the run's train.steps)."""
+    total_steps = schedule_horizon(cfg, total_steps)
     fused = cfg.fused if cfg.fused is not None else cuda
     optimizer = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None

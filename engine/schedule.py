@@ -3,11 +3,13 @@
 Serial (the paper, the reference): micro-step k scores gross batch k with the current weights, keeps B
 rows and trains on them.
 
-Pipelined: micro-step k trains on batch k's kept rows while batch k+1 is scored on a low-priority side
-CUDA stream; the optimizer step waits for that scoring to finish. Batch k+1 is therefore scored with
-the weights of micro-step k: when an optimizer step falls between k and k+1 (always, without gradient
-accumulation) its scores are one optimizer step stale. On CPU the same code runs sequentially, in the
-same order, with the same semantics.
+Pipelined: micro-step k trains on batch k's kept rows while batch k+1 is scored on a side CUDA stream,
+from a replica of the exit's weights (SIFT's scorer keeps two and refreshes the idle one after each
+optimizer step), so nothing on the training stream waits for the scoring until micro-step k+1 selects
+with its scores. Batch k+1 is therefore scored with the weights of micro-step k: when an optimizer step
+falls between k and k+1 (always, without gradient accumulation) its scores are one optimizer step stale.
+A method whose scoring reads the live weights makes the step wait for it instead. On CPU the same code
+runs sequentially, in the same order, with the same semantics.
 
 Both schedules skip a micro-batch whose loss is non-finite on any rank (no backward, no step). Which
 rows to draw, how to score them and which to keep is the methods' business (engine/methods/); without
@@ -213,9 +215,12 @@ class PipelinedSchedule(Schedule):
             if nxt:
                 Streams.wait(s.main, nxt[0][2])
 
+        # A scorer reading its own replica of the weights lets the step run while it scores; the main
+        # stream then waits for the scores only when the next micro-step selects with them.
+        live = self.methods.scoring_reads_live_weights
         out, finite, stepped = self._train(kept, ctx, after_forward=launch_next_scoring,
-                                           before_step=wait_for_scoring)
-        if not finite:
+                                           before_step=wait_for_scoring if live else None)
+        if not finite and live:
             wait_for_scoring()
         self._params_ready = s.record(s.main)
         self._pending = nxt[0] if nxt else None

@@ -12,29 +12,52 @@ from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
     from engine.models.base import ExitPath
 
-# The fp32 criterion over (rows, P, V) logits is the scorer's largest temporary (G = 64 rows of BERT-base
-# at seq 512: 600 MB per copy; one row of a 128K-vocabulary decoder at T = 2048: 1 GB); scoring in chunks
-# of at most this many logits, over rows and, when one row is larger, over positions, bounds it.
-CHUNK_ELEMENTS = 1 << 25
+# The scorer's largest temporaries are per chunk of exit logits: the bf16 logits (2 bytes each) and one
+# fp32 buffer (4 bytes each, see `_exp_shifted`). 2^23 logits bound that to 48 MiB whatever G x P x V
+# (`logit_chunks`: whole rows while one fits, else runs of positions of one row): BERT-base at seq 512
+# (P = 77, V = 30,522) scores 3 rows per chunk; a 128K-vocabulary decoder 65 positions per chunk.
+CHUNK_ELEMENTS = 1 << 23
+
+
+def _exp_shifted(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., V) logits of any float dtype -> (exp(z - m) in fp32 (..., V), m in fp32 (...)), m the row max.
+
+    The one full-size temporary: the max is exact in the logits' dtype, ``logits - m`` with an fp32 (..., 1)
+    m promotes elementwise to fp32 (CUDA casts while reading the bf16 logits; on CPU TensorIterator first
+    copies them to fp32), and exp runs in place on that result.
+    """
+    m = logits.detach().amax(dim=-1, keepdim=True).float()
+    return (logits - m).exp_(), m.squeeze(-1)
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """(G, P, V) logits, (G, P) labels (-100 = unused slot) -> (G, P) fp32 CE, 0 at unused slots."""
-    G, P, V = logits.shape
-    ce = F.cross_entropy(logits.reshape(G * P, V).float(), labels.reshape(G * P), ignore_index=-100, reduction="none")
-    return ce.view(G, P)
+    """(G, P, V) logits, (G, P) labels (-100 = unused slot) -> (G, P) fp32 CE, 0 at unused slots.
+
+    CE = logsumexp(z) - z[label], with logsumexp = m + log(sum(exp(z - m))) accumulated in fp32 from
+    logits of any dtype. Differentiable (the training loss uses it).
+    """
+    e, m = _exp_shifted(logits)
+    lse = e.sum(dim=-1).log() + m
+    picked = logits.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1).float()
+    return torch.where(labels >= 0, lse - picked, 0.0)
 
 
 def token_entropy(logits: torch.Tensor) -> torch.Tensor:
-    """(G, P, V) logits -> (G, P) fp32 entropy of the predictive distribution (nats)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    return -(logp.exp() * logp).sum(dim=-1)
+    """(G, P, V) logits -> (G, P) fp32 entropy of the predictive distribution (nats). No autograd.
+
+    H = logsumexp(z) - sum(softmax(z) * z), written shift-invariantly: with e = exp(z - m) and s = sum(e),
+    H = log s - sum(e * log e) / s. Every term e * log e is <= 0, so the sum cannot cancel (lse and the
+    expected logit are both about the max logit and their fp32 difference would lose digits), and
+    log e is computed in place in the same fp32 buffer.
+    """
+    e, _ = _exp_shifted(logits)
+    s = e.sum(dim=-1)
+    return s.log() - e.xlogy_(e).sum(dim=-1) / s
 
 
 def per_sequence_mean(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:

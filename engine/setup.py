@@ -38,7 +38,7 @@ def build_engine(cfg: RunConfig, model: SiftModel, *, world_size: int, cuda: boo
     precision = resolve_precision(cfg, template, cuda)
     facts = RunFacts(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                      world_size=world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
-                     hidden_size=model.config.hidden_size, zero_stage=cfg.deepspeed.zero_stage)
+                     num_params=sum(p.numel() for p in model.parameters()), zero_stage=cfg.deepspeed.zero_stage)
     engine = ds.initialize(model, optimizer, scheduler, fill(template, facts, cfg.deepspeed.config))
     return engine, ds.zero_stage(engine), precision
 

@@ -2,6 +2,13 @@
 
 On CPU there are no streams: every `on(...)` is a no-op, events are None and waits do nothing, so the
 pipelined schedule runs the same Python in the same order, sequentially, with identical semantics.
+
+Priorities. CUDA's priority range is (least, greatest) = (0, -N) and the default stream has priority 0,
+the least: a side stream cannot be ranked below a training loop that runs on the default stream. So the
+training work itself runs on a stream of the greatest priority (`training_stream`, entered before the
+engine is built so that DeepSpeed's own kernels and buffers follow it) and the scoring and copy streams
+keep the least, 0. Priority only orders which ready thread blocks the GPU schedules first; it never
+preempts a running kernel.
 """
 
 from __future__ import annotations
@@ -16,18 +23,54 @@ import torch
 from data_pipeline.batch import Batch, to_device
 
 
+@contextmanager
+def training_stream(device: torch.device) -> Iterator[torch.cuda.Stream | None]:
+    """Make a stream of the device's greatest priority current for the duration (CPU: no-op, yields None).
+
+    Enter it before the DeepSpeed engine is built and keep it for the whole run (build, steps,
+    evaluation, checkpoints): every kernel the loop, autograd and DeepSpeed launch on the current stream
+    then outranks the scoring and copy streams, and tensors allocated during the build belong to it in
+    the caching allocator. Build ``Streams`` inside it.
+    """
+    if device.type != "cuda":
+        yield None
+        return
+    _least, greatest = torch.cuda.Stream.priority_range()
+    outer = torch.cuda.current_stream(device)
+    stream = torch.cuda.Stream(device, priority=greatest)
+    stream.wait_stream(outer)  # after whatever was queued before (the weights' initialization)
+    try:
+        with torch.cuda.stream(stream):
+            yield stream
+    finally:
+        outer.wait_stream(stream)  # and the caller's stream after everything queued inside
+
+
 class Streams:
-    """The training (current) stream, a low-priority scoring stream and a copy stream."""
+    """The training stream (the stream current at construction), a scoring and a copy stream of the least
+    priority.
+
+    Constructed inside ``training_stream(device)`` the training stream has the greatest priority and the
+    side streams rank below it; constructed outside it, training runs on the default stream, whose
+    priority equals theirs, and nothing is prioritized. Either way ``main`` is the stream the schedule's
+    training work must run on, so the loop must keep that stream current.
+    """
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.main = torch.cuda.current_stream(device)
-            low, _high = torch.cuda.Stream.priority_range()  # (lowest, greatest) priority values
-            self.side = torch.cuda.Stream(device, priority=low)  # the training stream keeps precedence
-            self.copy = torch.cuda.Stream(device, priority=low)
+            least, _greatest = torch.cuda.Stream.priority_range()
+            self.side = torch.cuda.Stream(device, priority=least)
+            self.copy = torch.cuda.Stream(device, priority=least)
         else:
             self.main = self.side = self.copy = None
+
+    def priorities(self) -> dict[str, int] | None:
+        """Priority of each stream (lower is more urgent); None on CPU."""
+        if not self.cuda:
+            return None
+        return {"main": self.main.priority, "side": self.side.priority, "copy": self.copy.priority}
 
     def on(self, stream: torch.cuda.Stream | None):
         return torch.cuda.stream(stream) if stream is not None else nullcontext()

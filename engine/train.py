@@ -40,7 +40,7 @@ from engine.models import build_model
 from engine.models.base import DataFacts
 from engine.progress import Progress
 from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
-from engine.streams import PhaseTimer
+from engine.streams import PhaseTimer, training_stream
 from sift_common.atomic import atomic_write_text
 from sift_common.errors import SiftError
 from sift_common.logs import setup_logging
@@ -92,10 +92,14 @@ def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[
 
 def run(cfg: RunConfig) -> dict[str, Any]:
     progress = Progress()
-    # ------------------------------------------------------------------ distributed
     ds.init_distributed(cfg.deepspeed.dist_backend)
-    rank, world = dist.get_rank(), dist.get_world_size()
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    with training_stream(device):  # CUDA: training outranks the scoring and copy streams, from the build on
+        return train(cfg, progress, device)
+
+
+def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str, Any]:
+    rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
     out_dir, t = Path(cfg.train.out_dir), cfg.train
 
@@ -201,12 +205,14 @@ def run(cfg: RunConfig) -> dict[str, Any]:
 
 
 def describe(cfg: RunConfig) -> str:
-    """The selection settings in one phrase, for the start-up log line."""
-    if not cfg.selecting:
-        return "every drawn row trained"
-    s = cfg.sift
-    return (f"G={cfg.gross_batch_size}, {s.policy} selection, {s.criterion} exit at layer {s.exit_layer}, "
-            f"{s.schedule}")
+    """The methods' settings in one phrase, for the start-up log line."""
+    s, v = cfg.sift, cfg.vcas
+    out = (f"G={cfg.gross_batch_size}, {s.policy} selection, {s.criterion} exit at layer {s.exit_layer}, "
+           f"{s.schedule}") if cfg.selecting else "every drawn row trained"
+    if "vcas" in cfg.effective_method.split("+"):
+        out += (f"; VCAS adaptive (tau {v.tau_act:g}/{v.tau_w:g}, every {v.calib_every} steps on {v.calib_batches} "
+                f"batches)" if v.adaptive else f"; VCAS fixed rho={v.rho:g} nu={v.nu:g}")
+    return out
 
 
 # ---------------------------------------------------------------------- command line

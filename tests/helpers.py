@@ -128,13 +128,16 @@ def batch_stream(rows_for_draw, start: int = 0, T: int = 32):
 
 
 def methods_for(model, engine, *, B: int, method: str = "sift", grad_accum: int = 1, seed: int = 0,
-                device: str = "cpu", plugins: tuple[str, ...] = (), **sift) -> MethodStack:
-    """The run's methods as `sift train` builds them (``sift`` keys as keyword arguments), attached to a
-    model and an engine (PlainEngine or DeepSpeed's)."""
+                device: str = "cpu", plugins: tuple[str, ...] = (), overrides: tuple[str, ...] = (),
+                **sift) -> MethodStack:
+    """The run's methods as `sift train` builds them (``sift`` keys as keyword arguments, other dotted
+    ``overrides``), given the model to change (``prepare_model``: the same parameters, so an engine built
+    before still holds them) and attached to it and an engine (PlainEngine or DeepSpeed's)."""
     overrides = [f"method={method}", f"train.micro_batch_size={B}", f"train.grad_accum={grad_accum}",
                  f"train.seed={seed}", f"train.plugins=[{','.join(plugins)}]",
-                 *(f"sift.{k}={v}" for k, v in sift.items())]
+                 *(f"sift.{k}={v}" for k, v in sift.items()), *overrides]
     methods = build_methods(load_config(None, overrides))
+    methods.prepare_model(model)
     attach_methods(methods, model, engine, stage=0, device=torch.device(device), rank=0, world_size=1)
     return methods
 

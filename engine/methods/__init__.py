@@ -1,4 +1,4 @@
-"""Training methods by name (``method`` in the run config): ``none`` (vanilla), ``sift``, and
+"""Training methods by name (``method`` in the run config): ``none`` (vanilla), ``sift``, ``vcas``, and
 combinations joined with ``+`` (``sift+vcas``). A plugin (``train.plugins``) may register more."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ from collections.abc import Callable
 from engine.config import RunConfig
 from engine.methods.base import Method, MethodStack, MicroContext, RunContext
 from engine.methods.sift import Sift
+from engine.methods.vcas import Vcas
 
-METHODS: dict[str, Callable[[RunConfig], Method]] = {"sift": Sift}
+METHODS: dict[str, Callable[[RunConfig], Method]] = {"sift": Sift, "vcas": Vcas}
 """Name -> factory taking the run config."""
 
 __all__ = ["METHODS", "Method", "MethodStack", "MicroContext", "RunContext", "build_methods", "method_names"]

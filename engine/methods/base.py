@@ -86,6 +86,12 @@ class Method:
         stream while the previous micro-step trains)."""
         raise NotImplementedError
 
+    @property
+    def scoring_reads_live_weights(self) -> bool:
+        """Does ``score`` read the parameters the optimizer step writes? Then a step waits for a scoring
+        in flight on another stream; a method that scores from its own copy of the weights says False."""
+        return True
+
     def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
         """(B,) ascending indices of the rows to train on, on the batch's device, without a host sync."""
         raise NotImplementedError
@@ -109,6 +115,8 @@ class Method:
         return {}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """This rank's saved state ({} on a fresh start); called once, after the engine's weights are
+        loaded (or initialised) and before the first micro-step."""
         if state:
             raise ValueError(f"method {self.name!r} has no state, got keys {sorted(state)}")
 
@@ -144,6 +152,10 @@ class MethodStack:
     def score(self, batch: Batch, draw: int) -> torch.Tensor:
         assert self.selector is not None, "score() without a selecting method"
         return self.selector.score(batch, draw)
+
+    @property
+    def scoring_reads_live_weights(self) -> bool:
+        return self.selector is not None and self.selector.scoring_reads_live_weights
 
     def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
         assert self.selector is not None, "select() without a selecting method"

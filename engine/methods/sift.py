@@ -12,6 +12,7 @@ one) is the schedule's business (engine/schedule.py).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -32,37 +33,51 @@ from engine.selection import (
 
 
 class Scorer:
-    """Early-exit scores of a gross batch.
+    """Early-exit scores of a gross batch, from the live modules or from replicas of them.
 
-    ZeRO 0-2: reads the live modules (embeddings, blocks 1..j, output head) directly. ZeRO-3: their
-    parameters are partitioned, so it keeps a replica of exactly those modules, refreshed by gathering
-    exactly their parameters after every optimizer step (``refresh``).
+    ``replicas=0``: reads the live modules (embeddings, blocks 1..j, output head) directly (the serial
+    schedule at ZeRO 0-2). ``replicas=1``: a copy of exactly those modules, refreshed after every
+    optimizer step (ZeRO-3, where the live parameters are partitioned: gathered for the copy).
+    ``replicas=2``: two copies used in turn (the pipelined schedule at every stage): the refresh after
+    an optimizer step writes the copy no scoring is reading, so the step never waits for the scoring of
+    the next batch, which still sees exactly the weights of the micro-step it overlaps.
     """
 
     def __init__(self, model: SiftModel, exit_layer: int, criterion: str, *, device: torch.device,
-                 gather: Any | None = None, positions: int = 0):
+                 gather: Any | None = None, replicas: int = 0, positions: int = 0):
         self.criterion, self.positions = criterion, positions
         live = model.exit_path(exit_layer)
+        self._src = live.parameters()
         self._gather = gather
-        if gather is None:
-            self.path: ExitPath = live
-        else:
-            self._src = live.parameters()
-            self.path = live.replicate(device, self._src[0].dtype)
-            self._dst = self.path.parameters()
-            self.refresh()
+        with torch.random.fork_rng(devices=[]):  # module init must not shift the run's dropout stream
+            copies = [live.replicate(device, self._src[0].dtype) for _ in range(replicas)]
+        self.paths: list[ExitPath] = copies or [live]
+        self._dst = [p.parameters() for p in self.paths]
+        self._current = 0
+        self.reads_live_weights = replicas == 0
+        """An optimizer step must then wait for a scoring in flight: it overwrites the weights it reads."""
+        if replicas:
+            self._fill(0)
+
+    def _fill(self, i: int) -> None:
+        with torch.no_grad(), self._gather(self._src) if self._gather is not None else nullcontext():
+            torch._foreach_copy_(self._dst[i], [s.data.view(d.shape) for s, d in zip(self._src, self._dst[i],
+                                                                                         strict=True)])
 
     def refresh(self) -> None:
-        if self._gather is None:
+        """After an optimizer step: copy the new weights into the next replica (queued on the current
+        stream; a scoring launched later on another stream must wait for it) and score from it."""
+        if self.reads_live_weights:
             return
-        with torch.no_grad(), self._gather(self._src):
-            for s, d in zip(self._src, self._dst, strict=True):
-                d.copy_(s.data.view(d.shape))
+        nxt = (self._current + 1) % len(self.paths)
+        self._fill(nxt)
+        self._current = nxt
 
     def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
         """(G,) scores; ``generator`` (on the batch's device) draws the scored positions when
         ``positions`` > 0."""
-        return exit_scores(self.path, batch, self.criterion, positions=self.positions, generator=generator)
+        return exit_scores(self.paths[self._current], batch, self.criterion, positions=self.positions,
+                           generator=generator)
 
 
 class Sift(Method):
@@ -87,8 +102,11 @@ class Sift(Method):
 
     def attach(self, run: RunContext) -> None:
         self._run = run
+        pipelined = self.cfg.schedule == "pipelined"
         self.scorer = Scorer(run.model, self.cfg.exit_layer, self.cfg.criterion, device=run.device,
-                             gather=run.gather if run.zero_stage == 3 else None, positions=self.cfg.score_positions)
+                             gather=run.gather if run.zero_stage == 3 else None,
+                             replicas=2 if pipelined else int(run.zero_stage == 3),
+                             positions=self.cfg.score_positions)
 
     def active(self, step: int) -> bool:
         return selection_active(step, total_steps=self.total_steps, warmup_steps=self.cfg.warmup_steps,
@@ -102,6 +120,10 @@ class Sift(Method):
         if self.cfg.score_positions:
             gen = position_generator(self.seed, draw, self._run.rank, batch["input_ids"].device)
         return self.scorer(batch, gen)
+
+    @property
+    def scoring_reads_live_weights(self) -> bool:
+        return self.scorer.reads_live_weights
 
     def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
         gen = selection_generator(self.seed, ctx.draw, ctx.rank) if self.cfg.policy == "random" else None

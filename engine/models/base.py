@@ -134,6 +134,18 @@ class FlopCounts:
         return exit_layer * self.block + head_fraction * self.head
 
 
+@dataclass(frozen=True, slots=True)
+class BlockLinear:
+    """A Linear inside every block, for methods that change Linears (VCAS)."""
+
+    path: str
+    """Its dotted path inside the block, e.g. ``attention.self.query``."""
+    token_local: bool
+    """Its output gradient at a position comes only from the block's output gradient at that position
+    (true for attention's query and output projections and the feed-forward Linears; false for keys and
+    values, which attention mixes across positions)."""
+
+
 class SiftModel(nn.Module):
     """Base class of the per-family adapters (an nn.Module, so DeepSpeed wraps it as is).
 
@@ -143,6 +155,8 @@ class SiftModel(nn.Module):
     family: ClassVar[str]
     token_loss_name: ClassVar[str]
     """How metrics name the token-level objective: ``<name>_loss``, ``<name>_acc``, ``val_<name>_acc``."""
+    block_linears: ClassVar[tuple[BlockLinear, ...]] = ()
+    """The Linears of each block that VCAS samples; empty: the family does not support VCAS."""
 
     @property
     def num_layers(self) -> int:
@@ -155,6 +169,12 @@ class SiftModel(nn.Module):
     def exit_path(self, exit_layer: int) -> ExitPath:
         """The early exit after block ``exit_layer`` (1..num_layers)."""
         raise NotImplementedError
+
+    def live_positions(self, batch: Batch) -> torch.Tensor | None:
+        """(G, P') positions of each row whose last-block output the loss reads (repeats allowed), or
+        None when it reads every position (a causal LM). VCAS back-propagates the last block's
+        ``token_local`` Linears only there."""
+        return None
 
     def metrics(self) -> dict[str, Metric]:
         """Metric name -> how to reduce the forward's outputs; the loop and the evaluator report these."""

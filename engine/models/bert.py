@@ -18,7 +18,8 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertLMPredictionHead
 
 from engine.config import ModelConfig
-from engine.models.base import Batch, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
+from engine.models.base import Batch, BlockLinear, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
+from engine.models.compat import first_tensor
 from engine.models.errors import ModelError
 from engine.models.presets import size as preset_size
 from engine.scoring import per_sequence_mean, token_cross_entropy
@@ -85,7 +86,7 @@ class BertExit:
         hidden = self.embeddings(input_ids=batch["input_ids"], token_type_ids=batch["token_type_ids"])
         mask = attention_mask_for(self.config, batch["attention_mask"], hidden)
         for layer in self.layers:
-            hidden = layer(hidden, mask)
+            hidden = first_tensor(layer(hidden, mask))  # a tensor in transformers 5.x; tuples tolerated
         return _gather_positions(hidden, batch["mlm_positions"])
 
     def targets(self, batch: Batch) -> torch.Tensor:
@@ -150,6 +151,14 @@ class SiftBert(SiftModel):
 
     family = "bert"
     token_loss_name = "mlm"
+    block_linears = (
+        BlockLinear("attention.self.query", token_local=True),
+        BlockLinear("attention.self.key", token_local=False),
+        BlockLinear("attention.self.value", token_local=False),
+        BlockLinear("attention.output.dense", token_local=True),
+        BlockLinear("intermediate.dense", token_local=True),
+        BlockLinear("output.dense", token_local=True),
+    )
 
     def __init__(self, hf: BertForPreTraining | BertForMaskedLM):
         super().__init__()
@@ -166,6 +175,12 @@ class SiftBert(SiftModel):
     def exit_path(self, exit_layer: int) -> BertExit:
         bert = self.hf.bert
         return BertExit(self.config, bert.embeddings, list(bert.encoder.layer[:exit_layer]), self.hf.cls.predictions)
+
+    def live_positions(self, batch: Batch) -> torch.Tensor:
+        """The MLM head reads the masked positions, NSP reads [CLS] at 0 (kept for MLM-only data too: unused
+        mask slots point there anyway)."""
+        pos = batch["mlm_positions"]
+        return torch.cat([torch.zeros_like(pos[:, :1]), pos], dim=1)
 
     def metrics(self) -> dict[str, Metric]:
         out: dict[str, Metric] = {"mlm_loss": Ratio("loss_sum", "loss_tokens"),

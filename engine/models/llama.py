@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
 from engine.config import ModelConfig
-from engine.models.base import DataFacts
+from engine.models.base import BlockLinear, DataFacts
 from engine.models.decoder import (
     DECODER_FLOP_FORMULA,
     DecoderExit,
@@ -54,6 +54,17 @@ class LlamaExit(DecoderExit):
 
 class SiftLlama(SiftDecoder):
     family = "llama"
+    # VCAS samples these (every position carries a target, so there is no last-block saving). GPT-2's
+    # blocks use transformers' Conv1D, not nn.Linear: VCAS does not support that family.
+    block_linears = (
+        BlockLinear("self_attn.q_proj", token_local=True),
+        BlockLinear("self_attn.k_proj", token_local=False),
+        BlockLinear("self_attn.v_proj", token_local=False),
+        BlockLinear("self_attn.o_proj", token_local=True),
+        BlockLinear("mlp.gate_proj", token_local=True),
+        BlockLinear("mlp.up_proj", token_local=True),
+        BlockLinear("mlp.down_proj", token_local=True),
+    )
 
     def blocks(self) -> list[nn.Module]:
         return list(self.hf.model.layers)

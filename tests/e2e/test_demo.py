@@ -27,7 +27,12 @@ def test_demo_runs_and_its_printed_export_command_works(tmp_path):
     assert (out / "data" / "index.json").is_file()
     summary = json.loads((out / "train" / "summary.json").read_text())
     assert summary["steps"] == 12 and 0 <= summary["final_eval"]["val_mlm_acc"] <= 1
-    assert "sift export" in first.stdout
+    # the one-screen summary: what was trained, accuracy against the baseline, selection, the plot
+    text = first.stdout[first.stdout.index("sift demo: summary"):]
+    assert len(text.splitlines()) <= 20 and "sift export" in text
+    assert f"{summary['final_eval']['val_mlm_acc']:.3f} (step 12)" in text and "most frequent masked token" in text
+    assert "kept rows scored" in text and "Spearman" in text  # selection from step 4, fidelity every 4
+    assert (out / "train" / "demo.png").read_bytes()[:4] == b"\x89PNG" and str(out / "train" / "demo.png") in text
 
     again = sift("demo", "--out", str(out), *steps)  # prepared data are reused; the finished run is kept
     assert "using the prepared data" in again.stdout

@@ -18,10 +18,9 @@ from benchmarks.synthetic import PAD, batch_pool, cycle, make_batch
 from data_pipeline.batch import to_device
 from engine.config import ModelConfig
 from engine.models.bert import SiftBert, build_model
-from engine.schedule import PipelinedSchedule, Scorer
+from engine.schedule import PipelinedSchedule
 from engine.scoring import exit_scores
-from engine.streams import DevicePrefetcher, PhaseTimer, Streams
-from tests.helpers import PlainEngine
+from tests.helpers import PlainEngine, methods_for, schedule_for
 
 pytestmark = pytest.mark.gpu
 
@@ -37,11 +36,8 @@ def base_ish(layers: int = 4) -> SiftBert:
 
 
 def pipelined(model: SiftBert, engine: PlainEngine, criterion: str, batches) -> PipelinedSchedule:
-    dev = torch.device("cuda")
-    streams = Streams(dev)
-    return PipelinedSchedule(engine, Scorer(model, 1, criterion, device=dev), policy="topk", micro_batch_size=B,
-                             seed=0, rank=0, prefetcher=DevicePrefetcher(batches, dev, streams), streams=streams,
-                             timer=PhaseTimer(True))
+    methods = methods_for(model, engine, B=B, criterion=criterion, exit_layer=1, device="cuda")
+    return schedule_for(PipelinedSchedule, engine, methods, batches, device="cuda")
 
 
 @pytest.mark.parametrize("criterion", ["loss", "entropy"])
@@ -51,7 +47,7 @@ def test_side_stream_scores_equal_main_stream_scores(criterion):
     sched = pipelined(model, engine, criterion, iter(()))
     batch = to_device(make_batch(G, T, V, seed=1), "cuda")
     ready = torch.cuda.current_stream().record_event()  # the weights and the batch are on the device
-    reference = sched.scorer(batch)  # the main stream, nothing else running
+    reference = sched.methods.score(batch)  # the main stream, nothing else running
 
     out = engine(**to_device(make_batch(B, T, V, seed=2), "cuda"))  # training work on the main stream ...
     scores, done = sched._score_async(batch, ready)  # ... while the side stream scores (the real code path)
@@ -62,14 +58,15 @@ def test_side_stream_scores_equal_main_stream_scores(criterion):
 
 
 def test_pipelined_keeps_the_one_step_stale_scores():
-    """Batch d+1 is scored on the side stream with the weights before step d's update; a missing wait
-    before the optimizer step would mix old and new weights and break the equality."""
+    """Batch d+1 is scored on the side stream with the weights before step d's update, read from a
+    replica while step d writes the live weights; a refresh of the replica being read, or a missing wait
+    for the refresh, would mix old and new weights and break the equality."""
     model = base_ish()
     engine = PlainEngine(model, lr=3e-3)  # large steps, so stale and fresh scores differ clearly
     sched = pipelined(model, engine, "loss", cycle(batch_pool(G, T, V, size=4, pin=True)))
     for d in range(4):
         before = copy.deepcopy(model)  # w_d, queued on the main stream after step d-1's update
-        mo = sched.micro_step(d)
+        mo = sched.micro_step(d, d)
         assert mo.finite and mo.stepped
         batch, scores, done = sched._pending
         torch.cuda.current_stream().wait_event(done)

@@ -2,36 +2,49 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
+from transformers import BertConfig
 
 from benchmarks import flops as F
 from benchmarks.synthetic import CLS, FIRST_WORD, PAD, SEP, make_batch
 from benchmarks.throughput import PRESETS, Variant, add_ratios, grid
 from data_pipeline.batch import max_predictions
+from engine.models.bert import flop_counts
 
-BASE512 = F.BertDims(layers=12, hidden=768, ffn=3072, vocab=30522, seq_len=512, masked=max_predictions(512, 0.15))
+BASE = BertConfig(vocab_size=30522, hidden_size=768, num_hidden_layers=12, intermediate_size=3072)
+BASE512 = flop_counts(BASE, 512, max_predictions(512, 0.15), nsp=True)
 
 
 def test_bert_base_figures_of_the_issue():
+    assert BASE512.train() / 1e9 == pytest.approx(301, abs=0.5)
     # Exit-1 scoring of G = 64 adds 7.8% to the training FLOPs of B = 32 ...
-    share = 64 * F.scoring_flops_per_seq(BASE512, 1) / (32 * F.train_flops_per_seq(BASE512))
+    share = 64 * BASE512.scoring(1) / (32 * BASE512.train())
     assert share == pytest.approx(0.078, abs=5e-4)
     # ... and 1,300 back-propagated sequences/s on an H100 is about 40% MFU.
-    mfu = 1300 * F.train_flops_per_seq(BASE512) / F.peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    mfu = 1300 * BASE512.train() / F.peak_flops("NVIDIA H100 80GB HBM3", "bf16")
     assert mfu == pytest.approx(0.40, abs=0.01)
 
 
 def test_exit_at_the_last_layer_is_the_forward_without_nsp():
-    no_nsp = dataclasses.replace(BASE512, nsp=False)
-    assert F.scoring_flops_per_seq(BASE512, 12) == F.forward_flops_per_seq(no_nsp)
-    assert F.forward_flops_per_seq(BASE512) - F.forward_flops_per_seq(no_nsp) == 2 * 768 * 768 + 4 * 768
+    no_nsp = flop_counts(BASE, 512, max_predictions(512, 0.15), nsp=False)
+    assert BASE512.scoring(12) == no_nsp.forward()
+    assert BASE512.forward() - no_nsp.forward() == 2 * 768 * 768 + 4 * 768
+
+
+def test_the_adapter_counts_what_the_formula_says():
+    from tests.helpers import tiny_model
+
+    model = tiny_model(layers=3)
+    assert model.flops(32) == flop_counts(model.config, 32, max_predictions(32, 0.15), nsp=True)
 
 
 def test_peaks():
     assert F.peak_flops("NVIDIA H100 PCIe", "bf16") == 756e12
+    assert F.peak_flops("NVIDIA H100 NVL", "bf16") == 835e12
+    assert F.peak_flops("NVIDIA H200", "bf16") == 989e12
+    assert F.peak_flops("NVIDIA L40S", "bf16") == 362e12
+    assert F.peak_flops("NVIDIA L40", "bf16") is None and F.peak_flops("NVIDIA A10G", "bf16") is None
     assert F.peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert F.peak_flops("NVIDIA A100-SXM4-80GB", "bf16") == 312e12
     assert F.peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None

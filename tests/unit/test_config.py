@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from engine.config import ConfigError, RunConfig, load_config, parse_overrides, to_dict
-from engine.ds_config import DSConfigError, RunFacts, fill, load_json, zero_stage
+from engine.ds_config import DSConfigError, RunFacts, bucket_sizes, fill, load_json, zero_stage
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -88,7 +88,7 @@ def test_shipped_run_configs_parse(path, tmp_path):
     assert to_dict(cfg)["train"]["steps"] == cfg.train.steps
 
 
-FACTS = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="bf16", hidden_size=64)
+FACTS = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="bf16", num_params=10**6)
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
@@ -122,7 +122,7 @@ def test_deepspeed_conflicts_are_errors_not_overrides(tmp_path):
 
 def test_zero_stage_override_and_auto_buckets():
     out = fill(load_json(ROOT / "ds_configs" / "zero3.json"), FACTS)
-    assert out["zero_optimization"]["stage3_prefetch_bucket_size"] == int(0.9 * 64 * 64)
+    assert out["zero_optimization"]["stage3_prefetch_bucket_size"] == bucket_sizes(10**6, 4)["stage3_prefetch_bucket_size"]
     facts = RunFacts(micro_batch_size=8, grad_accum=2, world_size=4, grad_clip=1.0, precision="fp32",
-                     hidden_size=64, zero_stage=1)
+                     num_params=10**6, zero_stage=1)
     assert zero_stage(fill(load_json(ROOT / "ds_configs" / "zero3.json"), facts)) == 1

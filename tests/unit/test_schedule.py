@@ -98,3 +98,29 @@ def test_selection_statistics_are_reported():
     _, kept_means, _ = run_schedule(SerialSchedule)
     assert kept_means[0] is None and kept_means[1] is None  # warm-up draws: no selection
     assert all(k is not None for k in kept_means[2:])
+
+
+def test_double_buffered_scorer_refreshes_the_idle_replica():
+    """The pipelined scorer reads replicas, never the live weights: a refresh after a step writes the
+    replica no scoring is reading, and the scores then follow the new weights exactly."""
+    from engine.methods.sift import Scorer
+    from tests.helpers import random_batch, tiny_model
+
+    model = tiny_model(seed=3)
+    batch = random_batch(G=G)
+    live = Scorer(model, 2, "loss", device=torch.device("cpu"))
+    rng = torch.get_rng_state()
+    double = Scorer(model, 2, "loss", device=torch.device("cpu"), replicas=2)
+    assert torch.equal(torch.get_rng_state(), rng)  # building replicas leaves the dropout stream alone
+    assert live.reads_live_weights and not double.reads_live_weights
+    before = double(batch)
+    assert torch.equal(before, live(batch))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    assert torch.equal(double(batch), before)  # still the old weights: nothing copied yet
+    reading = double.paths[double._current]
+    double.refresh()
+    assert double.paths[double._current] is not reading  # the idle replica was written, not the one read
+    assert torch.equal(exit_scores(reading, batch, "loss"), before)
+    assert torch.equal(double(batch), live(batch))

@@ -6,12 +6,12 @@ import json
 
 import pytest
 
+from benchmarks.study_markdown import markdown_targets
 from benchmarks.study_report import (
     RunCurves,
     auto_targets,
     fidelity_table,
     final_table,
-    markdown_targets,
     mean_curve,
     paired_difference,
     read_metrics,
@@ -144,9 +144,121 @@ def test_read_metrics_keeps_the_last_record_per_step_and_skips_a_torn_line(tmp_p
     assert [e["val_mlm_acc"] for e in evals] == [0.2]
 
 
+# ----------------------------------------------------------------------------- continuation studies
+
+
+def cont(arm: str, seed: int, points: list[tuple[int, float, float, float]], cpu: list[float],
+         heldout: list[float] | None = None) -> RunCurves:
+    """A continuation branched at step 100 (1,600 samples, 0.5 h): points (step, hours, val acc, unused)."""
+    evals = [{"event": "eval", "step": s, "backprop_samples": 16 * s, "hours": h, "val_mlm_acc": a}
+             for s, h, a, _ in points]
+    for e, v in zip(evals, heldout or []):
+        e["heldout_val_mlm_acc"] = v
+    return RunCurves(arm, seed, evals, [], True, {"steps": points[-1][0]},
+                     origin={"backprop_samples": 1600, "hours": 0.5},
+                     cpu={s: c for (s, *_), c in zip(points, cpu)})
+
+
+def test_axes_count_from_the_branch_point():
+    r = cont("a", 0, [(110, 0.6, 0.2, 0), (120, 0.7, 0.3, 0)], [40.0, 80.0])
+    assert r.series("val_mlm_acc", "backprop_samples") == ([160, 320], [0.2, 0.3])
+    assert r.series("val_mlm_acc", "hours")[0] == pytest.approx([0.1, 0.2])
+    assert r.series("val_mlm_acc", "cpu_s") == ([40.0, 80.0], [0.2, 0.3])
+    r.evals.insert(0, {"event": "eval", "step": 100, "backprop_samples": 1600, "hours": 0.9, "val_mlm_acc": 0.1,
+                       "branch_point": True})  # the start evaluation ran in its own process: still x = 0
+    assert r.series("val_mlm_acc", "hours")[0][0] == 0.0 and r.series("val_mlm_acc", "cpu_s")[0][0] == 0.0
+
+
+def test_paired_comparisons_against_a_direct_computation():
+    from benchmarks.study_report import comparisons, paired_at_end, paired_at_equal
+    from benchmarks.study_stats import mean_ci
+
+    # vanilla: 10 CPU s per 10 steps; sift: 20 CPU s per 10 steps (scoring), better per sample
+    van = [cont("vanilla", s, [(110, 0.6, 0.20 + d, 0), (120, 0.7, 0.30 + d, 0)], [10.0, 20.0]) for s, d in
+           ((0, 0.00), (1, 0.01), (2, -0.01))]
+    sift = [cont("sift", s, [(110, 0.7, 0.22 + d, 0), (120, 0.9, 0.33 + d, 0)], [20.0, 40.0]) for s, d in
+            ((0, 0.00), (1, 0.02), (2, -0.01))]
+    end = paired_at_end(sift, van, "val_mlm_acc")
+    want = [0.33 - 0.30, 0.35 - 0.31, 0.32 - 0.29]
+    assert end["per_seed"] == {0: pytest.approx(want[0]), 1: pytest.approx(want[1]), 2: pytest.approx(want[2])}
+    assert end["lo"] == pytest.approx(mean_ci(want)["lo"]) and end["hi"] == pytest.approx(mean_ci(want)["hi"])
+    # at equal CPU: vanilla's budget (20 s), when sift is at its first evaluation (20 s): 0.22 vs 0.30
+    cpu = paired_at_equal(sift, van, "val_mlm_acc", "cpu_s")
+    assert cpu["per_seed"][0] == pytest.approx(0.22 - 0.30) and cpu["per_seed"][1] == pytest.approx(0.24 - 0.31)
+    assert cpu["budget"]["mean"] == pytest.approx(20.0)
+    # at equal wall clock: vanilla's 0.2 h budget, sift at 0.2 h is its first evaluation again
+    wall = paired_at_equal(sift, van, "val_mlm_acc", "hours")
+    assert wall["per_seed"][2] == pytest.approx(0.21 - 0.29)
+    rows = comparisons(["vanilla", "sift"], {"vanilla": van, "sift": sift}, ["vanilla", "random"], ["val_mlm_acc"])
+    by = {(r["arm"], r["axis"]): r for r in rows}
+    assert set(by) == {("sift", "backprop_samples"), ("sift", "cpu_s"), ("sift", "hours")}
+    assert by[("sift", "backprop_samples")]["verdict"] == "better" and by[("sift", "cpu_s")]["verdict"] == "worse"
+
+
+def test_continuation_targets_and_the_kept_and_cost_tables():
+    from benchmarks.study_report import continuation_targets, cost_table, kept_table
+
+    assert continuation_targets([0.10, 0.12], [0.15, 0.17]) == [0.135, 0.16]
+    assert continuation_targets([0.2], [0.19]) == []
+    probe = {"kept": {"loss:1": {"drawn": {"original": 0.75, "noise": 0.25}, "exit": {"original": 0.6, "noise": 0.4},
+                                 "exact": {"original": 0.65, "noise": 0.35}}}}
+    runs = [RunCurves("loss-1", s, [], [], True, probe=probe) for s in (0, 1)]
+    runs[1].probe = {"kept": {"loss:1": {**probe["kept"]["loss:1"], "exit": {"original": 0.7, "noise": 0.3}}}}
+    rows = {r["kind"]: r for r in kept_table([("loss-1", "loss:1")], {"loss-1": runs}, probe)}
+    assert rows["noise"]["drawn"] == 0.25 and rows["noise"]["branch_exit"] == 0.4
+    assert rows["noise"]["end_exit"]["mean"] == pytest.approx(0.35) and rows["noise"]["end_exact"]["mean"] == 0.35
+    costs = cost_table(["a"], {"a": [cont("a", 0, [(110, 0.6, 0.2, 0), (120, 0.8, 0.3, 0)], [30.0, 61.0])]})
+    assert costs[0]["cpu_s"]["mean"] == 61.0 and costs[0]["wall_s"]["mean"] == pytest.approx(0.3 * 3600)
+
+
+def test_load_run_joins_the_start_evaluation_branch_point_and_cpu_trace(tmp_path):
+    from benchmarks.study_report import load_run
+
+    start_dir, run_dir = tmp_path / "start", tmp_path / "run"
+    for d in (start_dir, run_dir):
+        d.mkdir()
+    (start_dir / "metrics.jsonl").write_text(json.dumps(
+        {"event": "eval", "step": 100, "backprop_samples": 1600, "hours": 0.6, "val_mlm_acc": 0.11,
+         "heldout_val_mlm_acc": 0.05}) + "\n")
+    (start_dir / "summary.json").write_text(json.dumps({"steps": 100}))
+    recs = [{"step": 110, "loss": 3.0}, {"event": "eval", "step": 110, "backprop_samples": 1760, "hours": 0.55,
+                                         "val_mlm_acc": 0.12},
+            {"step": 120, "loss": 2.9}, {"event": "eval", "step": 120, "backprop_samples": 1920, "hours": 0.6,
+                                         "val_mlm_acc": 0.13, "heldout_val_mlm_acc": 0.07}]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    (run_dir / "summary.json").write_text(json.dumps({"steps": 120}))
+    (run_dir / "branch.json").write_text(json.dumps({"step": 100, "backprop_samples": 1600, "hours": 0.5}))
+    (run_dir / "probe.json").write_text(json.dumps({"step": 120, "kept": {}}))
+    (run_dir / "cputime.jsonl").write_text("".join(json.dumps(r) + "\n" for r in (
+        {"step": 110, "event": "train", "cpu_s": 9.0, "load1": 2.0}, {"step": 110, "event": "eval", "cpu_s": 10.0,
+                                                                      "load1": 2.0},
+        {"step": 120, "event": "eval", "cpu_s": 21.0, "load1": 4.0})))
+    start = load_run(start_dir, "start", 0, 100)
+    run = load_run(run_dir, "loss-1", 0, 120, start=start)
+    assert run.complete and [e["step"] for e in run.evals] == [100, 110, 120]
+    assert run.series("val_mlm_acc", "backprop_samples") == ([0, 160, 320], [0.11, 0.12, 0.13])
+    assert run.series("val_mlm_acc", "cpu_s") == ([0.0, 10.0, 21.0], [0.11, 0.12, 0.13])
+    assert run.series("heldout_val_mlm_acc", "backprop_samples") == ([0, 320], [0.05, 0.07])
+    assert run.load == pytest.approx(8 / 3) and run.probe == {"step": 120, "kept": {}}
+
+
+def test_verdict_lines_sort_arms_by_what_their_interval_says():
+    from benchmarks.study_markdown import verdict_lines
+
+    rows = [{"arm": a, "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": n, "mean": m,
+             "lo": m - 0.001, "hi": m + 0.001, "verdict": v} for a, n, m, v in
+            (("up", 5, 0.004, "better"), ("down", 5, -0.004, "worse"), ("flat", 5, 0.0, "n.s."))]
+    rows.append({"arm": "new", "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": 1,
+                 "mean": 0.01, "verdict": "–"})
+    (line,) = verdict_lines(rows, {}, ["up", "down", "flat", "new"], ["vanilla"], ["val_mlm_acc"])
+    assert "**better**: up (+0.40 [+0.30, +0.50])" in line and "**worse**: down (-0.40 [-0.50, -0.30])" in line
+    assert "within the interval: flat" in line and "one seed, no interval yet: new" in line
+
+
 def test_decoder_runs_are_read_by_their_own_metric_names():
     """A decoder's evals say val_lm_acc / val_lm_loss (summary token_loss "lm"); tables follow."""
-    from benchmarks.study_report import markdown_final, target_table, token_name
+    from benchmarks.study_markdown import markdown_final
+    from benchmarks.study_report import metric_keys, target_table, token_name
 
     def as_lm(r: RunCurves) -> RunCurves:
         evals = [{k.replace("_mlm_", "_lm_"): v for k, v in e.items()} for e in r.evals]
@@ -155,8 +267,9 @@ def test_decoder_runs_are_read_by_their_own_metric_names():
     runs = {"vanilla": [as_lm(r) for r in VANILLA], "sift": [as_lm(r) for r in SIFT]}
     assert token_name(runs) == "lm" and token_name({"vanilla": VANILLA}) == "mlm"
     assert token_name({"v": [RunCurves("v", 0, runs["sift"][0].evals, [], True)]}) == "lm"  # no summary
+    assert metric_keys(runs, "lm") == ["val_lm_acc"]
     rows = final_table(["vanilla", "sift"], runs, "vanilla", "lm")
     assert rows[1]["val_lm_acc"]["mean"] == pytest.approx(0.28) and rows[1]["delta_vs_ref"]["mean"] == pytest.approx(0.07)
     assert "val LM acc" in markdown_final(rows, {}, "vanilla", "lm")
-    hits = target_table(["vanilla", "sift"], runs, [0.2], "vanilla", "lm")
+    hits = target_table(["vanilla", "sift"], runs, [0.2], "vanilla", key="val_lm_acc")
     assert all(r["backprop_samples"]["reached"] == 2 for r in hits)

@@ -39,11 +39,27 @@ def test_default_grid_for_bert_base():
 def test_arm_grammar():
     assert parse_arm("vanilla", 4) == VANILLA and parse_arm(" Random ", 4) == RANDOM
     a = parse_arm("entropy:L/2", 12)
-    assert (a.name, a.policy, a.criterion, a.exit_layer) == ("entropy-6", "topk", "entropy", 6)
-    assert parse_arm("loss:L", 4).exit_layer == 4
-    assert parse_arm("loss:3", 4).overrides() == ["sift.policy=topk", "sift.criterion=loss", "sift.exit_layer=3"]
-    assert VANILLA.overrides() == ["sift.policy=none", "sift.schedule=serial"]
-    assert "sift.policy=random" in RANDOM.overrides()
+    assert a.name == "entropy-6" and a.overrides == ("sift.policy=topk", "sift.criterion=entropy", "sift.exit_layer=6")
+    assert parse_arm("loss:L", 4).overrides[-1] == "sift.exit_layer=4"
+    assert parse_arm("loss:3", 4).title() == "loss-SIFT, exit 3"
+    assert VANILLA.overrides == ("sift.policy=none", "sift.schedule=serial")
+    assert "sift.policy=random" in RANDOM.overrides
+
+
+def test_an_arm_is_a_name_and_overrides_so_new_methods_need_no_code():
+    arm = parse_arm({"name": "vcas", "overrides": ["method=vcas", "vcas.ratio=0.5"], "label": "VCAS"}, 4)
+    assert (arm.name, arm.overrides, arm.title()) == ("vcas", ("method=vcas", "vcas.ratio=0.5"), "VCAS")
+    assert arm.keys() == {"method", "vcas.ratio"}
+    arms = parse_arms(["vanilla", {"name": "sift-vcas", "overrides": ["method=sift+vcas"]}, "loss:1"], 4)
+    assert [a.name for a in arms] == ["vanilla", "sift-vcas", "loss-1"]
+    with pytest.raises(StudyError, match="two different arms are named 'loss-1'"):
+        parse_arms(["loss:1", {"name": "loss-1", "overrides": ["sift.keep=0.25"]}], 4)
+    with pytest.raises(StudyError, match="not key=value"):
+        parse_arm({"name": "x", "overrides": ["method"]}, 4)
+    with pytest.raises(StudyError, match="names a directory"):
+        parse_arm({"name": "a/b", "overrides": []}, 4)
+    with pytest.raises(StudyError, match="expected"):
+        parse_arm({"name": "x", "overides": []}, 4)
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -82,12 +98,27 @@ def test_build_spec_reads_the_study_section_and_cli_wins(tmp_path):
 @pytest.mark.parametrize("kwargs, message", [
     ({"overrides": ["sift.policy=random"]}, "would change what an arm is"),
     ({"overrides": ["train.seed=3"]}, "would change what an arm is"),
+    ({"arms": [{"name": "k", "overrides": ["sift.keep=0.25"]}], "overrides": ["sift.keep=0.5"]}, "would change"),
     ({"seeds": "0,0"}, "distinct"), ({"seeds": "a"}, "integers"), ({"seeds": 0}, ">= 1"),
     ({"targets": "1.5"}, "accuracies in"), ({"parallel": 0}, ">= 1"), ({"arms": "loss:9"}, "outside"),
 ])
 def test_build_spec_errors(tmp_path, kwargs, message):
     with pytest.raises(StudyError, match=message):
         build_spec(write(tmp_path, {"model": {"preset": "tiny"}}), **kwargs)
+
+
+def test_the_continuation_protocol_and_its_errors(tmp_path):
+    tree = {"model": {"preset": "tiny"}, "study": {"warm": {"steps": 30, "seed": 2}, "continue_steps": 20}}
+    spec = build_spec(write(tmp_path, tree))
+    assert (spec.branch.warm_steps, spec.branch.steps, spec.branch.warm_seed, spec.branch.total) == (30, 20, 2, 50)
+    assert build_spec(write(tmp_path, tree), warm_steps=5, continue_steps=7).branch.total == 12
+    with pytest.raises(StudyError, match="study's protocol"):
+        build_spec(write(tmp_path, tree), overrides=["train.steps=9"])
+    for bad, message in (({"warm": {"steps": 3}}, "go together"), ({"warm": {"steps": 0}, "continue_steps": 2}, ">= 1"),
+                         ({"warm": {"steps": 3, "sed": 1}, "continue_steps": 2}, "unknown key")):
+        with pytest.raises(StudyError, match=message):
+            build_spec(write(tmp_path, {"study": bad}))
+    assert build_spec(write(tmp_path, {"model": {"preset": "tiny"}})).branch is None
 
 
 def test_unknown_study_key_and_unreadable_file(tmp_path):
@@ -103,14 +134,40 @@ def test_presets_are_valid_run_configs_for_every_arm(preset, tmp_path):
     assert len(spec.seeds) >= 2 and spec.arms[0] == VANILLA
     base = write(tmp_path, spec.base)
     for arm in spec.arms:
-        cfg = load_config(base, arm.overrides())
+        cfg = load_config(base, list(arm.overrides))
         assert cfg.train.eval_every <= cfg.train.steps
     # the corpus is referenced relative to the repository, never by a machine's absolute path
     assert spec.prepare is not None and spec.prepare.inputs == ["../shared/corpus/english-reference.parquet"]
 
 
+def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_path):
+    spec = build_spec(study.PRESETS["regimes-cpu"])
+    assert len(spec.seeds) >= 5 and spec.num_layers == 4 and spec.branch is not None
+    assert [a.name for a in spec.arms] == ["vanilla", "random", "loss-1", "entropy-1", "loss-2", "entropy-2"]
+    assert spec.regimes["input"] == "../shared/corpus/english-reference.parquet"
+    regime = study.Regime("noisy", tmp_path / "noisy", tmp_path / "out", {"heldout": tmp_path / "h"},
+                          {"noise": (tmp_path / "k", 0.25)})
+    plans = study.plan_runs(spec, regime)
+    W, total = spec.branch.warm_steps, spec.branch.total
+    assert [p.kind for p in plans[:3]] == ["warm", "start", "run"] and len(plans) == 1 + len(spec.seeds) * 7
+    warm = plans[0]
+    assert warm.steps == W and warm.config["optim"]["schedule_steps"] == total and warm.config["sift"]["policy"] == "none"
+    for p in plans[1:]:
+        assert p.deps == [warm.key] and p.branch == warm.dir and p.config["optim"]["schedule_steps"] == total
+        assert p.steps == (W if p.kind == "start" else total) and p.config["train"]["eval_every"] <= spec.branch.steps
+    # every run evaluates the held-out set at every evaluation, the warm-up and the start evaluations too
+    assert all(p.config["data"]["extra_eval"] == {"heldout": str(tmp_path / "h")} for p in plans)
+    loss1 = next(p for p in plans if p.key == "noisy/loss-1/seed0")
+    assert loss1.probe[loss1.probe.index("--select") + 1] == "loss:1" and "--kind" in loss1.probe
+    assert next(p for p in plans if p.key == "noisy/vanilla/seed0").probe == []
+    assert warm.probe.count("--select") == 4  # loss and entropy at exits 1 and 2, scored at the branch point
+
+
 def run_main(argv, capsys):
-    code = study.main(argv)
+    """`sift study ...` as the command line runs it (errors become a message and exit status 2)."""
+    from launcher.cli import main as sift
+
+    code = sift(["study", *argv])
     return code, capsys.readouterr()
 
 
@@ -173,3 +230,14 @@ def test_comparable_ignores_locations_and_vanilla_selection_settings():
     sift = [{**c, "sift": {**c["sift"], "policy": "topk"}} for c in (base, moved)]
     assert study.comparable(sift[0]) != study.comparable(sift[1])
     assert study.comparable({**base, "train": {"out_dir": "/x", "steps": 6}}) != study.comparable(base)
+
+
+def test_regimes_preset_without_its_corpus_says_so(tmp_path, capsys):
+    """A clone without ../shared/: the regimes study cannot build its data and says what to do instead."""
+    tree = yaml.safe_load(study.PRESETS["regimes-cpu"].read_text())
+    tree["study"]["regimes"]["input"] = "../no-such-dir/corpus.parquet"
+    spec_path = tmp_path / "study.yaml"
+    spec_path.write_text(yaml.safe_dump(tree))
+    code, out = run_main(["--config", str(spec_path), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "s")],
+                         capsys)
+    assert code == 2 and "which is not there" in out.err and "Traceback" not in out.err
