@@ -11,10 +11,6 @@ scored sequence, so scoring G = 64 for B = 32 adds 7.8% (the issue's figure).
 
 from __future__ import annotations
 
-FORMULA = ("training = 3 x forward; forward/seq = T L (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV) + NSP (2h^2 + 4h); "
-           "scoring/seq at exit j = T j (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV); P = ceil(0.15 T) masked slots, "
-           "T counts padding")
-
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets. The H100/H200 sheets
 # print only the "with sparsity" figures, twice the dense ones (H100 SXM and H200 SXM 1,979, H100 NVL 1,671,
 # H100 PCIe 1,513); the A100 and L40S sheets also give the dense ones (312; 362.05). Matched in order as

@@ -46,7 +46,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"transformers {m['transformers']}",
         f"- date: {m['date']}; git commit: {m['git_commit']}",
         f"- command: `{m['command']}`" + (f" (DS_ACCELERATOR={m['ds_accelerator']})" if m.get("ds_accelerator") else ""),
-        f"- model: preset {s['model']}, vocabulary {s['vocab']}, {s['precision']}, ZeRO-{s['zero_stage']}, "
+        f"- model: {s.get('family', 'bert')} preset {s['model']}, vocabulary {s['vocab']}, {s['precision']}, ZeRO-{s['zero_stage']}, "
         f"compile {m['compile']}; B = {s['micro_batch']} back-propagated, G = {G} scored per step",
         f"- {s['warmup']} warm-up + {s['steps']} timed steps per variant; timing: {m['timing']}; "
         f"synthetic data, {m['real_token_fraction']:.0%} of positions are text",

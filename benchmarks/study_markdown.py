@@ -24,26 +24,28 @@ def _num(v: float | None, fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None) -> str:
-    head = ("| arm | seeds | val MLM acc (mean ± std) | min–max | Δ vs " + (ref or "ref") +
-            " (paired, mean ± std) | Δ min–max | val MLM loss | wall clock, min | backprop seq/s |")
+def markdown_final(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None, token: str = "mlm") -> str:
+    acc, loss, name = f"val_{token}_acc", f"val_{token}_loss", token.upper()
+    head = (f"| arm | seeds | val {name} acc (mean ± std) | min–max | Δ vs " + (ref or "ref") +
+            f" (paired, mean ± std) | Δ min–max | val {name} loss | wall clock, min | backprop seq/s |")
     lines = [head, "|" + "---|" * 9]
     for r in rows:
         if not r.get("seeds"):
             lines.append(f"| {labels.get(r['arm'], r['arm'])} | 0 | no complete run | | | | | | |")
             continue
         lines.append(
-            f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r['val_mlm_acc'])} | {_range(r['val_mlm_acc'])}"
+            f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r[acc])} | {_range(r[acc])}"
             f" | {_pm(r['delta_vs_ref'], scale=1.0) if r['delta_vs_ref'] else '(reference)'}"
             f" | {_range(r['delta_vs_ref']) if r['delta_vs_ref'] else ''}"
-            f" | {_pm(r['val_mlm_loss'], 3)} | {_pm(r['hours'], 1, 60.0)} | {_pm(r['backprop_seq_per_s'], 0)} |"
+            f" | {_pm(r[loss], 3)} | {_pm(r['hours'], 1, 60.0)} | {_pm(r['backprop_seq_per_s'], 0)} |"
         )
     return "\n".join(lines)
 
 
-def markdown_equal_time(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None) -> str:
+def markdown_equal_time(rows: list[dict[str, Any]], labels: dict[str, str], ref: str | None,
+                        token: str = "mlm") -> str:
     """Accuracy of each arm when its seed's reference run had finished (same wall clock)."""
-    lines = [f"| arm | val MLM acc at {ref}'s final wall clock (mean ± std) | Δ vs {ref} (paired, mean ± std)"
+    lines = [f"| arm | val {token.upper()} acc at {ref}'s final wall clock (mean ± std) | Δ vs {ref} (paired, mean ± std)"
              " | Δ min–max |", "|---|---|---|---|"]
     for r in rows:
         if not r.get("seeds"):

@@ -31,6 +31,7 @@ from benchmarks.study_report import (
     metric_keys,
     read_metrics,
     target_table,
+    token_name,
 )
 
 if TYPE_CHECKING:
@@ -106,18 +107,20 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     total = arm_plans[0].steps if arm_plans else 0
     first = spec.branch.warm_steps if spec.branch else 0
     complete = {k: [r for r in v if r.complete] for k, v in runs.items()}
-    keys = metric_keys(complete)
+    token = token_name(complete)  # mlm (BERT) or lm (decoders)
+    keys = metric_keys(complete, token)
+    acc = keys[0]
 
     targets = spec.targets
     if targets is None:
-        ref_final = [r.final["val_mlm_acc"] for r in complete.get(ref or "", []) if r.final]
+        ref_final = [r.final[acc] for r in complete.get(ref or "", []) if r.final]
         if spec.branch is not None:
-            starts = [r.evals[0]["val_mlm_acc"] for rs in complete.values() for r in rs
+            starts = [r.evals[0][acc] for rs in complete.values() for r in rs
                       if r.evals and r.evals[0].get("branch_point")]
             targets = continuation_targets(starts, ref_final)
         else:
             targets = auto_targets(ref_final)
-    final = final_table(names, complete, ref)
+    final = final_table(names, complete, ref, token)
     compared = comparisons(names, complete, refs, keys)
     to_target = [row for key in keys for row in target_table(names, complete, targets, ref, key=key)]
     sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
@@ -127,20 +130,21 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     costs = cost_table(names, complete)
 
     write_curves(report, plans)
-    what = f"{spec.num_layers}-layer BERT" + (f", {regime}" if regime else "")
+    family = ((arm_plans[0].config or {}).get("model") or {}).get("family", "bert") if arm_plans else "bert"
+    what = f"{spec.num_layers}-layer {family}" + (f", {regime}" if regime else "")
     steps_text = (f"warm-up {first} steps, then {total - first} steps per arm" if spec.branch else f"{total} steps")
     title = f"{spec.name}: {what}, {steps_text}, seeds {spec.seeds}"
     warm_curve = warm if warm is not None and warm.evals else None
-    accuracy_figure(report / FIGURES["samples"], spec.arms, complete, x="backprop_samples", title=title,
+    accuracy_figure(report / FIGURES["samples"], spec.arms, complete, x="backprop_samples", key=acc, title=title,
                     targets=targets, ref=ref, warm=warm_curve, since_branch=spec.branch is not None)
     for key in keys[1:2]:
         accuracy_figure(report / FIGURES["heldout"], spec.arms, complete, x="backprop_samples", key=key,
                         title=f"{title} — {key}", ref=ref, since_branch=spec.branch is not None)
     if any(r.cpu for rs in complete.values() for r in rs):
-        accuracy_figure(report / FIGURES["cpu"], spec.arms, complete, x="cpu_s", title=title, targets=targets, ref=ref,
-                        since_branch=spec.branch is not None)
-    accuracy_figure(report / FIGURES["hours"], spec.arms, complete, x="hours", title=title, targets=targets, ref=ref,
-                    since_branch=spec.branch is not None)
+        accuracy_figure(report / FIGURES["cpu"], spec.arms, complete, x="cpu_s", key=acc, title=title, targets=targets,
+                        ref=ref, since_branch=spec.branch is not None)
+    accuracy_figure(report / FIGURES["hours"], spec.arms, complete, x="hours", key=acc, title=title, targets=targets,
+                    ref=ref, since_branch=spec.branch is not None)
     if sel_plans:
         fidelity_figure(report / FIGURES["fidelity"], spec.arms, complete,
                         title=f"{spec.name}{f' ({regime})' if regime else ''}: early-exit proxy vs exact loss on the "
@@ -150,7 +154,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
                if not any(r.seed == p.seed and r.complete for r in runs.get(p.arm.name, []))]
     warm_cost = None
     if warm is not None and warm.complete and warm.final:
-        warm_cost = {"steps": first, "val_mlm_acc": warm.final.get("val_mlm_acc"),
+        warm_cost = {"steps": first, "metric": acc, "value": warm.final.get(acc),
                      "cpu_s": warm.x(warm.final, "cpu_s"), "wall_s": warm.x(warm.final, "hours") * 3600,
                      "load": warm.load}
     results = {
@@ -164,7 +168,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     }
     out = arm_plans[0].dir.parents[2] if arm_plans else report
     (report / "results.json").write_text(json.dumps(_portable(results, out), indent=1) + "\n")
-    table = markdown_final(final, labels, ref)
+    table = markdown_final(final, labels, ref, token)
     selecting = [n for n in names if n not in refs]
     md = [
         f"# {spec.name}{f' — {regime}' if regime else ''}", "",
@@ -179,9 +183,9 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         "Δ: arm minus reference with the same seed, in percentage points, mean over seeds [95% t interval]. "
         "Equal samples: the end of training. Equal CPU time / wall clock: both runs read at the budget the faster "
         "one used up. A verdict is per comparison, not corrected for the number of comparisons.", "",
-        "## Final validation MLM accuracy (table 1)", "", table, "",
+        f"## Final validation {token.upper()} accuracy (table 1)", "", table, "",
         "Per seed:", "", markdown_per_seed(final, labels), "",
-        "## At equal wall clock", "", markdown_equal_time(final, labels, ref) if ref else "(no reference arm)", "",
+        "## At equal wall clock", "", markdown_equal_time(final, labels, ref, token) if ref else "(no reference arm)", "",
         f"## Time to target ({results['targets_source']})", "", markdown_targets(to_target, labels), "",
         "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
         "a target only when all its seeds do.", "",
@@ -213,7 +217,7 @@ def _warm_lines(warm: dict[str, Any] | None, spec: StudySpec) -> list[str]:
     cpu = f"{warm['cpu_s'] / 60:.1f} CPU min, " if warm.get("cpu_s") is not None else ""
     load = f", load {warm['load']:.2f}" if warm.get("load") is not None else ""
     return [f"Protocol: one vanilla warm-up run of {spec.branch.warm_steps} steps from random init (seed "
-            f"{spec.branch.warm_seed}), ending at validation MLM accuracy {warm['val_mlm_acc']:.4f}; its cost, paid "
+            f"{spec.branch.warm_seed}), ending at {warm['metric']} {warm['value']:.4f}; its cost, paid "
             f"once for every arm and seed: {cpu}{warm['wall_s'] / 60:.1f} wall-clock min{load}. Every arm and seed "
             f"continues from its checkpoint for {spec.branch.steps} steps on one LR schedule over "
             f"{spec.branch.total} steps.", ""]

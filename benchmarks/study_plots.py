@@ -106,7 +106,7 @@ def accuracy_figure(path: Path, arms: Sequence[Arm], runs: dict[str, list[RunCur
             half = [i for i, s in enumerate(c.steps) if s >= (c.steps[0] + c.steps[-1]) / 2]
             ax2.plot([xs[i] for i in half], [c.mean[i] for i in half], marker="o", markersize=3, **st)
             _band(ax2, [xs[i] for i in half], [c.lo[i] for i in half], [c.hi[i] for i in half], st)
-    for t in targets if key == "val_mlm_acc" else ():
+    for t in targets:
         ax.axhline(t, color="#444444", linewidth=0.8, linestyle=":")
         ax.annotate(f"target {t:.4f}", xy=(0.01, t), xycoords=("axes fraction", "data"), fontsize=8,
                     va="bottom", color="#444444")

@@ -235,10 +235,26 @@ def run_costs(run: RunCurves) -> dict[str, float | None]:
     return out
 
 
-def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str | None) -> list[dict[str, Any]]:
-    """Table 1: final validation MLM accuracy (mean, spread over seeds), paired difference to the
-    reference arm, final loss, and cost (hours, throughput)."""
-    ref_final = {r.seed: r.final["val_mlm_acc"] for r in runs.get(ref or "", []) if r.final}
+def token_name(runs: dict[str, list[RunCurves]]) -> str:
+    """The model's token-objective name in its metric keys (engine/models: ``mlm`` for BERT, ``lm`` for
+    decoders), from any run's summary.json, else from its eval records; ``mlm`` when nothing says."""
+    for rs in runs.values():
+        for r in rs:
+            if r.summary and r.summary.get("token_loss"):
+                return str(r.summary["token_loss"])
+            for e in r.evals:
+                for k in e:
+                    if k.startswith("val_") and k.endswith("_acc"):
+                        return k[len("val_"):-len("_acc")]
+    return "mlm"
+
+
+def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str | None,
+                token: str = "mlm") -> list[dict[str, Any]]:
+    """Table 1: final validation token accuracy (``val_<token>_acc``: mean, spread over seeds), paired
+    difference to the reference arm, final loss, and cost (hours, throughput)."""
+    acc_key, loss_key = f"val_{token}_acc", f"val_{token}_loss"
+    ref_final = {r.seed: r.final[acc_key] for r in runs.get(ref or "", []) if r.final}
     ref_hours = {r.seed: r.x(r.final, "hours") for r in runs.get(ref or "", []) if r.final}
     rows = []
     for arm in arms:
@@ -246,17 +262,17 @@ def final_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], ref: str 
         if not done:
             rows.append({"arm": arm, "seeds": 0})
             continue
-        acc = [r.final["val_mlm_acc"] for r in done]
-        diffs = [r.final["val_mlm_acc"] - ref_final[r.seed] for r in done if r.seed in ref_final]
+        acc = [r.final[acc_key] for r in done]
+        diffs = [r.final[acc_key] - ref_final[r.seed] for r in done if r.seed in ref_final]
         costs = [run_costs(r) for r in done]
         # accuracy when the same seed's reference run had finished: the equal-wall-clock comparison
-        at_ref = {r.seed: value_at(*r.series("val_mlm_acc", "hours"), ref_hours[r.seed])
+        at_ref = {r.seed: value_at(*r.series(acc_key, "hours"), ref_hours[r.seed])
                   for r in done if r.seed in ref_hours}
         at_ref_delta = [v - ref_final[k] for k, v in at_ref.items() if v is not None]
         rows.append({
-            "arm": arm, "seeds": len(done), "per_seed": {r.seed: r.final["val_mlm_acc"] for r in done},
-            "val_mlm_acc": spread(acc),
-            "val_mlm_loss": spread([r.final["val_mlm_loss"] for r in done]),
+            "arm": arm, "seeds": len(done), "per_seed": {r.seed: r.final[acc_key] for r in done},
+            acc_key: spread(acc),
+            loss_key: spread([r.final[loss_key] for r in done]),
             "delta_vs_ref": spread(diffs) if arm != ref and diffs else None,
             "backprop_samples": done[0].x(done[0].final, "backprop_samples"),
             "hours": spread([r.x(r.final, "hours") for r in done]),
@@ -372,11 +388,12 @@ def fidelity_curve(runs: Sequence[RunCurves], key: str = "spearman") -> tuple[li
 # ----------------------------------------------------------------------------- paired comparisons
 
 
-def metric_keys(runs: dict[str, list[RunCurves]]) -> list[str]:
-    """val_mlm_acc, then every extra evaluation set's accuracy (``<name>_val_mlm_acc``) any final eval has."""
-    extra = {k for rs in runs.values() for r in rs if r.final for k in r.final
-             if k.endswith("_val_mlm_acc") and k != "val_mlm_acc"}
-    return ["val_mlm_acc", *sorted(extra)]
+def metric_keys(runs: dict[str, list[RunCurves]], token: str = "mlm") -> list[str]:
+    """val_<token>_acc, then every extra evaluation set's accuracy (``<name>_val_<token>_acc``) any final
+    eval has."""
+    main = f"val_{token}_acc"
+    extra = {k for rs in runs.values() for r in rs if r.final for k in r.final if k.endswith("_" + main)}
+    return [main, *sorted(extra)]
 
 
 def paired_at_end(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: str) -> dict[str, Any]:

@@ -33,7 +33,7 @@ from typing import Any
 
 import yaml
 
-from engine.models.presets import PRESETS
+from engine.models.presets import FAMILY_PRESETS
 from sift_common.errors import SiftError
 
 ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J (J a layer number, L or L/2), or a mapping "
@@ -213,10 +213,11 @@ def model_layers(tree: dict[str, Any]) -> int:
     model = tree.get("model") or {}
     if model.get("num_layers"):
         return int(model["num_layers"])
-    preset = model.get("preset", "tiny")
-    if preset not in PRESETS:
-        raise StudyError(f"model.preset {preset!r} is not one of {', '.join(PRESETS)}")
-    return PRESETS[preset].num_layers
+    family, preset = model.get("family", "bert"), model.get("preset", "tiny")
+    sizes = FAMILY_PRESETS.get(family, {})
+    if preset not in sizes:
+        raise StudyError(f"model.preset {preset!r} is not one of {', '.join(sizes)} (the {family} sizes)")
+    return sizes[preset].num_layers
 
 
 def _seeds(value: Any) -> list[int]:

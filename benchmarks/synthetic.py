@@ -1,4 +1,5 @@
-"""Synthetic masked BERT batches for benchmarks: random non-special token ids, realistic lengths.
+"""Synthetic batches for benchmarks: masked BERT batches (random non-special token ids, realistic lengths),
+or causal-LM batches (random ids with an end-of-text token every few hundred tokens, as packed data has).
 
 Rows look like BERT's sentence-pair pretraining data ([CLS] A [SEP] B [SEP], padded to T): most rows
 fill the sequence, about 10% are shorter (BERT's ``short_seq_prob``), and masking is the loader's own
@@ -60,10 +61,23 @@ def make_batch(rows: int, seq_len: int, vocab_size: int, seed: int = 0, first_id
     }
 
 
+def make_clm_batch(rows: int, seq_len: int, vocab_size: int, seed: int = 0, first_id: int = 0) -> Batch:
+    """One packed causal-LM batch (data_pipeline/batch.py): random ids, id ``PAD`` (0, the end-of-text
+    token here) at about one position in 500, next-token labels from the loader's own collator."""
+    from data_pipeline.loader import collate_clm
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, vocab_size, (rows, seq_len), generator=g)
+    tokens[torch.rand(rows, seq_len, generator=g) < 1 / 500] = PAD
+    return collate_clm({"tokens": tokens.numpy()}, np.arange(first_id, first_id + rows))
+
+
 def batch_pool(rows: int, seq_len: int, vocab_size: int, *, size: int = 8, seed: int = 0,
-               pin: bool = False) -> list[Batch]:
-    """``size`` distinct batches, generated once so that masking on the host is not what gets timed."""
-    pool = [make_batch(rows, seq_len, vocab_size, seed=seed + i, first_id=i * rows) for i in range(size)]
+               pin: bool = False, objective: str = "nsp_pairs") -> list[Batch]:
+    """``size`` distinct batches, generated once so that masking on the host is not what gets timed;
+    ``objective`` clm: causal-LM batches."""
+    make = make_clm_batch if objective == "clm" else make_batch
+    pool = [make(rows, seq_len, vocab_size, seed=seed + i, first_id=i * rows) for i in range(size)]
     if pin:  # pinned host memory: the copy stream's non_blocking copies are truly asynchronous
         pool = [{k: v.pin_memory() for k, v in b.items()} for b in pool]
     return pool

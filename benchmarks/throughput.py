@@ -3,6 +3,8 @@
     sift bench --preset cpu-tiny                                  # CPU smoke test, well under a minute
     sift bench --preset gpu-base --seq-lens 512 --exits 1 --criteria loss
     python -m benchmarks.throughput --preset gpu-base --compile both
+    sift bench --model gpt2-125m                                  # decoders: T = 1024, 2048; exits 1,2,L/4,L/2
+    sift bench --model llama-1b --micro-batch 4
 
 Every variant builds a fresh model (same seed) and DeepSpeed engine, runs warm-up steps, then times
 ``--steps`` micro-steps (one optimizer step each): CUDA events at the step boundaries on the training
@@ -48,7 +50,7 @@ log = logging.getLogger("sift.bench")
 @dataclass(frozen=True, slots=True)
 class Preset:
     model: str
-    """engine/models/presets.py name."""
+    """engine/models/presets.py name (a size of ``family``)."""
     vocab: int
     seq_lens: tuple[int, ...]
     micro_batch: int
@@ -59,10 +61,20 @@ class Preset:
     zero_stage: int
     steps: int
     warmup: int
-    exits: tuple[int, ...] = (1, 2, 3, 6, 12)
+    exits: tuple[str, ...] = ("1", "2", "3", "6", "12")
+    """Exit layers: numbers, or L, L/2, L/4 (of the model's L blocks); clipped to 1..L."""
     criteria: tuple[str, ...] = ("loss", "entropy")
     threads: int | None = None
     """torch intra-op threads (None: torch's default)."""
+    family: str = "bert"
+    """``model.family``: bert (masked-LM batches) or a decoder (gpt2, llama: causal-LM batches)."""
+
+    @property
+    def objective(self) -> str:
+        return "nsp_pairs" if self.family == "bert" else "clm"
+
+
+DECODER_EXITS = ("1", "2", "L/4", "L/2")
 
 
 PRESETS: dict[str, Preset] = {
@@ -73,6 +85,13 @@ PRESETS: dict[str, Preset] = {
     # thread, because OpenMP threads on a shared, oversubscribed machine stall each other by 10x or more.
     "cpu-tiny": Preset(model="tiny", vocab=8192, seq_lens=(64,), micro_batch=8, keep=0.5,
                        precision="fp32", zero_stage=1, steps=8, warmup=2, threads=1),
+    # Decoders (the issue's grid: exits 1, 2, L/4, L/2 at T = 1024 and 2048; `--model` picks the family and
+    # size, e.g. gpt2-125m, llama-1b). GPT-2's vocabulary; `--vocab 128256` for Llama-3's.
+    "gpu-decoder": Preset(model="125m", family="gpt2", vocab=50257, seq_lens=(1024, 2048), micro_batch=8, keep=0.5,
+                          precision="bf16", zero_stage=1, steps=30, warmup=5, exits=DECODER_EXITS),
+    # CPU smoke test of the decoder path: a 4-block model, a small vocabulary, one thread.
+    "cpu-decoder": Preset(model="tiny", family="gpt2", vocab=8192, seq_lens=(1024, 2048), micro_batch=2, keep=0.5,
+                          precision="fp32", zero_stage=1, steps=4, warmup=1, exits=DECODER_EXITS, threads=1),
 }
 
 
@@ -96,7 +115,8 @@ class Variant:
         return f"T{self.seq_len}-{base}" + ("-compiled" if self.compile else "")
 
     def overrides(self, p: Preset, extra: list[str]) -> list[str]:
-        o = [f"model.preset={p.model}", f"train.micro_batch_size={p.micro_batch}", f"sift.keep={p.keep}",
+        o = [f"model.family={p.family}", f"model.preset={p.model}", f"train.micro_batch_size={p.micro_batch}",
+             f"sift.keep={p.keep}",
              f"deepspeed.precision={p.precision}", f"deepspeed.zero_stage={p.zero_stage}",
              "deepspeed.config=zero1.json", f"train.compile={str(self.compile).lower()}",
              "sift.warmup_steps=0", "train.grad_accum=1", f"train.steps={p.steps + p.warmup}"]
@@ -113,9 +133,26 @@ class Variant:
         return o + extra
 
 
+def exit_layers(specs: tuple[str, ...], num_layers: int) -> list[int]:
+    """"1", "L/4", "L/2", "L", ... -> distinct layers in 1..L, ascending (a number above L is clipped to L)."""
+    out = set()
+    for spec in specs:
+        text = str(spec).strip().upper()
+        if text.startswith("L"):
+            divisor = text.partition("/")[2] or "1"
+            if not divisor.isdigit() or int(divisor) < 1:
+                raise ValueError(f"exit {spec!r}: expected a layer number, L, or L/k")
+            out.add(max(1, num_layers // int(divisor)))
+        elif text.isdigit() and int(text) >= 1:
+            out.add(min(int(text), num_layers))
+        else:
+            raise ValueError(f"exit {spec!r}: expected a layer number, L, or L/k")
+    return sorted(out)
+
+
 def grid(p: Preset, variants: tuple[str, ...], compiles: tuple[bool, ...], num_layers: int) -> list[Variant]:
     """Vanilla, then serial and pipelined side by side for each exit and criterion; exits clipped to L."""
-    exits = sorted({min(j, num_layers) for j in p.exits})
+    exits = exit_layers(p.exits, num_layers)
     out = []
     for T in p.seq_lens:
         for c in compiles:
@@ -263,7 +300,8 @@ def build_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tu
     cuda = device.type == "cuda"
     cfg = load_config(None, v.overrides(p, extra))
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg.model, DataFacts(vocab_size=p.vocab, seq_len=v.seq_len, objective="nsp_pairs", pad_id=PAD))
+    model = build_model(cfg.model, DataFacts(vocab_size=p.vocab, seq_len=v.seq_len, objective=p.objective, pad_id=PAD,
+                                             eos_id=PAD))
     methods = prepare_methods(cfg, model)
     engine, stage, precision = build_engine(cfg, model, world_size=1, cuda=cuda)
     attach_methods(methods, model, engine, stage=stage, device=device, rank=0, world_size=1)
@@ -296,6 +334,8 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
         # training stream, so this is the footprint of scoring concurrently with training.
         peak_reserved = torch.cuda.max_memory_reserved() - baseline_reserved if cuda else None
         flops = b.model.flops(v.seq_len)
+        head_fraction = scored_fraction(b.cfg.sift.score_positions, b.model, pools[(b.cfg.gross_batch_size,
+                                                                                     v.seq_len)][0])
         extra_fields = {"vcas": vcas_rows.row_extra(b.methods, cuda)} if v.kind in vcas_rows.KINDS else {}
         if profile_dir is not None:  # after the timed steps, so it cannot perturb them
             profile(b.sched, p.warmup + p.steps, profile_steps, cuda, profile_dir / v.name)
@@ -303,12 +343,20 @@ def run_variant(v: Variant, p: Preset, *, device: torch.device, pools: dict[tupl
         b.destroy()
         del b
         free_memory(cuda, v.compile)
-    row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, flops=flops, peak=peak)
+    row = summarize(v, m.times, trained=m.trained, scored=m.scored, phases=m.phases, flops=flops, peak=peak,
+                    head_fraction=head_fraction)
     row.update(B=B, G=G if v.kind != "vanilla" else B, zero_stage=stage, precision=precision, build_s=build_s,
                wall_s=m.wall_s, loss_mean=m.loss_mean, nonfinite_steps=m.nonfinite, peak_mem_bytes=peak_mem,
                peak_reserved_bytes=peak_reserved, static_mem_bytes=mem_static, baseline_mem_bytes=baseline,
                **extra_fields)
     return row
+
+
+def scored_fraction(score_positions: int, model: Any, batch: dict[str, torch.Tensor]) -> float:
+    """The share of the exit's head positions the scorer runs on (``sift.score_positions`` of P)."""
+    if not score_positions:
+        return 1.0
+    return min(1.0, score_positions / model.exit_path(1).targets(batch).shape[1])
 
 
 def free_memory(cuda: bool, compiled: bool) -> None:
@@ -322,7 +370,7 @@ def free_memory(cuda: bool, compiled: bool) -> None:
 
 
 def summarize(v: Variant, times: list[float], *, trained: int, scored: int, phases: dict[str, float],
-              flops: FlopCounts, peak: float | None) -> dict[str, Any]:
+              flops: FlopCounts, peak: float | None, head_fraction: float = 1.0) -> dict[str, Any]:
     """Step-time statistics, throughputs, FLOP rates and MFU of one variant.
 
     Rates use the median step time: the steady state, robust to a stray slow step (a GC pause, a
@@ -330,7 +378,8 @@ def summarize(v: Variant, times: list[float], *, trained: int, scored: int, phas
     n = len(times)
     p10, med, p90 = (float(x) for x in np.percentile(times, [10, 50, 90]))
     trained_per_step, scored_per_step = trained / n, scored / n
-    per_seq = {"train": flops.train(), "scoring": flops.scoring(v.exit_layer) if v.exit_layer else 0.0}
+    per_seq = {"train": flops.train(),
+               "scoring": flops.scoring(v.exit_layer, head_fraction) if v.exit_layer else 0.0}
     train_flops, score_flops = trained_per_step * per_seq["train"], scored_per_step * per_seq["scoring"]
     tflops_train, tflops_total = train_flops / med / 1e12, (train_flops + score_flops) / med / 1e12
     return {
@@ -406,10 +455,14 @@ def csv(kind: type) -> Any:
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sift bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto",
-                   help="auto: gpu-base on CUDA, cpu-tiny otherwise")
+                   help="auto: gpu-base on CUDA, cpu-tiny otherwise (with --model a decoder: gpu-decoder or "
+                        "cpu-decoder)")
+    p.add_argument("--model", help="FAMILY-SIZE of engine/models/presets.py, e.g. bert-base, gpt2-125m, llama-1b")
+    p.add_argument("--vocab", type=int, help="vocabulary size of the synthetic data and the model")
     p.add_argument("--variants", type=csv(str), default=VARIANTS,
                    help="comma list of vanilla,serial,pipelined (default) and vcas,sift+vcas")
-    p.add_argument("--exits", type=csv(int), help="exit layers (clipped to the model depth); default 1,2,3,6,12")
+    p.add_argument("--exits", type=csv(str), help="exit layers: numbers, L, L/2, L/4 (clipped to the model depth); "
+                                                  "default 1,2,3,6,12 (decoders: 1,2,L/4,L/2)")
     p.add_argument("--criteria", type=csv(str), help="loss,entropy (default both)")
     p.add_argument("--seq-lens", type=csv(int), help="sequence lengths (gpu-base: 128,512; cpu-tiny: 64)")
     p.add_argument("--steps", type=int, help="timed steps per variant")
@@ -436,24 +489,48 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         p.error("--criteria: choose from loss, entropy")
     if any(n is not None and n < 1 for n in (args.steps, args.warmup, args.profile_steps)):
         p.error("--steps, --warmup and --profile-steps must be >= 1")
+    args.family = args.size = None
+    if args.model:
+        from engine.models.presets import FAMILY_PRESETS
+
+        args.family, _, args.size = args.model.partition("-")
+        if args.size not in FAMILY_PRESETS.get(args.family, {}):
+            known = ", ".join(f"{f}-{s}" for f, sizes in FAMILY_PRESETS.items() for s in sizes)
+            p.error(f"--model {args.model!r}: not a FAMILY-SIZE of engine/models/presets.py ({known})")
+    if args.exits:
+        try:
+            exit_layers(args.exits, 1)
+        except ValueError as e:
+            p.error(f"--exits: {e}")
     return args
 
 
+DECODER_VOCAB = {"gpt2": 50257, "llama": 128256}
+"""The GPU decoder preset's vocabulary per family (GPT-2's; Llama-3's), unless --vocab says otherwise."""
+
+
 def resolve_preset(args: argparse.Namespace, cuda: bool) -> tuple[str, Preset]:
-    name = args.preset if args.preset != "auto" else ("gpu-base" if cuda else "cpu-tiny")
+    decoder = args.family not in (None, "bert")
+    name = args.preset
+    if name == "auto":
+        name = ("gpu-decoder" if cuda else "cpu-decoder") if decoder else ("gpu-base" if cuda else "cpu-tiny")
     p = PRESETS[name]
+    if args.family is not None:
+        p = replace(p, family=args.family, model=args.size)
+        if name == "gpu-decoder" and args.family in DECODER_VOCAB:
+            p = replace(p, vocab=DECODER_VOCAB[args.family])
     changes = {"exits": args.exits, "criteria": args.criteria, "seq_lens": args.seq_lens, "steps": args.steps,
-               "warmup": args.warmup, "micro_batch": args.micro_batch, "keep": args.keep,
+               "warmup": args.warmup, "micro_batch": args.micro_batch, "keep": args.keep, "vocab": args.vocab,
                "precision": args.precision, "zero_stage": args.zero, "threads": args.threads}
     return name, replace(p, **{k: v for k, v in changes.items() if v is not None})
 
 
 def model_layers(p: Preset, extra: list[str]) -> int:
     from engine.config import load_config
-    from engine.models.presets import PRESETS as SIZES
+    from engine.models.presets import model_layers as layers_of
 
-    cfg = load_config(None, [f"model.preset={p.model}", *extra])
-    return cfg.model.num_layers or SIZES[cfg.model.preset].num_layers
+    cfg = load_config(None, [f"model.family={p.family}", f"model.preset={p.model}", *extra])
+    return layers_of(cfg.model.family, cfg.model.preset, cfg.model.num_layers)
 
 
 def write_outputs(result: dict[str, Any], out: Path, stem: str, chart: bool) -> str | None:
@@ -492,6 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from engine import ds
+    from engine.models import family
 
     ensure_distributed()
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
@@ -508,11 +586,11 @@ def main(argv: list[str] | None = None) -> int:
     compiles = {"off": (False,), "on": (True,), "both": (False, True)}[args.compile]
     variants = grid(p, tuple(args.variants), compiles, model_layers(p, args.overrides))
     shapes = {(rows, T) for T in p.seq_lens for rows in (p.micro_batch, round(p.micro_batch / p.keep))}
-    pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda) for g, T in shapes}
+    pools = {(g, T): batch_pool(g, T, p.vocab, pin=cuda, objective=p.objective) for g, T in shapes}
     result = {"meta": {**env, "preset": name, "settings": asdict(p), "compile": args.compile,
                        "overrides": list(args.overrides), "peak_flops": peak,
                        "real_token_fraction": real_token_fraction(pools[(p.micro_batch, p.seq_lens[0])]),
-                       "flop_formula": F.FORMULA},
+                       "flop_formula": family(p.family).FLOP_FORMULA},
               "rows": []}
     log.info("%s on %s: %d variants, %d warm-up + %d timed steps each", name, env["device"], len(variants),
              p.warmup, p.steps)

@@ -26,12 +26,18 @@ torch.compile) and the MLM head runs only on the G x P gathered positions:
 ``nsp_labels``            (G,)        int64    0 = B follows A, 1 = B is random; -100 for packed MLM-only data
 ========================  ==========  =======  ===========================================================
 
-A causal LM objective fills instead (the contract its collator and adapter share):
+The causal-LM objective (``clm``) fills instead (the contract its collator and adapter share):
 
 ========================  ==========  =======  ===========================================================
 ``labels``                (G, T)      int64    the token to predict at each position (the next one); -100
                                                where there is no loss: the loss mask is ``labels >= 0``
 ========================  ==========  =======  ===========================================================
+
+A ``clm`` row is T tokens of the packed stream with no padding (``attention_mask`` is all ones, kept for
+the contract), so ``labels[:, t] = input_ids[:, t + 1]`` and ``labels[:, T - 1] = -100``: T - 1 target
+tokens per row. Attention is causal over the whole row and positions run 0..T-1, across document
+boundaries (GPT-2's and GPT-3's packing); the end-of-text token between documents is what the model
+sees of a boundary.
 
 Rows are independent: selecting rows ``idx`` from every tensor (``select_rows``) yields a valid batch.
 """
@@ -53,6 +59,9 @@ BATCH_KEYS = (
     "nsp_labels",
     "sample_ids",
 )
+"""The keys of a BERT batch (``nsp_pairs``, ``mlm_packed``), in the collator's order."""
+CLM_KEYS = ("input_ids", "attention_mask", "labels", "sample_ids")
+"""The keys of a causal-LM batch (``clm``), in the collator's order."""
 
 Batch = dict[str, torch.Tensor]
 

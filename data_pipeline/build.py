@@ -30,7 +30,7 @@ import numpy as np
 
 from data_pipeline.errors import DataError
 from data_pipeline.index import FORMAT_NAME, FORMAT_VERSION, INDEX_NAME, sha256_dir, write_index
-from data_pipeline.instances import InstanceConfig, Rows, build_rows
+from data_pipeline.instances import InstanceConfig, Rows, TokenPacker, build_rows, clm_stream
 from data_pipeline.shards import SHARD_SUFFIX, ShardWriter, token_dtype_for
 from data_pipeline.sources import Document, ReadStats, SourceOptions, iter_documents, resolve_inputs
 from data_pipeline.tokenization import (
@@ -38,8 +38,9 @@ from data_pipeline.tokenization import (
     LongWords,
     SentenceSplitter,
     check_tokenizer_fits,
+    dataset_special_ids,
     load_tokenizer,
-    special_ids,
+    train_bytelevel_bpe,
     train_wordpiece,
 )
 from sift_common.atomic import fsync_dir
@@ -122,7 +123,10 @@ def install(build_dir: Path, out: Path) -> None:
 @dataclass
 class ChunkResult:
     split: str
-    rows: Rows
+    rows: Rows | None
+    """BERT objectives: finished rows."""
+    stream: np.ndarray | None
+    """``clm``: the chunk's token stream (the main process cuts rows across chunks, ``TokenPacker``)."""
     docs: int
     short_docs: int
     first_short: str | None
@@ -139,19 +143,30 @@ def _init_worker(splitter: SentenceSplitter, icfg: InstanceConfig, min_doc_token
                   seed=seed)  # fmt: skip
 
 
+def _encode(texts: list[str], icfg: InstanceConfig) -> list[tuple[np.ndarray, np.ndarray | None]]:
+    """Per document: (ids, sentence lengths); ``clm`` encodes whole documents (no sentences)."""
+    if icfg.objective == "clm":
+        encodings = _STATE["tok"].encode_batch_fast(texts, add_special_tokens=False)
+        return [(np.array(e.ids, dtype=np.uint32), None) for e in encodings]
+    return _STATE["splitter"].encode(_STATE["tok"], texts, _STATE["marker"])
+
+
 def _process_chunk(split: str, chunk_index: int, texts: list[str], origins: list[str]) -> ChunkResult:
-    encoded = _STATE["splitter"].encode(_STATE["tok"], texts, _STATE["marker"])
+    icfg: InstanceConfig = _STATE["icfg"]
     docs, short, first_short, tokens = [], 0, None, 0
-    for (ids, lens), origin in zip(encoded, origins, strict=True):
+    for (ids, lens), origin in zip(_encode(texts, icfg), origins, strict=True):
         tokens += len(ids)
         if len(ids) < _STATE["min_tokens"]:
             short += 1
             first_short = first_short or origin
         else:
             docs.append((ids, lens))
+    if icfg.objective == "clm":
+        stream = clm_stream([ids for ids, _ in docs], icfg.eos_id, icfg.token_dtype)
+        return ChunkResult(split, None, stream, len(texts), short, first_short, tokens)
     rng = np.random.default_rng([_STATE["seed"], SPLITS.index(split), chunk_index])
-    rows = build_rows(docs, _STATE["icfg"], rng)
-    return ChunkResult(split, rows, len(texts), short, first_short, tokens)
+    rows = build_rows(docs, icfg, rng)
+    return ChunkResult(split, rows, None, len(texts), short, first_short, tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,15 +242,18 @@ def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, ou
             progress.tick(documents=stats.documents, characters=chars)
             yield doc.text
 
-    log.info("training an uncased WordPiece tokenizer (vocab %d) on the input", args.vocab_size)
+    clm = args.objective == "clm"
+    log.info("training %s tokenizer (vocab %d) on the input", "a byte-level BPE" if clm else "an uncased WordPiece",
+             args.vocab_size)
     long_words = LongWords()
-    tok = train_wordpiece(texts(), args.vocab_size, out_dir, min_frequency=args.min_frequency,
-                          long_words=long_words)  # fmt: skip
+    train = train_bytelevel_bpe if clm else train_wordpiece
+    tok = train(texts(), args.vocab_size, out_dir, min_frequency=args.min_frequency, long_words=long_words)
     if stats.documents == 0:
         raise DataError(f"empty input: no documents in {', '.join(loc for _, loc in resolved)}")
     if long_words.count:
-        log.warning("left %d word(s) longer than %d characters out of tokenizer training (they encode as "
-                    "[UNK]; first: %s)", long_words.count, MAX_WORD_CHARS, long_words.first)  # fmt: skip
+        log.warning("left %d word(s) longer than %d characters out of tokenizer training (they encode as %s; "
+                    "first: %s)", long_words.count, MAX_WORD_CHARS, "bytes" if clm else "[UNK]",
+                    long_words.first)  # fmt: skip
     return tok
 
 
@@ -253,13 +271,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.tokenizer:  # may live in the old dataset in --out: untouched until install
             tok = load_tokenizer(args.tokenizer)
             check_tokenizer_fits(len(tok), args.tokenizer, args.max_vocab_size)
-            special_ids(tok, args.tokenizer)
+            dataset_special_ids(tok, args.tokenizer, args.objective)
             tok.save_pretrained(str(build_dir / TOKENIZER_DIR))
         else:
             tok = _train_tokenizer(args, resolved, opts, build_dir / TOKENIZER_DIR)
             check_tokenizer_fits(len(tok), "trained", args.max_vocab_size)
         source = args.tokenizer or "trained"
-        index = _write_dataset(args, build_dir, resolved, opts, tok, source, special_ids(tok, source), len(tok), t0)
+        specials = dataset_special_ids(tok, source, args.objective)
+        index = _write_dataset(args, build_dir, resolved, opts, tok, source, specials, len(tok), t0)
         install(build_dir, out)
         return index
     except BaseException:
@@ -284,14 +303,16 @@ def _write_dataset(
     icfg = InstanceConfig(
         args.seq_len,
         args.objective,
-        specials["cls"],
-        specials["sep"],
+        specials.get("cls", -1),
+        specials.get("sep", -1),
         specials["pad"],
         dtype.name,
         args.short_seq_prob,
+        eos_id=specials.get("eos"),
     )
-    splitter = SentenceSplitter(tok.backend_tokenizer.to_str(), args.sentence_split, specials["sep"])
+    splitter = SentenceSplitter(tok.backend_tokenizer.to_str(), args.sentence_split, specials.get("sep"))
     writers = {s: ShardWriter(out, s, args.seq_len, dtype, rows_per_shard) for s in SPLITS}
+    packers = {s: TokenPacker(args.seq_len, dtype.name) for s in SPLITS}  # clm only
     summary = Summary()
     num_proc = args.num_proc or (
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -303,9 +324,14 @@ def _write_dataset(
     progress = Progress("tokenizing and writing shards")
 
     def consume(result: ChunkResult) -> None:
-        writers[result.split].add(
-            result.rows.tokens, result.rows.length, result.rows.segment_b, result.rows.nsp_label
-        )
+        if result.stream is not None:
+            tokens = packers[result.split].add(result.stream)
+            full = np.full(len(tokens), args.seq_len, dtype=np.int64)
+            writers[result.split].add(tokens, full, full, np.full(len(tokens), -1, dtype=np.int8))
+        else:
+            writers[result.split].add(
+                result.rows.tokens, result.rows.length, result.rows.segment_b, result.rows.nsp_label
+            )
         summary.docs[result.split] += result.docs - result.short_docs
         summary.short_docs += result.short_docs
         summary.first_short = summary.first_short or result.first_short
@@ -354,22 +380,22 @@ def _write_dataset(
         )
     shards = {s: w.close() for s, w in writers.items()}
     if not shards["train"]:
-        raise DataError(
-            "no training rows were produced (every document went to validation?); "
-            "lower --val-fraction or add input"
-        )
+        short = (f"the train split's {packers['train'].pending} tokens do not fill one row of --seq-len "
+                 f"{args.seq_len}" if args.objective == "clm" else "every document went to validation?")
+        raise DataError(f"no training rows were produced ({short}); lower --val-fraction or add input")
     if args.val_fraction > 0 and not shards["validation"]:
-        log.warning(
-            "no document was assigned to validation (--val-fraction %.4g on %d documents): "
-            "the dataset has a train split only",
-            args.val_fraction,
-            total_docs,
-        )
+        why = (f"its documents' {packers['validation'].pending} tokens do not fill one row of --seq-len "
+               f"{args.seq_len}" if args.objective == "clm" and summary.docs["validation"]
+               else f"no document was assigned to it (--val-fraction {args.val_fraction:.4g} on {total_docs} "
+                    "documents)")
+        log.warning("no validation rows: %s; the dataset has a train split only", why)
     summary.seconds = time.perf_counter() - t0
     pass_seconds = time.perf_counter() - t_pass
     index = _make_index(
         args, out, writers, shards, summary, pass_seconds, num_proc, source, specials, vocab_size
     )
+    if args.objective == "clm":  # the stream's end that did not fill a row
+        index["prepare"]["stats"]["tail_tokens_dropped"] = {s: packers[s].pending for s in SPLITS}
     write_index(out, index)  # last: this is what makes the directory a dataset (once installed)
     return index
 

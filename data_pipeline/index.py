@@ -22,8 +22,11 @@ INDEX_NAME = "index.json"
 FORMAT_NAME = "sift-shards"
 FORMAT_VERSION = 1
 """Bump on any change a version-1 reader would misread; readers refuse versions newer than theirs."""
-OBJECTIVES = ("nsp_pairs", "mlm_packed")
-REQUIRED_SPECIALS = ("pad", "unk", "cls", "sep", "mask")
+OBJECTIVES = ("nsp_pairs", "mlm_packed", "clm")
+BERT_SPECIALS = ("pad", "unk", "cls", "sep", "mask")
+REQUIRED_SPECIALS = {"nsp_pairs": BERT_SPECIALS, "mlm_packed": BERT_SPECIALS, "clm": ("eos", "pad")}
+"""Special token ids ``index.json`` must name, per objective (``clm``: the end-of-text token that joins
+documents, and ``pad``, which is the tokenizer's pad token or else the end-of-text token)."""
 TOKEN_DTYPES = ("uint16", "uint32")
 
 
@@ -45,10 +48,11 @@ class DatasetMeta:
     format_version: int
     seq_len: int
     objective: str
-    """``"nsp_pairs"`` ([CLS] A [SEP] B [SEP] with NSP labels) or ``"mlm_packed"`` (no NSP)."""
+    """``"nsp_pairs"`` ([CLS] A [SEP] B [SEP] with NSP labels), ``"mlm_packed"`` (no NSP) or ``"clm"``
+    (documents joined with the end-of-text token, cut into rows of exactly ``seq_len`` tokens)."""
     vocab_size: int
     special_ids: dict[str, int]
-    """At least pad, unk, cls, sep, mask."""
+    """At least pad, unk, cls, sep, mask (BERT objectives), or eos and pad (``clm``)."""
     tokenizer: str
     """Tokenizer name, or a directory relative to the dataset directory (``"tokenizer"``)."""
     splits: dict[str, int]
@@ -159,7 +163,7 @@ def read_index(root: str | os.PathLike) -> tuple[DatasetMeta, dict[str, list[Sha
     rows_per_shard = _int(raw, "rows_per_shard", path, minimum=1)
     specials = raw.get("special_ids")
     _require(isinstance(specials, dict), path, "field 'special_ids' must be an object")
-    missing = [k for k in REQUIRED_SPECIALS if k not in specials]
+    missing = [k for k in REQUIRED_SPECIALS[objective] if k not in specials]
     _require(not missing, path, f"special_ids lacks {missing}")
     for k, v in specials.items():
         _require(

@@ -1,4 +1,5 @@
-"""Training rows from tokenized documents: NSP sentence pairs, or MLM-only packed sentences.
+"""Training rows from tokenized documents: NSP sentence pairs, MLM-only packed sentences, or causal-LM
+token streams cut into rows of exactly ``seq_len`` tokens.
 
 Input per document: its word-piece ids (n,) and sentence lengths (m,). Sentences are kept whole; only a
 "sentence" longer than half a row (``nsp_pairs``) or a quarter of a row (``mlm_packed``: a long one
@@ -13,6 +14,9 @@ close to ``seq_len`` (padding is compute wasted on every layer), and are determi
   too long loses tokens from its longer segment, from the front or back at random.
 * ``mlm_packed``: ``[CLS] s1 s2 ... [SEP]``, whole sentences packed across document boundaries with a
   ``[SEP]`` between documents; no segment B, NSP label -1.
+* ``clm``: each document followed by the end-of-text token (``clm_stream``), the streams of all chunks
+  concatenated in order and cut every ``seq_len`` tokens (``TokenPacker``): no padding, no special
+  token at row starts, documents run across rows; only the split's final partial row is dropped.
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ class InstanceConfig:
     short_seq_prob: float = 0.0
     """BERT's trick to show short sequences too; 0 keeps rows full (the paper's setting fills them)."""
     random_next_prob: float = 0.5
+    eos_id: int | None = None
+    """``clm``: the end-of-text token that follows every document."""
 
 
 @dataclass
@@ -190,6 +196,35 @@ def mlm_packed(docs: list[Doc], cfg: InstanceConfig) -> Rows:
     if parts:
         out.add(parts, segment_b=None, nsp=-1)
     return out.rows()
+
+
+def clm_stream(docs: list[np.ndarray], eos_id: int, dtype: str) -> np.ndarray:
+    """Documents' ids -> one stream: doc1 [EOS] doc2 [EOS] ... (every document ends with [EOS])."""
+    eos = np.array([eos_id], dtype=dtype)
+    parts = [p for ids in docs for p in (ids.astype(dtype, copy=False), eos)]
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+class TokenPacker:
+    """Cuts a token stream, fed in pieces (chunk by chunk, in order), into rows of exactly ``seq_len``
+    tokens; the tokens after the last full row wait for the next piece. The result does not depend on
+    how the stream was cut into pieces."""
+
+    def __init__(self, seq_len: int, dtype: str):
+        self.seq_len = seq_len
+        self._carry = np.zeros(0, dtype=dtype)
+
+    @property
+    def pending(self) -> int:
+        """Tokens waiting for a row (after the last piece: the ones that are dropped)."""
+        return len(self._carry)
+
+    def add(self, stream: np.ndarray) -> np.ndarray:
+        """(n,) ids -> (rows, seq_len) full rows."""
+        joined = np.concatenate([self._carry, stream.astype(self._carry.dtype, copy=False)])
+        rows = len(joined) // self.seq_len
+        self._carry = joined[rows * self.seq_len :].copy()
+        return joined[: rows * self.seq_len].reshape(rows, self.seq_len)
 
 
 def build_rows(docs: list[Doc], cfg: InstanceConfig, rng: np.random.Generator) -> Rows:

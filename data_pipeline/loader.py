@@ -1,4 +1,5 @@
-"""Batches for the engine: sampler -> (worker) read rows + mask + collate -> ``Batch``.
+"""Batches for the engine: sampler -> (worker) read rows + mask (BERT) or shift labels (``clm``) + collate
+-> ``Batch``.
 
 ``build_loader`` wires a ``torch.utils.data.DataLoader`` with ``batch_size=None``: its sampler, iterated
 in the main process, yields one small ``DrawRequest`` (draw index, row ids, epochs) per draw, and the
@@ -16,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
-from data_pipeline.batch import IGNORE_INDEX, Batch
+from data_pipeline.batch import BATCH_KEYS, CLM_KEYS, IGNORE_INDEX, Batch
 from data_pipeline.errors import DataError
 from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
 from data_pipeline.reader import DatasetMeta, ShardDataset
@@ -29,8 +30,11 @@ EVAL_EPOCH = 0xFFFF_FFFF
 """The epoch evaluation masks are keyed on: fixed, and unlike any training epoch's masks."""
 
 
-def masking_config(meta: DatasetMeta, mask_prob: float = 0.15) -> MaskingConfig:
-    """BERT 80/10/10 masking for this dataset; every special token id is excluded from prediction."""
+def masking_config(meta: DatasetMeta, mask_prob: float = 0.15) -> MaskingConfig | None:
+    """BERT 80/10/10 masking for this dataset (every special token id is excluded from prediction); None
+    for ``clm`` data, which is not masked."""
+    if meta.objective == "clm":
+        return None
     return MaskingConfig(
         mask_token_id=meta.special_ids["mask"],
         vocab_size=meta.vocab_size,
@@ -39,26 +43,46 @@ def masking_config(meta: DatasetMeta, mask_prob: float = 0.15) -> MaskingConfig:
     )
 
 
+def collate_clm(rows: dict[str, np.ndarray], sample_ids: np.ndarray) -> Batch:
+    """``clm`` rows -> a causal-LM ``Batch``: the tokens as they are, ``labels`` the next token (-100 at
+    the last position), no masking and no randomness (see ``batch.py``)."""
+    tokens = torch.from_numpy(rows["tokens"])
+    G, T = tokens.shape
+    batch = empty_batch({key: (G,) if key == "sample_ids" else (G, T) for key in CLM_KEYS})
+    batch["input_ids"].copy_(tokens)
+    batch["attention_mask"].fill_(1)
+    batch["labels"][:, :-1].copy_(tokens[:, 1:])
+    batch["labels"][:, -1] = IGNORE_INDEX
+    batch["sample_ids"].copy_(torch.from_numpy(np.asarray(sample_ids, dtype=np.int64)))
+    return batch
+
+
 def collate(
     rows: dict[str, np.ndarray],
     sample_ids: np.ndarray,
     epochs: np.ndarray | int,
-    cfg: MaskingConfig,
+    cfg: MaskingConfig | None,
     seed: int,
     objective: str,
 ) -> Batch:
-    """Turn rows from ``ShardDataset.rows`` into a masked ``Batch`` (see ``batch.py`` for shapes).
+    """Turn rows from ``ShardDataset.rows`` into a ``Batch`` (see ``batch.py`` for keys and shapes):
+    masked for the BERT objectives, next-token labels for ``clm`` (``cfg`` None).
 
     Args:
         rows: tokens (G, T), lengths (G,), segment_b (G,), nsp_label (G,).
         sample_ids: (G,) row ids in the split; epochs: (G,) or scalar, the epoch each row was drawn in.
     """
+    if objective == "clm":
+        return collate_clm(rows, sample_ids)
     tokens = torch.from_numpy(rows["tokens"])
     lengths = torch.from_numpy(rows["lengths"])
     G, T = tokens.shape
     ids = np.asarray(sample_ids, dtype=np.int64)
     input_ids, positions, labels = mask_tokens(tokens, lengths, cfg, row_seeds(seed, epochs, ids))
-    batch = empty_batch(G, T, positions.shape[1])
+    P = positions.shape[1]
+    shapes = {"input_ids": (G, T), "token_type_ids": (G, T), "attention_mask": (G, T), "mlm_positions": (G, P),
+              "mlm_labels": (G, P), "nsp_labels": (G,), "sample_ids": (G,)}  # fmt: skip
+    batch = empty_batch({key: shapes[key] for key in BATCH_KEYS})
     cols = torch.arange(T)
     attention = cols[None, :] < lengths[:, None]
     segment_b = torch.from_numpy(rows["segment_b"])
@@ -86,7 +110,7 @@ class WorkerDataError:
 class DrawDataset(Dataset):
     """Map-style dataset whose "index" is a ``DrawRequest``; ``__getitem__`` returns a whole Batch."""
 
-    def __init__(self, dataset: ShardDataset, cfg: MaskingConfig, seed: int):
+    def __init__(self, dataset: ShardDataset, cfg: MaskingConfig | None, seed: int):
         self.dataset, self.cfg, self.seed = dataset, cfg, seed
 
     def __getitem__(self, request: DrawRequest) -> Batch | WorkerDataError:

@@ -2,6 +2,7 @@
 
     sift prepare corpus/*.jsonl.gz --out data/bert128 --tokenizer bert-base-uncased --seq-len 128
     sift prepare notes.txt --out data/tiny --train-tokenizer --vocab-size 8000 --objective mlm_packed
+    sift prepare corpus/ --out data/gpt2-1024 --objective clm --tokenizer gpt2 --seq-len 1024
 
 This module is the command line (options, their validation, error reporting); the pipeline itself is
 ``build.py``. ``index.json`` is written last and atomically: an interrupted or failed run never leaves a
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--train-tokenizer",
         action="store_true",
-        help="train an uncased BERT WordPiece tokenizer on the input (default when --tokenizer is absent)",
+        help="train a tokenizer on the input (default when --tokenizer is absent): an uncased BERT WordPiece, "
+        "or a byte-level BPE for --objective clm",
     )
     g.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size for --train-tokenizer")
     g.add_argument("--min-frequency", type=int, default=2, help="--train-tokenizer: minimum pair frequency")
@@ -73,13 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("instances")
     g.add_argument(
-        "--seq-len", type=int, default=128, help="tokens per row, [CLS]/[SEP] included (128 or 512)"
+        "--seq-len", type=int, default=128, help="tokens per row, [CLS]/[SEP] included (BERT: 128 or 512)"
     )
     g.add_argument(
         "--objective",
         choices=OBJECTIVES,
         default="nsp_pairs",
-        help="nsp_pairs: [CLS] A [SEP] B [SEP] + next-sentence labels; mlm_packed: packed sentences",
+        help="nsp_pairs: [CLS] A [SEP] B [SEP] + next-sentence labels; mlm_packed: packed sentences; clm: "
+        "documents joined with the end-of-text token, cut into rows of exactly --seq-len tokens (causal LMs)",
     )
     g.add_argument(
         "--sentence-split",
@@ -128,6 +131,8 @@ def validate_args(args: argparse.Namespace) -> None:
         problems.append(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
     if not 0.0 <= args.short_seq_prob <= 1.0:
         problems.append(f"--short-seq-prob must be in [0, 1], got {args.short_seq_prob}")
+    if args.objective == "clm" and args.short_seq_prob > 0:
+        problems.append("--short-seq-prob applies to BERT pairs; --objective clm rows are always full")
     if args.min_doc_tokens < 1:
         problems.append(f"--min-doc-tokens must be >= 1, got {args.min_doc_tokens}")
     if args.shard_rows is not None and args.shard_rows < 1:

@@ -1,4 +1,5 @@
-"""Tokenizers: load one (hub name or directory), train an uncased BERT WordPiece, split into sentences.
+"""Tokenizers: load one (hub name or directory), train an uncased BERT WordPiece or a byte-level BPE (for
+causal LMs), split into sentences.
 
 Whatever the source, the tokenizer used is saved next to the shards (``<out>/tokenizer``, a directory
 ``transformers.AutoTokenizer`` loads offline), so a dataset is self-contained and its ``index.json``
@@ -44,16 +45,18 @@ class LongWords:
 
 
 def drop_long_words(text: str, normalizer, pre_tokenizer, seen: LongWords) -> str:
-    """``text`` without the words longer than ``MAX_WORD_CHARS`` characters, as a BERT tokenizer splits
-    words (its ``tokenizers`` normalizer, then its pre-tokenizer: separate objects from the tokenizer being
-    trained, which is locked meanwhile). Only runs of more than ``MAX_WORD_CHARS`` non-space characters
-    are looked at (one regex scan for ordinary text); they are replaced by their normalized short words,
-    which the trainer normalizes again to the same text."""
+    """``text`` without the words longer than ``MAX_WORD_CHARS`` characters, as a tokenizer splits words
+    (its ``tokenizers`` normalizer, if any, then its pre-tokenizer: separate objects from the tokenizer
+    being trained, which is locked meanwhile). Only runs of more than ``MAX_WORD_CHARS`` non-space
+    characters are looked at (one regex scan for ordinary text); they are replaced by their short words
+    (cut at the pre-tokenizer's offsets, so a byte-level pre-tokenizer's byte symbols never reach the
+    text), joined with spaces."""
     if _LONG_RUN.search(text) is None:
         return text
 
     def short_words(m: re.Match) -> str:
-        words = [w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(m.group()))]
+        run = m.group() if normalizer is None else normalizer.normalize_str(m.group())
+        words = [run[start:end] for _, (start, end) in pre_tokenizer.pre_tokenize_str(run)]
         short = [w for w in words if len(w) <= MAX_WORD_CHARS]
         if len(short) < len(words):
             seen.count += len(words) - len(short)
@@ -108,6 +111,39 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_fr
     return hf
 
 
+END_OF_TEXT = "<|endoftext|>"
+"""The one special token of a byte-level BPE trained by ``train_bytelevel_bpe`` (GPT-2's spelling)."""
+
+
+def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, min_frequency: int = 2,
+                        long_words: LongWords | None = None):  # fmt: skip
+    """Train a byte-level BPE tokenizer (GPT-2's scheme: no normalization, no unknown token) on ``texts``
+    (streamed) and save it to ``out_dir``; ``<|endoftext|>`` is its end-of-text (and beginning and
+    unknown) token, as in GPT-2. Words longer than ``MAX_WORD_CHARS`` are left out of training (counted
+    in ``long_words``); they still encode, byte by byte. Returns the ``transformers`` fast tokenizer."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 2:
+        raise DataError(f"--vocab-size {vocab_size} is too small for a byte-level BPE vocabulary (use >= "
+                        f"{len(alphabet) + 2}: the {len(alphabet)} byte symbols, {END_OF_TEXT} and merges)")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=[END_OF_TEXT],
+                                  initial_alphabet=alphabet, show_progress=sys.stderr.isatty())
+    seen = long_words if long_words is not None else LongWords()
+    split = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.train_from_iterator((drop_long_words(t, None, split, seen) for t in texts), trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
+                                 unk_token=END_OF_TEXT)
+    hf.save_pretrained(str(out_dir))
+    log.info("trained a %d-token byte-level BPE tokenizer -> %s", len(hf), out_dir)
+    return hf
+
+
 def load_tokenizer(name_or_path: str):
     """``AutoTokenizer.from_pretrained`` with errors a user can act on (``DataError``, no traceback)."""
     from transformers import AutoTokenizer
@@ -144,6 +180,27 @@ def special_ids(tok, name: str) -> dict[str, int]:
             "pad, unk, cls, sep and mask tokens"
         )
     return {k: int(v) for k, v in ids.items()}
+
+
+def clm_special_ids(tok, name: str) -> dict[str, int]:
+    """eos (joins documents) and pad of a transformers tokenizer for ``--objective clm``: pad is the
+    tokenizer's own pad token, or else the end-of-text token (packed rows are never padded; the id is
+    recorded for models that want one). ``DataError`` when there is no end-of-text token."""
+    eos = getattr(tok, "eos_token_id", None)
+    if eos is None:
+        raise DataError(
+            f"tokenizer {name!r} has no end-of-text (eos) token, which --objective clm puts between documents; "
+            "use a causal-LM tokenizer (GPT-2's, Llama's) or --train-tokenizer"
+        )
+    pad = getattr(tok, "pad_token_id", None)
+    out = {"eos": int(eos), "pad": int(eos if pad is None else pad)}
+    bos = getattr(tok, "bos_token_id", None)
+    return out | ({"bos": int(bos)} if bos is not None else {})
+
+
+def dataset_special_ids(tok, name: str, objective: str) -> dict[str, int]:
+    """The special ids ``index.json`` records for ``objective`` (see ``index.REQUIRED_SPECIALS``)."""
+    return clm_special_ids(tok, name) if objective == "clm" else special_ids(tok, name)
 
 
 def check_tokenizer_fits(vocab_size: int, name: str, max_vocab_size: int | None) -> None:

@@ -15,58 +15,55 @@ import math
 import numpy as np
 import torch
 
-from data_pipeline.batch import BATCH_KEYS, Batch
+from data_pipeline.batch import Batch
 
 
-def empty_batch(G: int, T: int, P: int) -> Batch:
-    """Uninitialised batch tensors (shapes as in ``batch.py``) that are views of one int64 buffer."""
-    shapes = {"input_ids": (G, T), "token_type_ids": (G, T), "attention_mask": (G, T), "mlm_positions": (G, P),
-              "mlm_labels": (G, P), "nsp_labels": (G,), "sample_ids": (G,)}  # fmt: skip
-    buf = torch.empty(3 * G * T + 2 * G * P + 2 * G, dtype=torch.int64)
+def empty_batch(shapes: dict[str, tuple[int, ...]]) -> Batch:
+    """Uninitialised int64 tensors of the given shapes (keys in that order), views of one buffer."""
+    buf = torch.empty(sum(math.prod(shape) for shape in shapes.values()), dtype=torch.int64)
     out, offset = {}, 0
-    for key in BATCH_KEYS:
-        n = math.prod(shapes[key])
-        out[key] = buf[offset : offset + n].view(shapes[key])
+    for key, shape in shapes.items():
+        n = math.prod(shape)
+        out[key] = buf[offset : offset + n].view(shape)
         offset += n
     return out
 
 
-def _narrow(a: np.ndarray, small: type, limit: int) -> np.ndarray:
-    """``a`` as the smaller dtype when every value fits (lossless), else unchanged."""
+BIT_KEYS = ("token_type_ids", "attention_mask")
+"""0/1 tensors, sent bit-packed."""
+
+
+def _narrow(a: np.ndarray) -> np.ndarray:
+    """``a`` as the smallest of uint8, uint16, int16 and int32 that holds every value (lossless), else
+    unchanged."""
     if a.size == 0:
-        return a.astype(small)
-    low = -limit if np.issubdtype(small, np.signedinteger) else 0
-    return a.astype(small) if low <= a.min() and a.max() < limit else a
+        return a.astype(np.uint8)
+    low, high = int(a.min()), int(a.max())
+    for small in (np.uint8, np.uint16, np.int16, np.int32):
+        info = np.iinfo(small)
+        if info.min <= low and high <= info.max:
+            return a.astype(small)
+    return a
 
 
-def pack(batch: Batch) -> dict[str, np.ndarray | tuple[int, int, int]]:
-    """The batch as a few small numpy arrays; ``unpack`` restores it exactly."""
-    ids = batch["input_ids"].numpy()
-    G, T = ids.shape
-    P = batch["mlm_positions"].shape[1]
-    return {
-        "shape": (G, T, P),
-        "input_ids": _narrow(ids, np.uint16, 1 << 16),
-        "token_type_ids": np.packbits(batch["token_type_ids"].numpy() != 0, axis=1),
-        "attention_mask": np.packbits(batch["attention_mask"].numpy() != 0, axis=1),
-        "mlm_positions": _narrow(batch["mlm_positions"].numpy(), np.uint16, 1 << 16),
-        "mlm_labels": _narrow(batch["mlm_labels"].numpy(), np.int32, 1 << 31),
-        "nsp_labels": _narrow(batch["nsp_labels"].numpy(), np.int8, 1 << 7),
-        "sample_ids": batch["sample_ids"].numpy().copy(),
-    }
+def pack(batch: Batch) -> dict[str, tuple[bool, tuple[int, ...], np.ndarray]]:
+    """The batch as a few small numpy arrays (key -> (bit-packed?, shape, array)); ``unpack`` restores
+    it exactly, keys in the same order."""
+    out = {}
+    for key, tensor in batch.items():
+        a = tensor.numpy()
+        bits = key in BIT_KEYS and a.ndim == 2
+        out[key] = (bits, a.shape, np.packbits(a != 0, axis=1) if bits else _narrow(a))
+    return out
 
 
 def unpack(parts: dict) -> Batch:
-    G, T, P = parts["shape"]
-    batch = empty_batch(G, T, P)
-    for key in BATCH_KEYS:
-        value = parts[key]
-        if key in ("token_type_ids", "attention_mask"):
-            value = np.unpackbits(value, axis=1, count=T)
+    batch = empty_batch({key: shape for key, (_, shape, _) in parts.items()})
+    for key, (bits, shape, value) in parts.items():
+        if bits:
+            value = np.unpackbits(value, axis=1, count=shape[1])
         batch[key].numpy()[...] = value
     return batch
-
-
 class WireBatch(dict):
     """A finished batch leaving a worker: pickles as ``pack(self)``, unpickles as a plain ``Batch``."""
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from engine.models.presets import PRESETS
+from engine.models.presets import FAMILY_PRESETS
 from sift_common.errors import SiftError
 
 
@@ -49,17 +49,21 @@ class DataConfig:
 @dataclass(kw_only=True, slots=True)
 class ModelConfig:
     family: str = "bert"
-    """The model adapter (engine/models/): bert."""
+    """The model adapter (engine/models/): bert (masked LM), gpt2 or llama (causal LMs, on data prepared
+    with --objective clm)."""
     preset: str = "tiny"
-    """BERT size: tiny, mini, small, medium, base, large (see engine/models/presets.py)."""
+    """The family's size (engine/models/presets.py). bert: tiny, mini, small, medium, base, large; gpt2:
+    tiny, 125m, 350m, 774m, 1.5b; llama: tiny, 125m, 350m, 1b."""
     init_from: str | None = None
-    """A local Hugging Face checkpoint directory to start from instead of random init."""
+    """A local Hugging Face checkpoint directory to start from instead of random init (its own size)."""
     hidden_size: int | None = None
     num_layers: int | None = None
     num_heads: int | None = None
+    num_kv_heads: int | None = None
+    """Llama: key/value heads (grouped-query attention)."""
     intermediate_size: int | None = None
     dropout: float = 0.1
-    """Hidden and attention dropout (the paper: 0.1 on all layers)."""
+    """Hidden and attention dropout (the paper: 0.1 on all layers; Llama has attention dropout only)."""
     attn_implementation: str = "sdpa"
 
 
@@ -69,7 +73,8 @@ class SiftConfig:
     """topk: keep the highest-scoring B of G (SIFT); random: keep a random B of G (control).
     none: the same as ``method: none`` (vanilla), kept for configs written before ``method`` existed."""
     criterion: str = "loss"
-    """loss: mean masked-token cross-entropy at the exit; entropy: mean predictive entropy there."""
+    """loss: mean token cross-entropy at the exit (BERT: the masked tokens; decoders: the next tokens);
+    entropy: mean predictive entropy there."""
     exit_layer: int = 1
     """Score with the embeddings + the first j blocks + the model's own output head (j = L: exact loss)."""
     keep: float = 0.5
@@ -86,6 +91,11 @@ class SiftConfig:
     fidelity_every: int = 0
     """Every K steps, also compute exact full-model losses on the gross batch and log the Spearman
     correlation and top-B overlap with the early-exit scores (0 = never)."""
+    score_positions: int = 0
+    """Score each row on this many of its target positions, drawn at random per row and draw (0 = all):
+    the output head and the criterion then run on G x this many positions. For decoder LMs every
+    position is a target (T - 1 per row) and the LM head dominates an early exit's cost; the fidelity
+    cost shows in the ``spearman`` and ``topk_overlap`` that ``fidelity_every`` logs."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -236,7 +246,6 @@ def choices() -> dict[str, tuple[str, ...]]:
         "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
         "model.family": tuple(FAMILIES),
         "model.attn_implementation": ("sdpa", "eager", "flash_attention_2"),
-        "model.preset": tuple(PRESETS),
     } | {"method": ("none", *METHODS)}
 
 
@@ -299,6 +308,9 @@ def validate(cfg: RunConfig) -> list[str]:
         value = getattr(getattr(cfg, section), name)
         if value not in allowed:
             p.append(f"{key}: {value!r} is not one of {', '.join(allowed)}")
+    sizes = FAMILY_PRESETS.get(cfg.model.family)
+    if sizes is not None and cfg.model.preset not in sizes:
+        p.append(f"model.preset: {cfg.model.preset!r} is not one of {', '.join(sizes)} (the {cfg.model.family} sizes)")
     if cfg.sift.policy == "none" and cfg.method not in ("sift", "none"):
         p.append(f"sift.policy: none (vanilla) contradicts method: {cfg.method}; set method: none instead")
     t, s, o = cfg.train, cfg.sift, cfg.optim
@@ -310,6 +322,7 @@ def validate(cfg: RunConfig) -> list[str]:
     p += [f"{k}: must be >= 1, got {v}" for k, v in positive.items() if v < 1]
     nonneg = {"train.save_every": t.save_every, "train.eval_samples": t.eval_samples,
               "sift.warmup_steps": s.warmup_steps, "sift.fidelity_every": s.fidelity_every,
+              "sift.score_positions": s.score_positions,
               "data.num_workers": cfg.data.num_workers, "optim.grad_clip": o.grad_clip,
               "optim.weight_decay": o.weight_decay}
     p += [f"{k}: must be >= 0, got {v}" for k, v in nonneg.items() if v < 0]

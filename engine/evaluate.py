@@ -13,13 +13,13 @@ import torch.distributed as dist
 from data_pipeline.batch import Batch, to_device
 from data_pipeline.loader import eval_batches
 from data_pipeline.reader import ShardDataset
-from engine.models.base import Metric, Ratio
+from engine.models.base import Exp, Metric, Ratio, exp_metric
 from engine.scoring import eval_mode
 
 
 def evaluate(engine: Any, batches: Iterable[Batch], device: torch.device, metrics: dict[str, Metric]) -> dict[str, float]:
-    """``val_<name>`` for every ratio metric (token means, accuracies) and ``val_tokens``, from sums over
-    this rank's batches all-reduced over ranks.
+    """``val_<name>`` for every ratio metric (token means, accuracies) and every ``Exp`` of one (perplexity),
+    and ``val_tokens``, from sums over this rank's batches all-reduced over ranks.
 
     Every rank must get the same number of batches (ZeRO-3 gathers parameters collectively in each
     forward); the caller sizes the validation set to a multiple of world x batch size.
@@ -35,6 +35,8 @@ def evaluate(engine: Any, batches: Iterable[Batch], device: torch.device, metric
         dist.all_reduce(sums)
     total = dict(zip(keys, sums.tolist()))
     result = {f"val_{name}": total[m.num] / max(total[m.den], 1.0) for name, m in ratios.items()}
+    result |= {f"val_{name}": exp_metric(result[f"val_{m.of}"]) for name, m in metrics.items()
+               if isinstance(m, Exp) and f"val_{m.of}" in result}
     result["val_tokens"] = int(total["loss_tokens"])
     return result
 

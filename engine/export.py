@@ -2,6 +2,7 @@
 
     sift export runs/demo/train --out runs/demo/hf
     python -c "from transformers import pipeline; print(pipeline('fill-mask', model='runs/demo/hf')('the [MASK] of python'))"
+    sift export runs/demo-gpt2/train --out runs/demo-gpt2/hf     # a decoder: pipeline('text-generation')
 
 The model family recorded in the checkpoint (engine/models/) rebuilds its stock Hugging Face model.
 """

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from engine.models.base import Mean, Metric, Ratio
+from engine.models.base import Exp, Mean, Metric, Ratio, exp_metric
 from engine.progress import Progress
 from engine.schedule import MicroOut
 from engine.streams import PhaseTimer
@@ -28,12 +28,16 @@ class StepAccumulator:
     (one all-reduce and one host sync per log interval; every rank must call it).
 
     Reports ``loss`` (the cross-rank objective), the model's metrics (``metrics``: ratios of summed
-    outputs, or means) and whatever statistics the methods attached to each micro-step, by their names.
+    outputs, means, or exp of either) and whatever statistics the methods attached to each micro-step,
+    by their names.
     """
 
     def __init__(self, metrics: dict[str, Metric]) -> None:
         self.means = {name: m.key for name, m in metrics.items() if isinstance(m, Mean)}
         self.ratios = {name: m for name, m in metrics.items() if isinstance(m, Ratio)}
+        self.exps = {name: m.of for name, m in metrics.items() if isinstance(m, Exp)}
+        # each output once, however many ratios share it (a token count is every token metric's den)
+        self.raw_keys = sorted({k for m in self.ratios.values() for k in (m.num, m.den)})
         self.reset()
 
     def reset(self) -> None:
@@ -54,10 +58,9 @@ class StepAccumulator:
         for name, value in means.items():
             self._add(self._sums, name, value)
             self._counts[name] += 1
-        for m in self.ratios.values():
-            for key in (m.num, m.den):
-                if key in mo.out:
-                    self._add(self._raw, key, mo.out[key])
+        for key in self.raw_keys:
+            if key in mo.out:
+                self._add(self._raw, key, mo.out[key])
 
     def flush(self) -> dict[str, float]:
         """Global values over the interval: ratios of sums, and means over micro-steps and ranks (``loss``
@@ -77,6 +80,7 @@ class StepAccumulator:
         for name, m in self.ratios.items():
             if totals.get(m.den):
                 out[name] = totals[m.num] / totals[m.den]
+        out |= {name: exp_metric(out[of]) for name, of in self.exps.items() if of in out}
         out["skipped_nonfinite"] = int(host[-1])
         self.reset()
         return out

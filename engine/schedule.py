@@ -143,7 +143,7 @@ class SerialSchedule(Schedule):
         kept = batch
         if G > self.B:
             with self.timer.phase("scoring"):
-                scores = self.methods.score(batch)
+                scores = self.methods.score(batch, draw)
             kept = self._keep(batch, scores, ctx)
         out, finite, stepped = self._train(kept, ctx)
         return self._out(out, finite, stepped, G if G > self.B else 0)
@@ -165,14 +165,14 @@ class PipelinedSchedule(Schedule):
     def set_pending_scores(self, scores: torch.Tensor | None) -> None:
         self._resume_scores = scores
 
-    def _score_async(self, batch: Batch, ready: torch.cuda.Event | None) -> tuple[torch.Tensor, Any]:
+    def _score_async(self, batch: Batch, draw: int, ready: torch.cuda.Event | None) -> tuple[torch.Tensor, Any]:
         s = self.streams
         with s.on(s.side):
             Streams.wait(s.side, ready)
             Streams.wait(s.side, self._params_ready)
             Streams.keep_alive(batch, s.side)
             with self.timer.phase("scoring", stream=s.side):
-                scores = self.methods.score(batch)
+                scores = self.methods.score(batch, draw)
         return scores, s.record(s.side)
 
     def micro_step(self, draw: int, step: int) -> MicroOut:
@@ -187,7 +187,7 @@ class PipelinedSchedule(Schedule):
             scores, self._resume_scores = self._resume_scores, None
             if scores is None and batch_rows(batch) > self.B:
                 with self.timer.phase("scoring"):
-                    scores = self.methods.score(batch)
+                    scores = self.methods.score(batch, draw)
             done = None
         else:
             batch, scores, done = self._pending
@@ -207,7 +207,7 @@ class PipelinedSchedule(Schedule):
             except StopIteration:
                 return
             if batch_rows(nb) > self.B:
-                nxt.append((nb, *self._score_async(nb, nready)))
+                nxt.append((nb, *self._score_async(nb, draw + 1, nready)))
             else:
                 nxt.append((nb, None, nready))
 

@@ -17,9 +17,10 @@ from torch import nn
 if TYPE_CHECKING:
     from engine.models.base import ExitPath
 
-# The scorer's largest temporaries are per chunk of MLM-head logits: the bf16 logits (2 bytes each) and one
-# fp32 buffer (4 bytes each, see `_exp_shifted`). 2^23 logits bound that to 48 MiB whatever G x P x V:
-# BERT-base at seq 512 (P = 77, V = 30,522) scores 3 rows per chunk, 22 head calls for G = 64.
+# The scorer's largest temporaries are per chunk of exit logits: the bf16 logits (2 bytes each) and one
+# fp32 buffer (4 bytes each, see `_exp_shifted`). 2^23 logits bound that to 48 MiB whatever G x P x V
+# (`logit_chunks`: whole rows while one fits, else runs of positions of one row): BERT-base at seq 512
+# (P = 77, V = 30,522) scores 3 rows per chunk; a 128K-vocabulary decoder 65 positions per chunk.
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -99,19 +100,54 @@ def eval_mode(modules: Sequence[nn.Module]) -> Iterator[None]:
             m.training = flag
 
 
+def logit_chunks(rows: int, positions: int, vocab: int, chunk_elements: int) -> Iterator[tuple[slice, slice]]:
+    """(row slice, position slice) blocks covering a (rows, positions) grid with at most ``chunk_elements``
+    logits each (never less than one position): whole rows while a row fits, else position runs of one row."""
+    per_row = max(1, positions * vocab)
+    if per_row <= chunk_elements:
+        step = chunk_elements // per_row
+        for i in range(0, rows, step):
+            yield slice(i, i + step), slice(0, positions)
+        return
+    width = max(1, chunk_elements // max(1, vocab))
+    for i in range(rows):
+        for p in range(0, positions, width):
+            yield slice(i, i + 1), slice(p, p + width)
+
+
+def sample_slots(valid: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """(G, P) bool valid slots -> (G, k) ascending slot indices, k of each row's valid slots uniformly at
+    random (all of them, then invalid ones, in a row with fewer than k). Draws only from ``generator``,
+    which must live on ``valid``'s device (no host sync)."""
+    keys = torch.rand(valid.shape, generator=generator, device=valid.device)
+    keys = keys.masked_fill(~valid, 2.0)  # invalid slots sort last
+    return torch.sort(torch.topk(keys, k, dim=1, largest=False, sorted=False).indices, dim=1).values
+
+
 def exit_scores(path: ExitPath, batch: dict[str, torch.Tensor], criterion: str,
-                chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+                chunk_elements: int = CHUNK_ELEMENTS, *, positions: int = 0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
     """(G,) fp32 early-exit scores of a gross batch; see the module docstring for what is untouched.
 
-    The output head and the criterion run on row chunks of at most ``chunk_elements`` logits (one chunk
-    for small models), so the scorer's peak memory does not grow with G x P x V.
+    ``positions`` > 0 scores each row on that many of its target positions, drawn by ``sample_slots``
+    from ``generator`` (fewer logits: the head runs on G x ``positions`` instead of G x P). The output head
+    and the criterion run on chunks of at most ``chunk_elements`` logits (``logit_chunks``: one chunk for
+    small models), so the scorer's peak memory does not grow with G x P x V; per-token values do not
+    depend on the chunking, and each row's mean is taken once at the end.
     """
+    if criterion not in CRITERIA:
+        raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
     with torch.no_grad(), eval_mode(path.modules()):
         hidden = path.hidden(batch)  # (G, P, H)
-        labels = path.targets(batch)
+        labels = path.targets(batch)  # (G, P)
+        if 0 < positions < labels.shape[1]:
+            if generator is None:
+                raise ValueError("scoring a subset of positions needs an explicit generator")
+            slots = sample_slots(labels >= 0, positions, generator)
+            hidden = hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
+            labels = labels.gather(1, slots)
         G, P = labels.shape
-        rows = max(1, chunk_elements // max(1, P * path.vocab_size))
-        return torch.cat([
-            scores_from_logits(path.logits(hidden[i : i + rows]), labels[i : i + rows], criterion)
-            for i in range(0, G, rows)
-        ])
+        values = torch.empty(G, P, dtype=torch.float32, device=labels.device)
+        for r, c in logit_chunks(G, P, path.vocab_size, chunk_elements):
+            values[r, c] = CRITERIA[criterion](path.logits(hidden[r, c]), labels[r, c])
+        return per_sequence_mean(values, labels >= 0)

@@ -51,6 +51,13 @@ def selection_generator(seed: int, draw: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def position_generator(seed: int, draw: int, rank: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` for the positions the scorer samples in draw ``draw`` on ``rank``
+    (``sift.score_positions``): stateless, like ``selection_generator``, and independent of it."""
+    state = np.random.SeedSequence([seed, draw, rank, 0x9051710]).generate_state(2, dtype=np.uint32)
+    return torch.Generator(device=device).manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
 # ----------------------------------------------------------------------------- statistics
 
 

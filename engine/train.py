@@ -110,7 +110,9 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
 
     # ------------------------------------------------------------------ model, methods, engine
     torch.manual_seed(t.seed)  # identical init on every rank
-    model = build_model(cfg.model, DataFacts(meta.vocab_size, meta.seq_len, meta.objective, meta.special_ids["pad"]))
+    specials = meta.special_ids
+    model = build_model(cfg.model, DataFacts(meta.vocab_size, meta.seq_len, meta.objective, specials["pad"],
+                                             eos_id=specials.get("eos"), bos_id=specials.get("bos")))
     methods = prepare_methods(cfg, model)
     torch.manual_seed(t.seed * 1_000_003 + rank + 1)  # per-rank dropout streams
     engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda)
@@ -155,7 +157,7 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
                   "hours": progress.elapsed_hours(), **evaluator()}
         logger.write(record)
         log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                         if k.endswith(("_acc", "_loss"))))
+                                                         if k.endswith(("_acc", "_loss", "_ppl"))))
         return record
 
     # ------------------------------------------------------------------ the loop

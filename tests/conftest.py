@@ -68,3 +68,21 @@ def tiny_data(tmp_path_factory) -> Path:
                          "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1", "--log-level", "WARNING"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clm_data(tmp_path_factory) -> Path:
+    """The generated corpus of ``tiny_data`` prepared for causal LMs (``--objective clm``) at seq 64 with a
+    committed byte-level BPE (the same ids in every session)."""
+    from data_pipeline import prepare
+    from data_pipeline.demo_corpus import write_demo_corpus
+
+    root = tmp_path_factory.mktemp("tiny-clm-data")
+    corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
+    out = root / "data"
+    tokenizer = REPO_ROOT / "tests" / "assets" / "bpe-512"
+    code = prepare.main([str(corpus), "--out", str(out), "--objective", "clm", "--seq-len", "64", "--tokenizer",
+                         str(tokenizer), "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1",
+                         "--log-level", "WARNING"])
+    assert code == 0
+    return out

@@ -1,4 +1,5 @@
-"""Small builders shared by tests: a tiny BERT and masked batches from random tokens."""
+"""Small builders shared by tests: a tiny BERT and masked batches from random tokens; tiny decoders
+(GPT-2, Llama) and causal-LM batches."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ from data_pipeline.batch import Batch
 from data_pipeline.masking import MaskingConfig, mask_tokens, row_seeds
 from engine.config import ModelConfig, load_config
 from engine.methods import MethodStack, build_methods
+from engine.models import build_model as build_family
+from engine.models.base import DataFacts
 from engine.models.bert import SiftBert, build_model
+from engine.models.decoder import SiftDecoder
 from engine.schedule import Schedule
 from engine.setup import attach_methods
 from engine.streams import DevicePrefetcher, PhaseTimer, Streams
@@ -49,6 +53,45 @@ def random_batch(G: int = 8, T: int = 32, seed: int = 0, short_rows: int = 2) ->
         "nsp_labels": torch.randint(0, 2, (G,), generator=g),
         "sample_ids": torch.arange(G),
     }
+
+
+EOS = 0
+
+
+def tiny_decoder(family: str, seed: int = 0, layers: int = 3, dropout: float = 0.1, attn: str = "sdpa",
+                 seq_len: int = 32) -> SiftDecoder:
+    """A tiny GPT-2 or Llama (hidden 32, 2 heads; Llama: 1 key/value head, an untied head)."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(family=family, preset="tiny", hidden_size=32, num_layers=layers, num_heads=2,
+                      num_kv_heads=1 if family == "llama" else None, intermediate_size=64, dropout=dropout,
+                      attn_implementation=attn)
+    return build_family(cfg, DataFacts(vocab_size=VOCAB, seq_len=seq_len, objective="clm", pad_id=EOS, eos_id=EOS))
+
+
+def clm_batch(G: int = 8, T: int = 32, seed: int = 0) -> Batch:
+    """G packed causal-LM rows of random tokens with a few end-of-text tokens, collated like the loader."""
+    from data_pipeline.loader import collate_clm
+
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(1, VOCAB, (G, T), generator=g)
+    tokens[torch.rand(G, T, generator=g) < 0.05] = EOS
+    return collate_clm({"tokens": tokens.numpy()}, np.arange(G) + 100 * seed)
+
+
+def model_and_batches(family: str, seed: int = 0, dropout: float = 0.1):
+    """(model, batches(rows_for_draw)) for the schedule and method tests: a tiny BERT with pair batches,
+    or a tiny decoder with causal-LM batches."""
+    if family == "bert":
+        return tiny_model(seed=seed, dropout=dropout), batch_stream
+    model = tiny_decoder(family, seed=seed, dropout=dropout)
+
+    def stream(rows_for_draw, start: int = 0):
+        d = start
+        while True:
+            yield clm_batch(G=rows_for_draw(d), seed=1000 + d)
+            d += 1
+
+    return model, stream
 
 
 class PlainEngine:

@@ -80,9 +80,10 @@ class Method:
         """Rows to draw for micro-step ``draw``; a pure function of it (the loader runs ahead)."""
         raise NotImplementedError
 
-    def score(self, batch: Batch) -> torch.Tensor:
-        """(G,) scores of a gross batch; no grad, no RNG draws, weights untouched (may run on a side
-        CUDA stream while the previous micro-step trains)."""
+    def score(self, batch: Batch, draw: int) -> torch.Tensor:
+        """(G,) scores of the gross batch of micro-step ``draw``; no grad, no draws from a stateful RNG
+        (randomness only from generators keyed on ``draw``), weights untouched (may run on a side CUDA
+        stream while the previous micro-step trains)."""
         raise NotImplementedError
 
     @property
@@ -148,9 +149,9 @@ class MethodStack:
     def rows_for_draw(self, draw: int) -> int:
         return self.selector.rows_for_draw(draw) if self.selector is not None else self.B
 
-    def score(self, batch: Batch) -> torch.Tensor:
+    def score(self, batch: Batch, draw: int) -> torch.Tensor:
         assert self.selector is not None, "score() without a selecting method"
-        return self.selector.score(batch)
+        return self.selector.score(batch, draw)
 
     @property
     def scoring_reads_live_weights(self) -> bool:

@@ -3,8 +3,10 @@
 Each selecting micro-step draws G = B / keep rows; ``score`` runs the embeddings, blocks 1..j and the
 model's own output head (the early exit of the model adapter) and reduces each row to one score
 (``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, or B at random as the
-control). The first ``sift.warmup_steps`` optimizer steps (and those after ``sift.stop_fraction``) draw
-only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
+control). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
+logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
+drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and
+those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
 one) is the schedule's business (engine/schedule.py).
 """
 
@@ -22,6 +24,7 @@ from engine.scoring import exit_scores
 from engine.selection import (
     POLICIES,
     kept_dropped_means,
+    position_generator,
     selection_active,
     selection_generator,
     spearman,
@@ -41,8 +44,8 @@ class Scorer:
     """
 
     def __init__(self, model: SiftModel, exit_layer: int, criterion: str, *, device: torch.device,
-                 gather: Any | None = None, replicas: int = 0):
-        self.criterion = criterion
+                 gather: Any | None = None, replicas: int = 0, positions: int = 0):
+        self.criterion, self.positions = criterion, positions
         live = model.exit_path(exit_layer)
         self._src = live.parameters()
         self._gather = gather
@@ -70,8 +73,11 @@ class Scorer:
         self._fill(nxt)
         self._current = nxt
 
-    def __call__(self, batch: Batch) -> torch.Tensor:
-        return exit_scores(self.paths[self._current], batch, self.criterion)
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(G,) scores; ``generator`` (on the batch's device) draws the scored positions when
+        ``positions`` > 0."""
+        return exit_scores(self.paths[self._current], batch, self.criterion, positions=self.positions,
+                           generator=generator)
 
 
 class Sift(Method):
@@ -99,7 +105,8 @@ class Sift(Method):
         pipelined = self.cfg.schedule == "pipelined"
         self.scorer = Scorer(run.model, self.cfg.exit_layer, self.cfg.criterion, device=run.device,
                              gather=run.gather if run.zero_stage == 3 else None,
-                             replicas=2 if pipelined else int(run.zero_stage == 3))
+                             replicas=2 if pipelined else int(run.zero_stage == 3),
+                             positions=self.cfg.score_positions)
 
     def active(self, step: int) -> bool:
         return selection_active(step, total_steps=self.total_steps, warmup_steps=self.cfg.warmup_steps,
@@ -108,8 +115,11 @@ class Sift(Method):
     def rows_for_draw(self, draw: int) -> int:
         return self.G if self.active(draw // self.ga) else self.B
 
-    def score(self, batch: Batch) -> torch.Tensor:
-        return self.scorer(batch)
+    def score(self, batch: Batch, draw: int) -> torch.Tensor:
+        gen = None
+        if self.cfg.score_positions:
+            gen = position_generator(self.seed, draw, self._run.rank, batch["input_ids"].device)
+        return self.scorer(batch, gen)
 
     @property
     def scoring_reads_live_weights(self) -> bool:

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from engine.config import ModelConfig
     from engine.models.base import DataFacts, SiftModel
 
-FAMILIES: dict[str, str] = {"bert": "engine.models.bert"}
+FAMILIES: dict[str, str] = {"bert": "engine.models.bert", "gpt2": "engine.models.gpt2", "llama": "engine.models.llama"}
 
 
 def family(name: str) -> ModuleType:

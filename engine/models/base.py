@@ -21,6 +21,7 @@ cross-rank objective from ``loss_sum``, ``loss_tokens`` and ``extra_loss`` alone
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -38,6 +39,9 @@ class DataFacts:
     seq_len: int
     objective: str
     pad_id: int
+    eos_id: int | None = None
+    """The end-of-text token (``clm`` data), which a causal LM's config records for generation."""
+    bos_id: int | None = None
 
 
 class ExitPath(Protocol):
@@ -86,7 +90,23 @@ class Mean:
     key: str
 
 
-Metric = Ratio | Mean
+@dataclass(frozen=True, slots=True)
+class Exp:
+    """exp of another metric of the same model, e.g. perplexity = ``Exp("lm_loss")``; reported wherever
+    that metric is (training records, ``val_<name>``)."""
+
+    of: str
+
+
+Metric = Ratio | Mean | Exp
+
+
+def exp_metric(value: float) -> float:
+    """exp(value), inf where it overflows (a diverged loss), for ``Exp`` metrics."""
+    try:
+        return math.exp(value)
+    except OverflowError:
+        return math.inf
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,9 +128,10 @@ class FlopCounts:
     def train(self) -> float:
         return 3.0 * self.forward()
 
-    def scoring(self, exit_layer: int) -> float:
-        """The early exit at block j: j blocks and the head, no extra heads, no backward."""
-        return exit_layer * self.block + self.head
+    def scoring(self, exit_layer: int, head_fraction: float = 1.0) -> float:
+        """The early exit at block j: j blocks and the head, no extra heads, no backward; the head on
+        ``head_fraction`` of its positions (``sift.score_positions``)."""
+        return exit_layer * self.block + head_fraction * self.head
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,12 +21,12 @@ from engine.config import ModelConfig
 from engine.models.base import Batch, BlockLinear, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
 from engine.models.compat import first_tensor
 from engine.models.errors import ModelError
-from engine.models.presets import PRESETS
+from engine.models.presets import size as preset_size
 from engine.scoring import per_sequence_mean, token_cross_entropy
 
 
 def hf_config(cfg: ModelConfig, *, vocab_size: int, seq_len: int, pad_id: int) -> BertConfig:
-    size = PRESETS[cfg.preset]
+    size = preset_size("bert", cfg.preset)
     return BertConfig(
         vocab_size=vocab_size,
         hidden_size=cfg.hidden_size or size.hidden_size,
@@ -134,6 +134,12 @@ def flop_counts(config: BertConfig, seq_len: int, masked: int, nsp: bool) -> Flo
         head=masked * (2 * h * h + 2 * h * config.vocab_size),
         extra=(2 * h * h + 4 * h) if nsp else 0.0,
     )
+
+
+FLOP_FORMULA = ("training = 3 x forward; forward/seq = T L (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV) + NSP (2h^2 + 4h); "
+                "scoring/seq at exit j = T j (8h^2 + 4hi + 4Th) + P (2h^2 + 2hV); P = ceil(0.15 T) masked slots, "
+                "T counts padding")
+"""The FLOP model of ``flop_counts`` in one line (for benchmark records)."""
 
 
 class SiftBert(SiftModel):

@@ -79,3 +79,21 @@ def test_markdown_and_chart(bench):
     assert sum(line.startswith("| 64 |") for line in md.splitlines()) == len(result["rows"])
     png = (out / "smoke.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
+
+
+def test_a_decoder_grid_runs(tmp_path):
+    """`sift bench --model llama-tiny`: causal-LM batches, exits given as L/4 and L/2 of the 4 blocks."""
+    argv = ["-m", "benchmarks.throughput", "--model", "llama-tiny", "--seq-lens", "64", "--exits", "L/4,L/2",
+            "--criteria", "entropy", "--variants", "vanilla,serial", "--steps", "2", "--warmup", "1", "--out",
+            str(tmp_path), "--name", "decoder", "--no-chart", "sift.score_positions=16"]
+    env = base_env()
+    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
+        env.pop(var, None)
+    proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "decoder.json").read_text())
+    assert {r["name"] for r in result["rows"]} == {"T64-vanilla", "T64-serial-j1-entropy", "T64-serial-j2-entropy"}
+    assert result["meta"]["settings"]["family"] == "llama" and "LM head 2hV" in result["meta"]["flop_formula"]
+    j1 = next(r for r in result["rows"] if r["exit_layer"] == 1)
+    flops = j1["flops_per_seq"]
+    assert 0 < flops["scoring"] < flops["train"] / 3 and math.isfinite(j1["loss_mean"])

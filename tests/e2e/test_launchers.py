@@ -58,3 +58,16 @@ def test_mpirun(one_rank_2b, tiny_data, tmp_path, launch_env, capfd):
                  "--", *training_args(tiny_data, tmp_path)])
     assert code == 0, capfd.readouterr().err[-3000:]
     assert losses(tmp_path) == pytest.approx(one_rank_2b, rel=1e-4)
+
+
+LLAMA = ["model.family=llama", "deepspeed.config=ds_configs/zero2.json"]
+
+
+def test_deepspeed_launcher_trains_a_decoder(tiny_clm_data, tmp_path, launch_env, capfd):
+    """A tiny Llama on causal-LM data under ZeRO-2: 2 ranks x B through the deepspeed launcher train like
+    one process with 2B (the global token-mean objective)."""
+    train(tmp_path / "one", tiny_clm_data, "train.micro_batch_size=8", *COMMON, *LLAMA)
+    code = sift(["launch", "--hosts", "localhost", "--gpus-per-node", "2", "--master-port", str(free_port()),
+                 "--", *training_args(tiny_clm_data, tmp_path / "two"), *LLAMA])
+    assert code == 0, capfd.readouterr().err[-3000:]
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-4)

@@ -81,3 +81,27 @@ def test_synthetic_batch_follows_the_contract():
     valid = b["mlm_labels"] >= 0
     assert valid.any(1).all() and (b["mlm_labels"][valid] >= FIRST_WORD).all()
     assert torch.equal(make_batch(64, 128, 30522, seed=3)["input_ids"], b["input_ids"])
+
+
+def test_decoder_exits_and_presets():
+    from benchmarks.throughput import exit_layers, parse_args, resolve_preset
+
+    assert exit_layers(("1", "2", "L/4", "L/2"), 12) == [1, 2, 3, 6]
+    assert exit_layers(("1", "2", "L/4", "L/2"), 16) == [1, 2, 4, 8] and exit_layers(("L/4", "12"), 4) == [1, 4]
+    with pytest.raises(ValueError, match="layer number, L, or L/k"):
+        exit_layers(("L/x",), 4)
+    name, p = resolve_preset(parse_args(["--model", "llama-1b"]), cuda=True)
+    assert (name, p.family, p.model, p.vocab, p.seq_lens) == ("gpu-decoder", "llama", "1b", 128256, (1024, 2048))
+    name, p = resolve_preset(parse_args(["--model", "gpt2-125m", "--vocab", "1000"]), cuda=False)
+    assert (name, p.family, p.model, p.vocab, p.objective) == ("cpu-decoder", "gpt2", "125m", 1000, "clm")
+    assert resolve_preset(parse_args([]), cuda=False)[1].objective == "nsp_pairs"
+    for bad in (["--model", "gpt2-base"], ["--model", "t5-small"], ["--exits", "1,L/0"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
+
+
+def test_scoring_flops_with_a_subset_of_positions():
+    from engine.models.base import FlopCounts
+
+    f = FlopCounts(layers=4, block=10.0, head=100.0)
+    assert f.scoring(2) == 120.0 and f.scoring(2, head_fraction=0.25) == 45.0 and f.train() == 3 * 140.0

@@ -43,3 +43,24 @@ def test_a_file_without_replayed_steps_is_left_alone(tmp_path):
     log_steps(tmp_path, range(6, 8), 5)
     assert (tmp_path / "metrics.jsonl").stat().st_ino == before  # not rewritten
     assert [r["step"] for r in lines(tmp_path / "metrics.jsonl")] == list(range(1, 8))
+
+
+def test_step_metrics_share_a_token_count_and_report_perplexity():
+    """Two ratios over one token count (loss and accuracy) divide by it once; Exp is exp of its metric."""
+    import math
+
+    import torch
+
+    from engine.metrics import StepAccumulator
+    from engine.models.base import Exp, Ratio
+    from engine.schedule import MicroOut
+
+    acc = StepAccumulator({"lm_loss": Ratio("loss_sum", "loss_tokens"), "lm_acc": Ratio("correct", "loss_tokens"),
+                           "lm_ppl": Exp("lm_loss")})
+    for loss_sum, tokens, correct in ((30.0, 10, 4), (10.0, 10, 6)):
+        out = {"loss": torch.tensor(loss_sum / tokens), "loss_sum": torch.tensor(loss_sum),
+               "loss_tokens": torch.tensor(tokens), "correct": torch.tensor(correct)}
+        acc.add(MicroOut(out, finite=True, stepped=True, rows_scored=0, rows_trained=2))
+    got = acc.flush()
+    assert got["lm_loss"] == 2.0 and got["lm_acc"] == 0.5 and got["loss"] == 2.0
+    assert got["lm_ppl"] == math.exp(2.0)

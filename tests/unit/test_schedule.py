@@ -1,4 +1,5 @@
-"""Schedules on CPU: serial = score-then-train; pipelined = the one-step-stale schedule, exactly."""
+"""Schedules on CPU: serial = score-then-train; pipelined = the one-step-stale schedule, exactly (for a
+tiny BERT, GPT-2 and Llama)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import torch
 from data_pipeline.batch import select_rows
 from engine.schedule import PipelinedSchedule, SerialSchedule
 from engine.scoring import exit_scores
-from engine.selection import POLICIES, selection_generator
-from tests.helpers import PlainEngine, batch_stream, methods_for, schedule_for, tiny_model
+from engine.selection import POLICIES, position_generator, selection_generator
+from tests.helpers import PlainEngine, methods_for, model_and_batches, schedule_for
 
 B, G, STEPS, SEED = 4, 8, 8, 0
 
@@ -20,20 +21,20 @@ def rows(d: int) -> int:
     return B if d < 2 else G  # two warm-up draws without selection, then G
 
 
-def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss"):
-    model = tiny_model(seed=3)
+def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss", family="bert", positions=0):
+    model, batch_stream = model_and_batches(family, seed=3)
     engine = PlainEngine(model, grad_accum=grad_accum)
     methods = methods_for(model, engine, B=B, grad_accum=grad_accum, policy=policy, criterion=criterion,
-                          exit_layer=2, seed=SEED)
+                          exit_layer=2, seed=SEED, score_positions=positions)
     sched = schedule_for(cls, engine, methods, batch_stream(rows), grad_accum=grad_accum)
     torch.manual_seed(11)
     outs = [sched.micro_step(d, d // grad_accum) for d in range(STEPS)]
     return [o.out["loss"].item() for o in outs], [o.stats.get("kept_score") for o in outs], model
 
 
-def reference(stale: bool, policy="topk", grad_accum=1, criterion="loss"):
+def reference(stale: bool, policy="topk", grad_accum=1, criterion="loss", family="bert", positions=0):
     """A direct implementation: score draw k with the weights of micro-step k-1 (stale) or k (serial)."""
-    model = tiny_model(seed=3)
+    model, batch_stream = model_and_batches(family, seed=3)
     engine = PlainEngine(model, grad_accum=grad_accum)
     scoring_model = copy.deepcopy(model)
     torch.manual_seed(11)
@@ -41,7 +42,8 @@ def reference(stale: bool, policy="topk", grad_accum=1, criterion="loss"):
     for d, batch in zip(range(STEPS), batch_stream(rows)):
         if not stale:
             scoring_model.load_state_dict(model.state_dict())
-        scores = exit_scores(scoring_model.exit_path(2), batch, criterion)
+        gen = position_generator(SEED, d, 0) if positions else None
+        scores = exit_scores(scoring_model.exit_path(2), batch, criterion, positions=positions, generator=gen)
         if stale:
             scoring_model.load_state_dict(model.state_dict())  # the weights batch d+1 will be scored with
         if len(scores) > B:
@@ -63,6 +65,19 @@ def test_pipelined_on_cpu_equals_the_one_step_stale_reference(grad_accum, criter
     losses, _, model = run_schedule(PipelinedSchedule, grad_accum=grad_accum, criterion=criterion)
     ref_losses, _, ref_model = reference(stale=True, grad_accum=grad_accum, criterion=criterion)
     assert losses == ref_losses  # bitwise: the same rows were kept at every step
+    for p, q in zip(model.parameters(), ref_model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize(("family", "criterion", "positions"),
+                         [("gpt2", "loss", 0), ("llama", "entropy", 0), ("gpt2", "entropy", 6), ("llama", "loss", 6)])
+def test_pipelined_decoders_equal_the_one_step_stale_reference(family, criterion, positions):
+    """Tiny GPT-2 and Llama; with ``score_positions`` the positions of draw d come from (seed, d, rank),
+    so the pipelined schedule, which scores draw d + 1 during micro-step d, draws what the reference does."""
+    kw = {"criterion": criterion, "family": family, "positions": positions}
+    losses, _, model = run_schedule(PipelinedSchedule, **kw)
+    ref_losses, _, ref_model = reference(stale=True, **kw)
+    assert losses == ref_losses
     for p, q in zip(model.parameters(), ref_model.parameters()):
         assert torch.equal(p, q)
 
@@ -89,7 +104,7 @@ def test_double_buffered_scorer_refreshes_the_idle_replica():
     """The pipelined scorer reads replicas, never the live weights: a refresh after a step writes the
     replica no scoring is reading, and the scores then follow the new weights exactly."""
     from engine.methods.sift import Scorer
-    from tests.helpers import random_batch
+    from tests.helpers import random_batch, tiny_model
 
     model = tiny_model(seed=3)
     batch = random_batch(G=G)

@@ -9,12 +9,14 @@ import torch.nn.functional as F
 
 from engine.scoring import (
     exit_scores,
+    logit_chunks,
     per_sequence_mean,
+    sample_slots,
     scores_from_logits,
     token_cross_entropy,
     token_entropy,
 )
-from tests.helpers import random_batch, tiny_model
+from tests.helpers import clm_batch, random_batch, tiny_decoder, tiny_model
 
 
 @pytest.mark.parametrize("use_nsp", [True, False])
@@ -129,6 +131,69 @@ def test_our_attention_mask_matches_transformers_and_needs_no_host_read(impl, mo
     expected = stock.gather(1, pos[..., None].expand(-1, -1, stock.shape[-1]))
     torch.testing.assert_close(mine, expected, rtol=1e-5, atol=1e-5)
     assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("criterion", ["loss", "entropy"])
+@pytest.mark.parametrize("fam", ["gpt2", "llama"])
+def test_chunks_over_rows_and_positions_equal_one_chunk(fam, criterion):
+    """A decoder row is T x V logits: when one row exceeds the chunk, the scorer cuts positions too."""
+    model = tiny_decoder(fam).eval()
+    batch = clm_batch(G=5)
+    T, V = batch["labels"].shape[1], model.config.vocab_size
+    path = model.exit_path(2)
+    whole = exit_scores(path, batch, criterion)
+    for chunk in (2 * T * V, T * V // 3, V, 1):  # two rows; a third of a row; one position; less than one
+        torch.testing.assert_close(exit_scores(path, batch, criterion, chunk_elements=chunk), whole,
+                                   rtol=1e-6, atol=1e-6)
+
+
+def test_logit_chunks_tile_the_grid_within_the_bound():
+    for rows, positions, vocab, bound in [(7, 5, 3, 100), (7, 5, 3, 15), (3, 10, 4, 12), (2, 9, 50, 10), (4, 6, 2, 1000)]:
+        seen = torch.zeros(rows, positions, dtype=torch.int64)
+        for r, c in logit_chunks(rows, positions, vocab, bound):
+            block = seen[r, c]
+            assert block.numel() * vocab <= max(bound, vocab)  # never less than one position
+            seen[r, c] += 1
+        assert torch.equal(seen, torch.ones_like(seen))
+
+
+def test_sample_slots_draws_k_valid_slots_per_row():
+    valid = torch.ones(4, 10, dtype=torch.bool)
+    valid[:, -1] = False  # a decoder row's last position has no target
+    valid[3, 2:] = False  # a row with only 2 valid slots
+    gen = lambda: torch.Generator().manual_seed(5)  # noqa: E731
+    slots = sample_slots(valid, 4, gen())
+    assert slots.shape == (4, 4) and torch.equal(slots, sample_slots(valid, 4, gen()))
+    assert torch.all(slots[:, 1:] > slots[:, :-1])  # ascending, no repeats
+    assert valid[:3].gather(1, slots[:3]).all() and valid[3].sum() == valid[3, slots[3]].sum() == 2
+    other = sample_slots(valid, 4, torch.Generator().manual_seed(6))
+    assert not torch.equal(other, slots)
+    counts = torch.zeros(10)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):  # every valid slot is drawn about equally often
+        counts += torch.zeros(10).index_add_(0, sample_slots(valid[:1], 3, g)[0], torch.ones(3))
+    assert counts[-1] == 0 and counts[:-1].min() > 60
+
+
+def test_scoring_a_subset_of_positions():
+    model = tiny_decoder("gpt2").eval()
+    batch = clm_batch(G=6)
+    path = model.exit_path(1)
+    full = exit_scores(path, batch, "loss")
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    assert torch.equal(exit_scores(path, batch, "loss", positions=32, generator=gen(0)), full)  # all T slots
+    sub = exit_scores(path, batch, "loss", positions=8, generator=gen(0))
+    assert torch.equal(sub, exit_scores(path, batch, "loss", positions=8, generator=gen(0)))
+    assert not torch.equal(sub, exit_scores(path, batch, "loss", positions=8, generator=gen(1)))
+    assert not torch.allclose(sub, full) and torch.corrcoef(torch.stack([sub, full]))[0, 1] > 0
+    with torch.no_grad():  # each score is the mean exact exit loss over 8 of the row's 31 targets
+        logits = path.logits(path.hidden(batch))
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                               batch["labels"][:, :-1].reshape(-1), reduction="none").view(6, 31)
+    slots = sample_slots(batch["labels"] >= 0, 8, gen(0))
+    torch.testing.assert_close(sub, ce.gather(1, slots).mean(1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="explicit generator"):
+        exit_scores(path, batch, "loss", positions=8)
 
 
 # The formulas the scorer used before it computed logsumexp(z) - z[label] and the shift-invariant entropy

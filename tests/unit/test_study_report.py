@@ -253,3 +253,23 @@ def test_verdict_lines_sort_arms_by_what_their_interval_says():
     (line,) = verdict_lines(rows, {}, ["up", "down", "flat", "new"], ["vanilla"], ["val_mlm_acc"])
     assert "**better**: up (+0.40 [+0.30, +0.50])" in line and "**worse**: down (-0.40 [-0.50, -0.30])" in line
     assert "within the interval: flat" in line and "one seed, no interval yet: new" in line
+
+
+def test_decoder_runs_are_read_by_their_own_metric_names():
+    """A decoder's evals say val_lm_acc / val_lm_loss (summary token_loss "lm"); tables follow."""
+    from benchmarks.study_markdown import markdown_final
+    from benchmarks.study_report import metric_keys, target_table, token_name
+
+    def as_lm(r: RunCurves) -> RunCurves:
+        evals = [{k.replace("_mlm_", "_lm_"): v for k, v in e.items()} for e in r.evals]
+        return RunCurves(r.arm, r.seed, evals, [], r.complete, {"token_loss": "lm"})
+
+    runs = {"vanilla": [as_lm(r) for r in VANILLA], "sift": [as_lm(r) for r in SIFT]}
+    assert token_name(runs) == "lm" and token_name({"vanilla": VANILLA}) == "mlm"
+    assert token_name({"v": [RunCurves("v", 0, runs["sift"][0].evals, [], True)]}) == "lm"  # no summary
+    assert metric_keys(runs, "lm") == ["val_lm_acc"]
+    rows = final_table(["vanilla", "sift"], runs, "vanilla", "lm")
+    assert rows[1]["val_lm_acc"]["mean"] == pytest.approx(0.28) and rows[1]["delta_vs_ref"]["mean"] == pytest.approx(0.07)
+    assert "val LM acc" in markdown_final(rows, {}, "vanilla", "lm")
+    hits = target_table(["vanilla", "sift"], runs, [0.2], "vanilla", key="val_lm_acc")
+    assert all(r["backprop_samples"]["reached"] == 2 for r in hits)

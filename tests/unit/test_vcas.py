@@ -301,3 +301,33 @@ def test_non_finite_statistics_keep_the_ratios(monkeypatch):
     before = vcas.ratios
     vcas.calibrate(step=0, rank=0)
     assert vcas.ratios == before and vcas.stats()["vcas_calib_skipped"] == 1.0
+
+
+def test_llama_samples_its_block_linears_and_is_exact_at_ratio_one(monkeypatch):
+    """A decoder family with nn.Linear blocks: VCAS swaps its seven Linears per block; forced through
+    VCAS's own backward at ratio 1 the gradients are plain autograd's bit for bit, and at 0.5 they differ."""
+    from tests.helpers import clm_batch, tiny_decoder
+
+    batch = clm_batch(G=B, seed=3)
+    want = grads(tiny_decoder("llama", seed=2, dropout=0.0), batch)
+    model = tiny_decoder("llama", seed=2, dropout=0.0)
+    vcas = vcas_for(model, "vcas.adaptive=false")
+    assert sum(isinstance(m, VcasLinear) for m in model.modules()) == 7 * model.num_layers
+    assert model.live_positions(batch) is None  # every position is read: no last-block saving
+    monkeypatch.setattr(Pass, "needs_custom", lambda self, site, last: True)
+    monkeypatch.setattr(Pass, "needs_sampler", lambda self, block: True)
+    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([1.0] * 3, [1.0] * 21, key=1))
+    forced = grads(model, batch, vcas)
+    assert forced.keys() == want.keys() and all(torch.equal(forced[k], want[k]) for k in want)
+    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([0.5] * 3, [0.5] * 21, key=1))
+    sampled = grads(model, batch, vcas)
+    assert all(torch.isfinite(g).all() for g in sampled.values())
+    assert not torch.equal(sampled["hf.model.layers.0.mlp.down_proj.weight"], want["hf.model.layers.0.mlp.down_proj.weight"])
+
+
+def test_gpt2_is_refused_with_a_clear_reason():
+    from tests.helpers import tiny_decoder
+
+    cfg = load_config(None, ["method=vcas", "model.family=gpt2"])
+    with pytest.raises(ConfigError, match="model family 'gpt2' declares no block Linears"):
+        prepare_methods(cfg, tiny_decoder("gpt2"))
