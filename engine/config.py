@@ -40,7 +40,8 @@ class DataConfig:
     pin_memory: bool | None = None
     """None: pin when training on CUDA."""
     verify_checksums: bool = False
-    """Hash every shard on open (sizes and row counts are always checked)."""
+    """Hash every shard at open. Otherwise each shard is hashed the first time a row of it is read (sizes,
+    row counts and every batch's token ranges are always checked)."""
     extra_eval: dict[str, str] = field(default_factory=dict)
     """More text to evaluate on at every evaluation: name -> a dataset directory prepared with the same
     tokenizer (its ``eval_split`` split). Its metrics land in the eval record as ``<name>_val_...``."""
@@ -174,7 +175,8 @@ class TrainConfig:
     resume: bool = True
     """Continue from the latest complete checkpoint in out_dir when there is one."""
     max_nonfinite: int = 5
-    """Abort (with a checkpoint) after this many non-finite losses in a row; each one is skipped."""
+    """Abort after this many non-finite losses in a row (each one is skipped): the diverged state is saved
+    aside as ``diverged-step<N>``, never over the last good checkpoint, which the message names."""
     compile: bool = False
     """torch.compile the model's blocks (CUDA)."""
     plugins: list[str] = field(default_factory=list)
