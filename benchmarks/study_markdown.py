@@ -181,10 +181,11 @@ def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
 
 
 def markdown_costs(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = ["| arm | seeds | CPU min per run (mean ± std) | wall-clock min per run | load average (1 min) |",
-             "|---|---|---|---|---|"]
+    lines = ["| arm | seeds | CPU min per run (mean ± std) | wall-clock min per run | load average (1 min) "
+             "| VCAS training FLOPs vs exact |", "|---|---|---|---|---|---|"]
     for r in rows:
-        load = r["load"]
+        load, flops = r["load"], r.get("vcas_flops")
         lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r['cpu_s'], 1, 1 / 60)} | "
-                     f"{_pm(r['wall_s'], 1, 1 / 60)} | {_pm(load, 2) if 'mean' in load else '–'} |")
+                     f"{_pm(r['wall_s'], 1, 1 / 60)} | {_pm(load, 2) if 'mean' in load else '–'} | "
+                     f"{_pm(flops, 3) if flops else '–'} |")
     return "\n".join(lines)

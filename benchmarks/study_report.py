@@ -474,16 +474,21 @@ def kept_table(arms: Sequence[tuple[str, str]], runs: dict[str, list[RunCurves]]
 
 
 def cost_table(arms: Sequence[str], runs: dict[str, list[RunCurves]]) -> list[dict[str, Any]]:
-    """Per arm: CPU seconds and wall-clock seconds of a run (from the branch point), and the machine's
-    mean 1-minute load average while it ran."""
+    """Per arm: CPU seconds and wall-clock seconds of a run (from the branch point), the machine's mean
+    1-minute load average while it ran, and for VCAS arms their expected training FLOPs per step
+    relative to exact training (mean of the logged ``vcas_flops_calib``)."""
     rows = []
     for arm in arms:
         done = [r for r in runs.get(arm, []) if r.complete and r.final]
         if not done:
             continue
         cpu = [r.x(r.final, "cpu_s") for r in done]
+        # VCAS logs its expected training FLOPs relative to exact training, calibration included
+        flops = [statistics.fmean(v) for r in done
+                 if (v := [s["vcas_flops_calib"] for s in r.steps if "vcas_flops_calib" in s])]
         rows.append({"arm": arm, "seeds": len(done),
                      "cpu_s": spread([c for c in cpu if c is not None]),
                      "wall_s": spread([r.x(r.final, "hours") * 3600 for r in done]),
-                     "load": spread([r.load for r in done if r.load is not None])})
+                     "load": spread([r.load for r in done if r.load is not None]),
+                     "vcas_flops": spread(flops) if flops else None})
     return rows

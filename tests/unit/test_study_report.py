@@ -209,6 +209,11 @@ def test_continuation_targets_and_the_kept_and_cost_tables():
     assert rows["noise"]["end_exit"]["mean"] == pytest.approx(0.35) and rows["noise"]["end_exact"]["mean"] == 0.35
     costs = cost_table(["a"], {"a": [cont("a", 0, [(110, 0.6, 0.2, 0), (120, 0.8, 0.3, 0)], [30.0, 61.0])]})
     assert costs[0]["cpu_s"]["mean"] == 61.0 and costs[0]["wall_s"]["mean"] == pytest.approx(0.3 * 3600)
+    assert costs[0]["vcas_flops"] is None
+    vcas = [cont("v", s, [(110, 0.6, 0.2, 0)], [30.0]) for s in (0, 1)]
+    for r, f in zip(vcas, ((0.8, 0.9), (0.7, 0.7))):
+        r.steps = [{"step": 105, "vcas_flops_calib": f[0]}, {"step": 110, "vcas_flops_calib": f[1]}]
+    assert cost_table(["v"], {"v": vcas})[0]["vcas_flops"]["mean"] == pytest.approx(0.775)
 
 
 def test_load_run_joins_the_start_evaluation_branch_point_and_cpu_trace(tmp_path):
