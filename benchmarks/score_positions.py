@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from sift_common.errors import SiftError
+
 log = logging.getLogger("sift.bench")
 
 
@@ -36,7 +38,7 @@ def latest_record(run: Path) -> dict[str, Any]:
     root = run / "checkpoints"
     tag = ckpt.find_latest(root)
     if tag is None:
-        raise SystemExit(f"no complete checkpoint under {root}")
+        raise SiftError(f"no complete checkpoint under {root}: --run takes a training run's train.out_dir")
     return ckpt.verify(root, tag)
 
 
@@ -122,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.throughput import git_commit, version
     from data_pipeline.loader import collate_clm
     from data_pipeline.reader import ShardDataset
+    from sift_common.logs import setup_logging
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.score_positions", description=__doc__.split("\n\n")[0])
@@ -137,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="score_positions-cpu")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     torch.set_num_threads(args.threads)
     load_before, t0 = os.getloadavg(), time.perf_counter()
     model, data = load_model(args.run)
@@ -165,4 +168,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from sift_common.errors import run_command
+
+    sys.exit(run_command("benchmarks.score_positions", main, sys.argv[1:]))
