@@ -121,10 +121,10 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     import time
 
-    from benchmarks.throughput import git_commit, version
     from data_pipeline.loader import collate_clm
     from data_pipeline.reader import ShardDataset
     from sift_common.logs import setup_logging
+    from sift_common.provenance import git_commit, version
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.score_positions", description=__doc__.split("\n\n")[0])

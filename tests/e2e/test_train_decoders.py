@@ -95,3 +95,19 @@ def test_export_generates_text_in_transformers(which, gpt2_run, llama_run, tmp_p
     generate = pipeline("text-generation", model=str(tmp_path / "hf"))
     text = generate("The weather in", max_new_tokens=8, do_sample=False)[0]["generated_text"]
     assert text.startswith("The weather in") and len(text) > len("The weather in")
+
+
+def test_score_positions_benchmark_reads_a_trained_run(gpt2_run, tmp_path):
+    """benchmarks/score_positions.py on the tiny run: every position equals the full exit exactly; a subset
+    is a different, still positively related ranking; the report names its run and step."""
+    from benchmarks import score_positions
+
+    code = score_positions.main(["--run", str(gpt2_run), "--exits", "1", "--positions", "8,0", "--criteria", "loss",
+                                 "--gross", "8", "--batches", "3", "--out", str(tmp_path), "--name", "sp"])
+    assert code == 0
+    result = json.loads((tmp_path / "sp.json").read_text())
+    sub, full = result["rows"]
+    assert full["positions"] == 63 and full["spearman_vs_all_positions"] == pytest.approx(1.0)
+    assert sub["positions"] == 8 and sub["head_fraction"] == pytest.approx(8 / 63)
+    assert -1 <= sub["spearman"] <= 1 and sub["spearman_vs_all_positions"] < 1
+    assert result["meta"]["step"] == 20 and "step 20" in (tmp_path / "sp.md").read_text()
