@@ -132,7 +132,8 @@ def markdown(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from benchmarks.throughput import device_name, git_commit, version
+    from benchmarks.throughput import device_name
+    from sift_common.provenance import git_commit, version
 
     argv = sys.argv[1:] if argv is None else list(argv)
     p = argparse.ArgumentParser(prog="python -m benchmarks.vcas_backward", description=__doc__.split("\n\n")[0])

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.throughput import REPO, git_commit, version
+from benchmarks.throughput import REPO
+from sift_common.provenance import git_commit, version
 
 ARMS: dict[str, list[str]] = {
     "vanilla": ["method=none"],

@@ -35,3 +35,20 @@ def test_flops_vs_wall_table():
     text = vcas_rows.markdown(result)
     assert "| T64-vcas-rho0.5-nu0.5 | 80.0 | 1.250 | 0.600 | 40.0% | 20.0% | – |" in text
     assert "| T64-vcas-adaptive | 100.0 | 1.000 | 0.980 | 2.0% | 0.0% | 0.50 |" in text
+
+
+def test_vcas_backward_runs_end_to_end(tmp_path):
+    """The forward+backward benchmark as a user runs it (its own process: it pins torch to one thread)."""
+    import json
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.vcas_backward", "--preset", "tiny", "--seq-lens", "32",
+                           "--micro-batch", "4", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads((tmp_path / "vcas_backward-cpu.json").read_text())
+    assert result["meta"]["git_commit"] is None or len(result["meta"]["git_commit"]) >= 7
+    variants = {r["variant"] for r in result["rows"]}
+    assert "plain autograd" in variants and any(v.startswith("vcas rho 0.5") for v in variants)
+    assert all(0 < r["flops_ratio"] <= 1 for r in result["rows"] if r["variant"].startswith("vcas"))
