@@ -143,13 +143,14 @@ def test_presets_are_valid_run_configs_for_every_arm(preset, tmp_path):
 def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_path):
     spec = build_spec(study.PRESETS["regimes-cpu"])
     assert len(spec.seeds) >= 5 and spec.num_layers == 4 and spec.branch is not None
-    assert [a.name for a in spec.arms] == ["vanilla", "random", "loss-1", "entropy-1", "loss-2", "entropy-2"]
+    assert [a.name for a in spec.arms] == ["vanilla", "random", "loss-1", "entropy-1", "loss-2", "entropy-2", "vcas",
+                                           "sift+vcas"]
     assert spec.regimes["input"] == "../shared/corpus/english-reference.parquet"
     regime = study.Regime("noisy", tmp_path / "noisy", tmp_path / "out", {"heldout": tmp_path / "h"},
                           {"noise": (tmp_path / "k", 0.25)})
     plans = study.plan_runs(spec, regime)
     W, total = spec.branch.warm_steps, spec.branch.total
-    assert [p.kind for p in plans[:3]] == ["warm", "start", "run"] and len(plans) == 1 + len(spec.seeds) * 7
+    assert [p.kind for p in plans[:3]] == ["warm", "start", "run"] and len(plans) == 1 + len(spec.seeds) * 9
     warm = plans[0]
     assert warm.steps == W and warm.config["optim"]["schedule_steps"] == total and warm.config["sift"]["policy"] == "none"
     for p in plans[1:]:
@@ -160,6 +161,8 @@ def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_pat
     loss1 = next(p for p in plans if p.key == "noisy/loss-1/seed0")
     assert loss1.probe[loss1.probe.index("--select") + 1] == "loss:1" and "--kind" in loss1.probe
     assert next(p for p in plans if p.key == "noisy/vanilla/seed0").probe == []
+    vcas = next(p for p in plans if p.key == "noisy/sift+vcas/seed0").config  # arms as data: overrides only
+    assert vcas["method"] == "sift+vcas" and vcas["vcas"]["calib_every"] == 10 and vcas["sift"]["exit_layer"] == 1
     assert warm.probe.count("--select") == 4  # loss and entropy at exits 1 and 2, scored at the branch point
 
 
