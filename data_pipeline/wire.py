@@ -64,6 +64,8 @@ def unpack(parts: dict) -> Batch:
             value = np.unpackbits(value, axis=1, count=shape[1])
         batch[key].numpy()[...] = value
     return batch
+
+
 class WireBatch(dict):
     """A finished batch leaving a worker: pickles as ``pack(self)``, unpickles as a plain ``Batch``."""
 
