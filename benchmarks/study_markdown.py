@@ -92,15 +92,16 @@ def markdown_targets(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
     return "\n".join(lines)
 
 
-def markdown_fidelity(rows: list[dict[str, Any]]) -> str:
-    lines = ["| criterion | exit | Spearman (all) | first ⅓ | last ⅓ | last ⅓, worst seed | top-B overlap (all) |"
+def markdown_fidelity(rows: list[dict[str, Any]], labels: dict[str, str] | None = None) -> str:
+    labels = labels or {}
+    lines = ["| arm | criterion | exit | Spearman (all) | first ⅓ | last ⅓ | last ⅓, worst seed | top-B overlap (all) |"
              " first ⅓ | last ⅓ | kept score | dropped score | scoring s/step | fwd+bwd+opt s/step |",
-             "|" + "---|" * 13]
+             "|" + "---|" * 14]
     for r in rows:
         per = r.get("spearman_last_third_per_seed") or {}
         worst = min(per.items(), key=lambda kv: kv[1]) if per else None
         lines.append(
-            f"| {r['criterion']} | {r['exit_layer']} | {_num(r['spearman'], '.3f')} | {_num(r['spearman_first_third'], '.3f')}"
+            f"| {labels.get(r['arm'], r['arm'])} | {r['criterion']} | {r['exit_layer']} | {_num(r['spearman'], '.3f')} | {_num(r['spearman_first_third'], '.3f')}"
             f" | {_num(r['spearman_last_third'], '.3f')} | {f'{worst[1]:.3f} (seed {worst[0]})' if worst else '–'}"
             f" | {_num(r['topk_overlap'], '.3f')}"
             f" | {_num(r['topk_overlap_first_third'], '.3f')} | {_num(r['topk_overlap_last_third'], '.3f')}"

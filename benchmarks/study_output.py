@@ -122,7 +122,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
             targets = auto_targets(ref_final)
     final = final_table(names, complete, ref, token)
     compared = comparisons(names, complete, refs, keys)
-    to_target = [row for key in keys for row in target_table(names, complete, targets, ref, key=key)]
+    to_target = target_table(names, complete, targets, ref, key=acc)  # the targets are levels of this metric
     sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
     fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete, total, first)
     kept = kept_table([(n, f"{c}:{j}") for n, (c, j) in sel_plans.items()], complete,
@@ -193,7 +193,8 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
            "From each run's probe (benchmarks/study_probe.py): the share of each kind among the B rows top-k keeps "
            "of simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and at "
            "the run's final weights.", ""] if kept else []),
-        "## Proxy fidelity and cost per exit", "", markdown_fidelity(fidelity) if fidelity else "(no selecting arm)", "",
+        "## Proxy fidelity and cost per exit", "",
+        markdown_fidelity(fidelity, labels) if fidelity else "(no selecting arm)", "",
         "## Cost per run", "", markdown_costs(costs, labels), "",
         "## Figures", "", *(f"![{k}]({v})" for k, v in FIGURES.items() if (report / v).is_file()), "",
         "## Invocations", "",
