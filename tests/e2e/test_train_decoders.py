@@ -100,10 +100,16 @@ def test_export_generates_text_in_transformers(which, gpt2_run, llama_run, tmp_p
 def test_score_positions_benchmark_reads_a_trained_run(gpt2_run, tmp_path):
     """benchmarks/score_positions.py on the tiny run: every position equals the full exit exactly; a subset
     is a different, still positively related ranking; the report names its run and step."""
+    import torch
+
     from benchmarks import score_positions
 
-    code = score_positions.main(["--run", str(gpt2_run), "--exits", "1", "--positions", "8,0", "--criteria", "loss",
-                                 "--gross", "8", "--batches", "3", "--out", str(tmp_path), "--name", "sp"])
+    threads = torch.get_num_threads()  # the benchmark pins its own; later tests keep theirs
+    try:
+        code = score_positions.main(["--run", str(gpt2_run), "--exits", "1", "--positions", "8,0", "--criteria",
+                                     "loss", "--gross", "8", "--batches", "3", "--out", str(tmp_path), "--name", "sp"])
+    finally:
+        torch.set_num_threads(threads)
     assert code == 0
     result = json.loads((tmp_path / "sp.json").read_text())
     sub, full = result["rows"]
