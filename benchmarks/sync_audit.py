@@ -159,10 +159,8 @@ def variants_of(args: argparse.Namespace, cuda: bool) -> tuple[Any, list[Variant
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else list(argv))
-    from engine import ds
 
-    ensure_distributed()
-    device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    device = ensure_distributed()
     cuda = device.type == "cuda"
     preset, variants = variants_of(args, cuda)
     if preset.threads:

@@ -200,19 +200,20 @@ def sync(cuda: bool) -> None:
         torch.cuda.synchronize()
 
 
-def ensure_distributed() -> None:
-    """A one-rank process group (DeepSpeed needs one), found as `sift train` finds its rank."""
+def ensure_distributed() -> torch.device:
+    """A one-rank process group (DeepSpeed needs one), found as `sift train` finds its rank; returns this
+    process's device."""
     import torch.distributed as dist
 
     from engine import ds
     from launcher.dist_env import LaunchError, prepare_process
 
-    if dist.is_available() and dist.is_initialized():
-        return
-    world = prepare_process(os.environ).world_size
-    if world != 1:
-        raise LaunchError(f"it measures one device in one process, but the launcher started {world}")
-    ds.init_distributed(None)
+    if not (dist.is_available() and dist.is_initialized()):
+        world = prepare_process(os.environ).world_size
+        if world != 1:
+            raise LaunchError(f"it measures one device in one process, but the launcher started {world}")
+        ds.init_distributed(None)
+    return ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
 
 
 @dataclass
@@ -568,11 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    from engine import ds
     from engine.models import family
 
-    ensure_distributed()
-    device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
+    device = ensure_distributed()
     cuda = device.type == "cuda"
     name, p = resolve_preset(args, cuda)
     if p.threads:

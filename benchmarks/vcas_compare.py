@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.study_jobs import child_env
 from benchmarks.throughput import REPO
 from sift_common.provenance import git_commit, version
 
@@ -55,9 +56,7 @@ def command(arm: str, data: Path, runs: Path, steps: int) -> list[str]:
 
 def run_all(arms: list[str], data: Path, runs: Path, steps: int, parallel: int) -> dict[str, dict[str, Any]]:
     """Run the arms, ``parallel`` at a time; per arm: command, exit code, wall and CPU seconds."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(var, None)
+    env = child_env({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
     pending, running, done = list(arms), {}, {}
     while pending or running:
         while pending and len(running) < parallel:

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 
 TINY_RUN = REPO / "tests" / "assets" / "tiny-run.yaml"
 
@@ -19,9 +19,7 @@ def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None
            f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
     if env and "SIFT_FAULT" in env:  # the fault injector is a plugin the run must load
         cmd.append("train.plugins=[tests.faults]")
-    run_env = base_env(env)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        run_env.pop(var, None)
+    run_env = single_env(env)
     result = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"sift train exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")

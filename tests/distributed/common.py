@@ -30,6 +30,18 @@ def base_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+RANK_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT")
+
+
+def single_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """``base_env`` for a plain single process (no launcher): no rank variables inherited from the
+    caller, so the child finds rank 0 of 1 and picks its own port."""
+    env = base_env(extra)
+    for var in RANK_VARS:
+        env.pop(var, None)
+    return env
+
+
 def run_ranks(argv: list[str], world: int, *, cwd: Path, timeout: float = 300,
               env: dict[str, str] | None = None, check: bool = True) -> list[subprocess.CompletedProcess]:
     """Start ``python argv...`` as ranks 0..world-1 and wait for all; returns each rank's result."""

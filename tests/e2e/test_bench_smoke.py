@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 
 # --exits 12 on the 2-layer model: clipped to exit 2.
 EXPECTED = {"T64-vanilla", *(f"T64-{kind}-j2-{crit}" for kind in ("serial", "pipelined") for crit in ("loss", "entropy"))}
@@ -22,9 +22,7 @@ def bench(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("bench")
     argv = ["-m", "benchmarks.throughput", "--preset", "cpu-tiny", "--exits", "12", "--steps", "3",
             "--warmup", "1", "--out", str(out), "--name", "smoke"]
-    env = base_env()
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(var, None)  # a plain process, no launcher: the harness finds rank 0 of 1 and a free port
+    env = single_env()
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads((out / "smoke.json").read_text()), out
@@ -86,9 +84,7 @@ def test_a_decoder_grid_runs(tmp_path):
     argv = ["-m", "benchmarks.throughput", "--model", "llama-tiny", "--seq-lens", "64", "--exits", "L/4,L/2",
             "--criteria", "entropy", "--variants", "vanilla,serial", "--steps", "2", "--warmup", "1", "--out",
             str(tmp_path), "--name", "decoder", "--no-chart", "sift.score_positions=16"]
-    env = base_env()
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(var, None)
+    env = single_env()
     proc = subprocess.run([sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "decoder.json").read_text())

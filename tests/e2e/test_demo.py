@@ -6,13 +6,11 @@ import json
 import subprocess
 import sys
 
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 
 
 def sift(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = base_env(None)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(var, None)
+    env = single_env()
     result = subprocess.run([sys.executable, "-m", "launcher.cli", *args], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"sift {args[0]} exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 
 
 @pytest.mark.slow
@@ -30,9 +30,7 @@ def test_wheel_installed_elsewhere_runs_the_demo(tmp_path):
     assert install.returncode == 0, install.stderr[-3000:]
     assert (target / "configs" / "demo-cpu.yaml").is_file() and (target / "ds_configs" / "zero1.json").is_file()
 
-    env = base_env({"PYTHONPATH": str(target)})  # the installed copy, not the repository
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(var, None)
+    env = single_env({"PYTHONPATH": str(target)})  # the installed copy, not the repository
     where = subprocess.run([sys.executable, "-c", "import engine, launcher; print(engine.__file__, launcher.__file__)"],
                            cwd=work, env=env, capture_output=True, text=True, timeout=60)
     assert where.stdout.split() and all(p.startswith(str(target)) for p in where.stdout.split()), where.stdout

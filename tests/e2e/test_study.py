@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 from tests.runs import TINY_RUN, evals
 
 ARGS = ["--config", str(TINY_RUN), "--seeds", "0,1", "--arms", "vanilla,loss:1", "--targets", "0.02,0.9",
@@ -21,9 +21,7 @@ ARGS = ["--config", str(TINY_RUN), "--seeds", "0,1", "--arms", "vanilla,loss:1",
 def study(out: Path, data: Path, *extra: str, timeout: float = 300,
           env_extra: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launcher.cli", "study", *ARGS, "--data", str(data), "--out", str(out), *extra]
-    env = base_env(env_extra)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(var, None)
+    env = single_env(env_extra)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from benchmarks.study_jobs import dropout_seed
 from engine.optim import lr_factor
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 from tests.runs import TINY_RUN, evals
 
 W, C = 10, 10
@@ -27,9 +27,7 @@ def study(out: Path, spec: Path, data: Path, *extra: str, env_extra: dict[str, s
           timeout: float = 600) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "launcher.cli", "study", "--config", str(spec), "--regimes", "noisy", "--seeds", "0,1",
            "--arms", "vanilla,loss:1", "--data", str(data), "--out", str(out), "--keep-checkpoints", *extra]
-    env = base_env(env_extra)
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        env.pop(var, None)
+    env = single_env(env_extra)
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 

@@ -10,7 +10,7 @@ import warnings
 import torch
 
 from benchmarks import sync_audit
-from tests.distributed.common import REPO, base_env
+from tests.distributed.common import REPO, single_env
 
 
 def a_schedule_step() -> None:
@@ -39,9 +39,7 @@ def test_recording_counts_flagged_operations_and_synchronize_calls_with_their_ca
 
 def test_cpu_run_through_reports_no_cuda(tmp_path):
     out = tmp_path / "audit.json"
-    env = base_env()
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
-        env.pop(var, None)  # a plain process: rank 0 of 1 on a free port, as sift bench
+    env = single_env()
     proc = subprocess.run([sys.executable, "-m", "benchmarks.sync_audit", "--preset", "cpu-tiny", "--warmup", "1",
                            "--steps", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
