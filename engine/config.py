@@ -183,7 +183,8 @@ class TrainConfig:
     """skip: abort after this many non-finite losses in a row. Either way the diverged state is saved
     aside as ``diverged-step<N>``, never over the last good checkpoint, which the message names."""
     compile: bool = False
-    """torch.compile the model's blocks (CUDA)."""
+    """torch.compile each of the model's blocks (the scorer reuses the first j; its replicas stay eager).
+    Trains like eager on CPU (tests/e2e); whether it is faster is for `sift bench --compile both` on a GPU."""
     plugins: list[str] = field(default_factory=list)
     """Python modules to import before the config is checked; they may register model families,
     methods, selection policies, scoring criteria and loop hooks (engine/hooks.py)."""

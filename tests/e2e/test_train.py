@@ -149,6 +149,17 @@ def test_stop_mode_stops_at_the_next_check_and_keeps_the_good_checkpoints(tiny_d
     assert max(r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())) == 10
 
 
+def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
+    """train.compile=true (torch.compile of each block; inductor on CPU) with the pipelined scorer: without
+    dropout (compiled dropout draws from inductor's RNG) the losses and evaluations are eager's."""
+    short = ("model.dropout=0", "train.steps=6", "train.eval_every=3", "train.save_every=0")
+    train(tmp_path / "eager", tiny_data, *short)
+    train(tmp_path / "compiled", tiny_data, *short, "train.compile=true")
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    got, want = evals(tmp_path / "compiled"), evals(tmp_path / "eager")
+    assert [e["val_mlm_loss"] for e in got] == pytest.approx([e["val_mlm_loss"] for e in want], rel=1e-5)
+
+
 def test_init_from_an_exported_checkpoint(run_a, tmp_path):
     """model.init_from loads a local Hugging Face directory (here: our own export) instead of random init."""
     import torch
