@@ -205,13 +205,14 @@ def audit_lines(out: Path) -> tuple[list[str], dict[str, Any]]:
     if not r:
         return ["sync audit: no report"], {}
     lines, per = [], {}
+    mode = f" ({' '.join(r['overrides'])})" if r.get("overrides") else ""
     for v in r["variants"]:
         if "per_micro_step" not in v:
             lines.append(f"sync audit {v['name']}: {v.get('note')}")
             continue
         per[v["name"]] = v
         device_wide = sum(x["count"] for x in v["explicit"] if x["what"] == "torch.cuda.synchronize") / v["steps"]
-        lines.append(f"sync audit {v['name']}: per micro-step {v['per_micro_step']['flagged']:g} host reads flagged, "
+        lines.append(f"sync audit {v['name']}{mode}: per micro-step {v['per_micro_step']['flagged']:g} host reads flagged, "
                      f"{device_wide:g} device-wide synchronize, {v['per_micro_step']['explicit']:g} explicit waits")
     return lines, per
 

@@ -90,9 +90,10 @@ stage env 20 "$PY" -m benchmarks.gpu_report env --out "$OUT/env.json"
 # --- 2. the GPU tests: side-stream scores, one-step staleness (also on the training stream), peak memory ----
 stage pytest-gpu 80 "$PY" -m pytest -q -m gpu tests/gpu -rA -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
 
-# --- 3. host syncs of steady-state vanilla and pipelined micro-steps (BERT-base, T=512, ZeRO-1 bf16) ---------
+# --- 3. host syncs of steady-state vanilla and pipelined micro-steps (BERT-base, T=512, ZeRO-1 bf16), with
+#        train.nonfinite=stop (the default, skip, adds one read of a finiteness flag per micro-step) ----------
 stage sync-audit 40 "$PY" -m benchmarks.sync_audit --preset gpu-base --seq-len 512 --variants vanilla,pipelined \
-  --warmup 4 --steps 3 --out "$OUT/sync-audit.json"
+  --warmup 4 --steps 3 --out "$OUT/sync-audit.json" train.nonfinite=stop
 
 # --- 4. throughput: vanilla, SIFT exit 1 serial and pipelined, loss and entropy, at T=512 and T=128 ---------
 stage bench-T512 70 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 --criteria loss,entropy \

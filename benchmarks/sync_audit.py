@@ -11,7 +11,8 @@ build_variant), runs --warmup micro-steps, then --steps more while two things ar
 - every call of `torch.cuda.synchronize`, `Event.synchronize` and `Stream.synchronize` (device- or
   stream-wide waits that the debug mode does not flag), with the same frames.
 
-The issue's target is no device-wide synchronize and at most one host read per log interval. On CPU
+The issue's target is no device-wide synchronize and at most one host read per log interval, which
+needs `train.nonfinite=stop` (the default, skip, reads one finiteness flag per micro-step). On CPU
 there is no device to wait for: the micro-steps still run (so the harness is exercised) and the report
 says "no CUDA".
 """
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"  {rec['count']:3d} x {kind}: {rec['what']}\n        at {rec['where']}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": "cuda" if cuda else "cpu", "variants": reports}, indent=1) + "\n")
+        Path(args.out).write_text(json.dumps({"device": "cuda" if cuda else "cpu", "overrides": args.overrides,
+                                              "variants": reports}, indent=1) + "\n")
     return 0
 
 

@@ -174,11 +174,17 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = True
     """Continue from the latest complete checkpoint in out_dir when there is one."""
+    nonfinite: str = "skip"
+    """What a non-finite loss does. skip: every micro-step reads one flag to the host and skips a
+    micro-batch whose loss is non-finite on any rank (no backward, no step). stop: no per-step host read
+    (for GPU throughput); the losses are counted on the device and read at each log flush, evaluation
+    and checkpoint, and the first one found stops the run there: its weights are no longer trusted."""
     max_nonfinite: int = 5
-    """Abort after this many non-finite losses in a row (each one is skipped): the diverged state is saved
+    """skip: abort after this many non-finite losses in a row. Either way the diverged state is saved
     aside as ``diverged-step<N>``, never over the last good checkpoint, which the message names."""
     compile: bool = False
-    """torch.compile the model's blocks (CUDA)."""
+    """torch.compile each of the model's blocks (the scorer reuses the first j; its replicas stay eager).
+    Trains like eager on CPU (tests/e2e); whether it is faster is for `sift bench --compile both` on a GPU."""
     plugins: list[str] = field(default_factory=list)
     """Python modules to import before the config is checked; they may register model families,
     methods, selection policies, scoring criteria and loop hooks (engine/hooks.py)."""
@@ -244,6 +250,7 @@ def choices() -> dict[str, tuple[str, ...]]:
         "sift.policy": (*POLICIES, "none"),
         "sift.criterion": tuple(CRITERIA),
         "sift.schedule": ("serial", "pipelined"),
+        "train.nonfinite": ("skip", "stop"),
         "optim.decay": ("linear", "constant"),
         "deepspeed.precision": ("auto", "fp32", "bf16", "fp16"),
         "model.family": tuple(FAMILIES),

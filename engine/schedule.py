@@ -11,8 +11,10 @@ falls between k and k+1 (always, without gradient accumulation) its scores are o
 A method whose scoring reads the live weights makes the step wait for it instead. On CPU the same code
 runs sequentially, in the same order, with the same semantics.
 
-Both schedules skip a micro-batch whose loss is non-finite on any rank (no backward, no step). Which
-rows to draw, how to score them and which to keep is the methods' business (engine/methods/); without
+Non-finite losses (``train.nonfinite``): ``skip`` reads one flag per micro-step to the host and skips a
+micro-batch whose loss is non-finite on any rank (no backward, no step); ``stop`` reads nothing: it
+counts them on the device, and the loop reads the count at its next log flush, evaluation or checkpoint
+and stops there. Which rows to draw, how to score them and which to keep is the methods' business (engine/methods/); without
 a selecting method every micro-step trains on what it drew.
 """
 
@@ -66,6 +68,11 @@ def global_objective(out: dict[str, torch.Tensor]) -> torch.Tensor:
     return loss + out["extra_loss"] if "extra_loss" in out else loss
 
 
+def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
+    """1.0 where the loss is non-finite, 0.0 where it is finite, on the device (no host sync)."""
+    return (~torch.isfinite(loss.detach())).to(torch.float32)
+
+
 def all_finite(loss: torch.Tensor) -> bool:
     """True when the loss is finite on every rank (one tiny all-reduce and one host sync)."""
     flag = torch.isfinite(loss.detach()).to(torch.float32)
@@ -78,10 +85,22 @@ class Schedule:
     """Shared machinery; subclasses decide when scoring happens."""
 
     def __init__(self, engine: Any, methods: MethodStack, *, rank: int, world_size: int, grad_accum: int,
-                 prefetcher: DevicePrefetcher, streams: Streams, timer: PhaseTimer):
+                 prefetcher: DevicePrefetcher, streams: Streams, timer: PhaseTimer, skip_nonfinite: bool = True):
         self.engine, self.methods, self.B = engine, methods, methods.B
         self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
         self.prefetcher, self.streams, self.timer = prefetcher, streams, timer
+        self.skip_nonfinite = skip_nonfinite
+        self._nonfinite: torch.Tensor | None = None  # train.nonfinite=stop: the count since the last read
+
+    def take_nonfinite(self) -> int:
+        """``stop`` mode: non-finite losses on any rank since the last call (an all-reduce and one host
+        read; every rank must call it at the same step)."""
+        count, self._nonfinite = self._nonfinite, None
+        if count is None:
+            return 0
+        if _world() > 1:
+            dist.all_reduce(count)
+        return int(count.item())
 
     @property
     def pending_scores(self) -> torch.Tensor | None:
@@ -113,7 +132,10 @@ class Schedule:
             out["loss"] = global_objective(out)
         if after_forward is not None:
             after_forward()
-        if not all_finite(out["loss"]):
+        if not self.skip_nonfinite:  # counted on the device; the loop reads the count at its next check
+            flag = nonfinite_flag(out["loss"])
+            self._nonfinite = flag if self._nonfinite is None else self._nonfinite + flag
+        elif not all_finite(out["loss"]):
             return out, False, False
         with self.timer.phase("backward"):
             self.engine.backward(out["loss"])

@@ -73,4 +73,5 @@ def build_schedule(cfg: RunConfig, engine: Any, methods: MethodStack, *, batches
     pipelined = cfg.sift.schedule == "pipelined" and methods.selector is not None
     cls = PipelinedSchedule if pipelined else SerialSchedule
     return cls(engine, methods, rank=rank, world_size=world_size, grad_accum=cfg.train.grad_accum,
-               prefetcher=DevicePrefetcher(batches, device, streams), streams=streams, timer=timer)
+               prefetcher=DevicePrefetcher(batches, device, streams), streams=streams, timer=timer,
+               skip_nonfinite=cfg.train.nonfinite == "skip")

@@ -52,16 +52,22 @@ class TrainingAborted(SiftError):
     pass
 
 
-def abort_message(streak: int, step: int, at_start: bool, root: Path, diverged: str, good: str | None) -> str:
-    """Why training stopped, where its state went, and where a resume starts."""
+def abort_message(streak: int, step: int, at_start: bool, root: Path, diverged: str, good: str | None, *,
+                  since: int | None = None) -> str:
+    """Why training stopped, where its state went, and where a resume starts. ``since``: the
+    ``train.nonfinite=stop`` check at ``step`` found ``streak`` non-finite losses in steps since..step."""
     where = (f"the last good checkpoint is {root / good} (a resume starts there)" if good is not None
              else "there is no good checkpoint (a resume starts from scratch)")
     causes = ("the first steps of this run were already non-finite: possible causes are a corrupt checkpoint or "
               "corrupt data, or settings that overflow at once (optim.lr, deepspeed.precision)" if at_start
               else "the steps before were finite: possible causes are corrupt input data, an fp16 overflow "
                    "(try deepspeed.precision=bf16), or a learning rate too high for this model (optim.lr)")
-    return (f"{streak} non-finite losses in a row at step {step}, each skipped; the diverged state is saved in "
-            f"{root / diverged} for inspection (never resumed); {where}. {causes[0].upper()}{causes[1:]}.")
+    what = (f"{streak} non-finite losses in a row at step {step}, each skipped" if since is None else
+            f"{streak} non-finite loss(es) in steps {since}-{step} (train.nonfinite=stop: none is skipped, so "
+            "the weights after the first are not trusted; train.nonfinite=skip skips such micro-batches, at one "
+            "host read per micro-step)")
+    return (f"{what}; the diverged state is saved in {root / diverged} for inspection (never resumed); {where}. "
+            f"{causes[0].upper()}{causes[1:]}.")
 
 
 def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[EvalSet]:
@@ -162,6 +168,7 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
 
     # ------------------------------------------------------------------ the loop
     last_eval, streak, draws0 = None, 0, progress.draws
+    checked = progress_start = progress.step  # stop mode: the step of the last non-finite check
     while progress.step < t.steps:
         hooks.fire("micro_step_start", step=progress.step, draw=progress.draws, model=model, engine=engine)
         rows = methods.rows_for_draw(progress.draws)
@@ -182,14 +189,24 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
         if not mo.stepped:
             continue
         step = progress.step
-        if step % t.log_every == 0 or step == t.steps:
+        log_due = step % t.log_every == 0 or step == t.steps
+        eval_due = step % t.eval_every == 0 or step == t.steps
+        save_due = bool(t.save_every and step % t.save_every == 0) or step == t.steps
+        if not schedule.skip_nonfinite and (log_due or eval_due or save_due):
+            found = schedule.take_nonfinite()  # stop mode: the only host read of its non-finite count
+            if found:
+                diverged = save(ckpt.diverged_tag(step))
+                raise TrainingAborted(abort_message(found, step, checked == progress_start, checkpointer.root,
+                                                    diverged, ckpt.last_good(checkpointer.root), since=checked + 1))
+            checked = step
+        if log_due:
             record = train_metrics.flush(step=step, lr=engine.get_lr()[0], progress=progress,
                                          selecting=rows > t.micro_batch_size)
             logger.write(record)
             logger.progress(step, {"loss": record.get("loss", float("nan")), "seq/s": record["backprop_seq_per_s"]})
-        if step % t.eval_every == 0 or step == t.steps:
+        if eval_due:
             last_eval = do_eval()
-        if (t.save_every and step % t.save_every == 0) or step == t.steps:
+        if save_due:
             save()
 
     if last_eval is None:

@@ -143,8 +143,9 @@ def methods_for(model, engine, *, B: int, method: str = "sift", grad_accum: int 
 
 
 def schedule_for(cls: type[Schedule], engine, methods: MethodStack, batches, *, grad_accum: int = 1,
-                 device: str = "cpu") -> Schedule:
+                 device: str = "cpu", skip_nonfinite: bool = True) -> Schedule:
     dev = torch.device(device)
     streams = Streams(dev)
     return cls(engine, methods, rank=0, world_size=1, grad_accum=grad_accum, streams=streams,
-               timer=PhaseTimer(dev.type == "cuda"), prefetcher=DevicePrefetcher(batches, dev, streams))
+               timer=PhaseTimer(dev.type == "cuda"), prefetcher=DevicePrefetcher(batches, dev, streams),
+               skip_nonfinite=skip_nonfinite)

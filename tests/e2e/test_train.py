@@ -127,6 +127,39 @@ def test_nonfinite_abort_keeps_the_good_checkpoints(tiny_data, tmp_path):
     assert record["nonfinite_total"] == 3 and record["step"] == 12
 
 
+def test_stop_mode_matches_skip_mode_when_finite(run_a, tiny_data, tmp_path):
+    """train.nonfinite=stop changes when the flag is read, nothing else: every step's loss is bitwise run A's."""
+    train(tmp_path, tiny_data, "train.nonfinite=stop")
+    assert losses(tmp_path) == losses(run_a)
+
+
+def test_stop_mode_stops_at_the_next_check_and_keeps_the_good_checkpoints(tiny_data, tmp_path):
+    """Poisoned before step 13, checked every 5 steps: the check of step 15 finds 3 and stops; no checkpoint
+    is written after the poison except the diverged state; step 10 stays the last good one."""
+    result = train(tmp_path, tiny_data, "train.nonfinite=stop", "train.log_every=5", "train.keep_last=1",
+                   env={"SIFT_FAULT": "poison_weights:12"}, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    root = tmp_path / "checkpoints"
+    assert "3 non-finite loss(es) in steps 11-15 (train.nonfinite=stop" in result.stderr
+    assert f"the last good checkpoint is {root / 'step00000010'}" in result.stderr
+    assert f"diverged state is saved in {root / 'diverged-step00000015'}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert ckpt.complete_tags(root) == ["step00000010"]
+    assert ckpt.verify(root, "diverged-step00000015")["step"] == 15
+    assert max(r["step"] for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines())) == 10
+
+
+def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
+    """train.compile=true (torch.compile of each block; inductor on CPU) with the pipelined scorer: without
+    dropout (compiled dropout draws from inductor's RNG) the losses and evaluations are eager's."""
+    short = ("model.dropout=0", "train.steps=6", "train.eval_every=3", "train.save_every=0")
+    train(tmp_path / "eager", tiny_data, *short)
+    train(tmp_path / "compiled", tiny_data, *short, "train.compile=true")
+    assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
+    got, want = evals(tmp_path / "compiled"), evals(tmp_path / "eager")
+    assert [e["val_mlm_loss"] for e in got] == pytest.approx([e["val_mlm_loss"] for e in want], rel=1e-5)
+
+
 def test_init_from_an_exported_checkpoint(run_a, tmp_path):
     """model.init_from loads a local Hugging Face directory (here: our own export) instead of random init."""
     import torch

@@ -4,6 +4,7 @@ tiny BERT, GPT-2 and Llama)."""
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -21,14 +22,22 @@ def rows(d: int) -> int:
     return B if d < 2 else G  # two warm-up draws without selection, then G
 
 
-def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss", family="bert", positions=0):
+def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss", family="bert", positions=0,
+                 skip_nonfinite=True, poison_at=None):
     model, batch_stream = model_and_batches(family, seed=3)
     engine = PlainEngine(model, grad_accum=grad_accum)
     methods = methods_for(model, engine, B=B, grad_accum=grad_accum, policy=policy, criterion=criterion,
                           exit_layer=2, seed=SEED, score_positions=positions)
-    sched = schedule_for(cls, engine, methods, batch_stream(rows), grad_accum=grad_accum)
+    sched = schedule_for(cls, engine, methods, batch_stream(rows), grad_accum=grad_accum,
+                         skip_nonfinite=skip_nonfinite)
     torch.manual_seed(11)
-    outs = [sched.micro_step(d, d // grad_accum) for d in range(STEPS)]
+    outs = []
+    for d in range(STEPS):
+        if d == poison_at:
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        outs.append(sched.micro_step(d, d // grad_accum))
+    run_schedule.last = sched
     return [o.out["loss"].item() for o in outs], [o.stats.get("kept_score") for o in outs], model
 
 
@@ -124,3 +133,28 @@ def test_double_buffered_scorer_refreshes_the_idle_replica():
     assert double.paths[double._current] is not reading  # the idle replica was written, not the one read
     assert torch.equal(exit_scores(reading, batch, "loss"), before)
     assert torch.equal(double(batch), live(batch))
+
+
+@pytest.mark.parametrize("cls", [SerialSchedule, PipelinedSchedule])
+def test_stop_mode_reads_nothing_per_step_and_trains_the_same(cls, monkeypatch):
+    """train.nonfinite=stop: no host read of a finiteness flag per micro-step; with finite losses the run is
+    bitwise the skip-mode run, and the device count, read once, is 0."""
+    skip_losses, _, skip_model = run_schedule(cls)
+    monkeypatch.setattr("engine.schedule.all_finite", lambda loss: pytest.fail("stop mode read a flag per step"))
+    stop_losses, _, stop_model = run_schedule(cls, skip_nonfinite=False)
+    assert stop_losses == skip_losses
+    assert all(torch.equal(a, b) for a, b in zip(skip_model.state_dict().values(), stop_model.state_dict().values()))
+    assert run_schedule.last.take_nonfinite() == 0
+
+
+def test_stop_mode_counts_nonfinite_losses_on_the_device():
+    """Poisoned weights from micro-step 5 on: skip mode skips 5, 6, 7 (flags read at once); stop mode trains
+    through them and counts 3, read once; the count restarts after a read."""
+    losses, _, _ = run_schedule(SerialSchedule, poison_at=5)
+    sched = run_schedule.last
+    assert all(map(math.isfinite, losses[:5])) and not any(map(math.isfinite, losses[5:]))
+    assert sched.take_nonfinite() == 0  # skip mode keeps no count
+    run_schedule(SerialSchedule, skip_nonfinite=False, poison_at=5)
+    sched = run_schedule.last
+    assert sched.take_nonfinite() == 3
+    assert sched.take_nonfinite() == 0
