@@ -3,6 +3,11 @@
 #
 #   OUT=/path/to/out bash benchmarks/gpu_validate.sh      # on the GPU machine, from a copy of the project
 #   GPU_VALIDATE_DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_validate.sh   # print each stage's command only
+#   GPU_VALIDATE_PART=2 OUT=/path/to/out2 bash benchmarks/gpu_validate.sh   # the follow-up (about 4 minutes)
+#
+# Part 1 (the default) is the validation below. Part 2 is for the device time a session has left after it
+# (a session gets 15 minutes, start-up included): torch.compile per block against eager, and
+# train.nonfinite=skip against stop, each pair in one call so that the two are comparable.
 #
 # The GPU image lacks deepspeed, hjson and py-cpuinfo: carry the wheels that benchmarks/gpu_wheels.sh puts
 # in .whl/ (built on a machine with network); they are installed into $WORK/site, never into the image.
@@ -18,6 +23,7 @@ OUT=${OUT:-$PWD/gpu-out}
 WORK=${GPU_VALIDATE_WORK:-/tmp/sift-gpu-validate}  # scratch: wheels, prepared data, training runs
 PY=${PY:-python3}
 DRY=${GPU_VALIDATE_DRY_RUN:-0}
+PART=${GPU_VALIDATE_PART:-1}
 BUDGET_S=470   # the device call allows 8 minutes; this is the whole run (install and summary included)
 SUMMARY_S=15   # kept back for the summary
 INSTALL_S=30   # the wheels' install
@@ -84,6 +90,19 @@ if [[ $DRY != 1 ]]; then
   fi
 fi
 
+if [[ $PART == 2 ]]; then
+# --- follow-up: compile and the non-finite check, at T=512 (vanilla and SIFT exit-1 loss, pipelined) ------
+stage env 10 "$PY" -m benchmarks.gpu_report env --out "$OUT/env.json"
+stage bench-T512-compile 150 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 \
+  --criteria loss --variants vanilla,pipelined --compile both --steps 20 --warmup 8 --out "$OUT/bench" \
+  --name throughput-gpu-base-T512-compile --no-chart
+stage bench-T512-nonfinite-skip 30 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 \
+  --criteria loss --variants vanilla,pipelined --steps 20 --warmup 8 --out "$OUT/bench" \
+  --name throughput-gpu-base-T512-nonfinite-skip --no-chart train.nonfinite=skip
+stage bench-T512-nonfinite-stop 30 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 \
+  --criteria loss --variants vanilla,pipelined --steps 20 --warmup 8 --out "$OUT/bench" \
+  --name throughput-gpu-base-T512-nonfinite-stop --no-chart train.nonfinite=stop
+else
 # --- 1. environment: versions, GPU, SDPA backends, stream priorities, what BertLayer returns ----------------
 stage env 20 "$PY" -m benchmarks.gpu_report env --out "$OUT/env.json"
 
@@ -130,6 +149,7 @@ stage profile-T512 30 "$PY" -m benchmarks.throughput --preset gpu-base --seq-len
 stage bench-T512-ds-before 30 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 \
   --criteria loss --variants vanilla,pipelined --steps 20 --warmup 5 --out "$OUT/bench" \
   --name throughput-gpu-base-T512-ds-before --no-chart deepspeed.config=benchmarks/zero1-before-issue11.json
+fi
 
 # --- summary, printed last --------------------------------------------------------------------------------
 if [[ $DRY == 1 ]]; then

@@ -29,10 +29,8 @@ def budget(name: str) -> int:
     return int(re.search(rf"^{name}=(\d+)", SCRIPT.read_text(), re.M).group(1))
 
 
-@pytest.fixture(scope="module")
-def stages(tmp_path_factory) -> list[tuple[str, int, list[str]]]:
-    out = tmp_path_factory.mktemp("gpu-out")
-    env = {**os.environ, "GPU_VALIDATE_DRY_RUN": "1", "OUT": str(out), "PY": "python3"}
+def dry_run(out, part: int) -> list[tuple[str, int, list[str]]]:
+    env = {**os.environ, "GPU_VALIDATE_DRY_RUN": "1", "OUT": str(out), "PY": "python3", "GPU_VALIDATE_PART": str(part)}
     proc = subprocess.run(["bash", str(SCRIPT)], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     rows = []
@@ -42,6 +40,16 @@ def stages(tmp_path_factory) -> list[tuple[str, int, list[str]]]:
         assert tag == "STAGE"
         rows.append((name, int(limit), shlex.split(cmd)))
     return rows
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory) -> list[tuple[str, int, list[str]]]:
+    return dry_run(tmp_path_factory.mktemp("gpu-out"), part=1)
+
+
+@pytest.fixture(scope="module")
+def follow_up(tmp_path_factory) -> list[tuple[str, int, list[str]]]:
+    return dry_run(tmp_path_factory.mktemp("gpu-out-2"), part=2)
 
 
 def test_syntax():
@@ -89,7 +97,18 @@ def check_train(args: list[str]) -> None:
     check_ds_json(cfg.deepspeed.config)
 
 
-def test_every_command_accepts_its_flags(stages):
+def test_the_follow_up_fits_what_a_session_has_left(follow_up):
+    """Part 2 runs on the warm machine after part 1: together under 15 device-minutes with a 2-minute start."""
+    names = [n for n, _, _ in follow_up]
+    assert {"bench-T512-compile", "bench-T512-nonfinite-skip", "bench-T512-nonfinite-stop"} <= set(names)
+    assert names[-1] == "summary"
+    work = sum(limit for _, limit, _ in follow_up) + budget("INSTALL_S")
+    assert 120 + DEVICE_CALL_S + work <= 15 * 60
+
+
+@pytest.mark.parametrize("part", ["stages", "follow_up"])
+def test_every_command_accepts_its_flags(part, request):
+    stages = request.getfixturevalue(part)
     checked = set()
     for name, _, argv in stages:
         module, args = module_args(argv)
@@ -112,7 +131,7 @@ def test_every_command_accepts_its_flags(stages):
         else:
             pytest.fail(f"stage {name}: no check for `{shlex.join(argv)}`; add one to this test")
         checked.add(name)
-    assert len(checked) == len(stages) - 1
+    assert checked == {name for name, _, argv in stages if argv[2] != "pytest"}
 
 
 def test_the_training_command_line_is_accepted_by_sift_train(stages):
