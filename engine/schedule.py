@@ -14,8 +14,8 @@ runs sequentially, in the same order, with the same semantics.
 Non-finite losses (``train.nonfinite``): ``skip`` reads one flag per micro-step to the host and skips a
 micro-batch whose loss is non-finite on any rank (no backward, no step); ``stop`` reads nothing: it
 counts them on the device, and the loop reads the count at its next log flush, evaluation or checkpoint
-and stops there. Which rows to draw, how to score them and which to keep is the methods' business (engine/methods/); without
-a selecting method every micro-step trains on what it drew.
+and stops there. Which rows to draw, how to score them and which to keep is the methods' business
+(engine/methods/); without a selecting method every micro-step trains on what it drew.
 """
 
 from __future__ import annotations

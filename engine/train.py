@@ -196,8 +196,9 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
             found = schedule.take_nonfinite()  # stop mode: the only host read of its non-finite count
             if found:
                 diverged = save(ckpt.diverged_tag(step))
-                raise TrainingAborted(abort_message(found, step, checked == progress_start, checkpointer.root,
-                                                    diverged, ckpt.last_good(checkpointer.root), since=checked + 1))
+                every_one = found == (step - progress_start) * t.grad_accum  # no finite step since the start
+                raise TrainingAborted(abort_message(found, step, every_one, checkpointer.root, diverged,
+                                                    ckpt.last_good(checkpointer.root), since=checked + 1))
             checked = step
         if log_due:
             record = train_metrics.flush(step=step, lr=engine.get_lr()[0], progress=progress,
