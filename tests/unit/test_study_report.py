@@ -278,3 +278,10 @@ def test_decoder_runs_are_read_by_their_own_metric_names():
     assert "val LM acc" in markdown_final(rows, {}, "vanilla", "lm")
     hits = target_table(["vanilla", "sift"], runs, [0.2], "vanilla", key="val_lm_acc")
     assert all(r["backprop_samples"]["reached"] == 2 for r in hits)
+
+
+def test_incomplete_runs_are_listed_once_per_arm():
+    from benchmarks.study_output import _by_arm
+
+    keys = ["noisy/loss-2/seed0", "noisy/loss-2/seed1", "noisy/vcas/seed3", "vanilla/seed2"]
+    assert _by_arm(keys) == "noisy/loss-2 (seeds 0, 1); noisy/vcas (seed 3); vanilla (seed 2)"
