@@ -66,6 +66,10 @@ class ModelConfig:
     dropout: float = 0.1
     """Hidden and attention dropout (the paper: 0.1 on all layers; Llama has attention dropout only)."""
     attn_implementation: str = "sdpa"
+    loss_chunk: int = 0
+    """Decoders: run the LM head and the loss over this many positions at a time, recomputed in the
+    backward (activation checkpointing), so the (B x T, V) logits and their fp32 buffers never exist at
+    once, for large vocabularies and long rows; costs one more LM-head forward per step. 0: all at once."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -357,6 +361,10 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"optim.warmup_fraction: must be in [0, 1), got {o.warmup_fraction}")
     if not all(0.0 <= b < 1.0 for b in o.betas):
         p.append(f"optim.betas: each must be in [0, 1), got {list(o.betas)}")
+    if cfg.model.loss_chunk < 0:
+        p.append(f"model.loss_chunk: must be >= 0, got {cfg.model.loss_chunk}")
+    elif cfg.model.loss_chunk and cfg.model.family == "bert":
+        p.append("model.loss_chunk: decoders only (BERT's MLM head already runs on the masked positions only)")
     if not 0.0 <= cfg.model.dropout < 1.0:
         p.append(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
     p += _check_vcas(cfg.vcas)

@@ -14,11 +14,13 @@ reads a mask to the host; other attention implementations get transformers' caus
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
@@ -48,6 +50,26 @@ def unique_parameters(modules: list[nn.Module]) -> list[nn.Parameter]:
         for p in m.parameters():
             seen.setdefault(id(p), p)
     return list(seen.values())
+
+
+def chunked_head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torch.Tensor, labels: torch.Tensor,
+                      chunk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, T, H) hidden states, (G, T) labels -> (G, T) fp32 next-token CE and (G, T) hits (argmax = label),
+    running ``head`` and the loss over ``chunk`` positions at a time under activation checkpointing, so
+    that one chunk's logits and fp32 buffers exist at a time, in the forward and in the backward (which
+    runs the head again on each chunk). Equal to the unchunked values up to fp32 summation order."""
+    G, T, H = hidden.shape
+
+    def piece(h: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = head(h)
+        return token_cross_entropy(logits, lab), logits.detach().argmax(-1) == lab
+
+    ces, hits = [], []
+    for h, lab in zip(hidden.reshape(G * T, H).split(chunk), labels.reshape(G * T).split(chunk)):
+        ce, hit = checkpoint(piece, h, lab, use_reentrant=False)
+        ces.append(ce)
+        hits.append(hit)
+    return torch.cat(ces).view(G, T), torch.cat(hits).view(G, T)
 
 
 class DecoderExit:
@@ -134,9 +156,9 @@ class SiftDecoder(SiftModel):
 
     token_loss_name = "lm"
 
-    def __init__(self, hf: PreTrainedModel):
+    def __init__(self, hf: PreTrainedModel, loss_chunk: int = 0):
         super().__init__()
-        self.hf = hf
+        self.hf, self.loss_chunk = hf, loss_chunk
 
     @property
     def config(self) -> PretrainedConfig:
@@ -167,8 +189,13 @@ class SiftDecoder(SiftModel):
         engine/models/base.py) plus ``correct`` (next tokens predicted right). ``attention_mask`` is all
         ones for packed rows and is not read (no host sync)."""
         path = self.exit_path(self.num_layers)
-        logits = path.logits(path.run(input_ids))  # (G, T, V)
-        ce = token_cross_entropy(logits, labels)  # (G, T) fp32, 0 where labels are -100
+        hidden = path.run(input_ids)
+        if self.loss_chunk:  # model.loss_chunk: the (G, T, V) logits never exist at once
+            ce, hits = chunked_head_loss(path.logits, hidden, labels, self.loss_chunk)
+        else:
+            logits = path.logits(hidden)  # (G, T, V)
+            ce = token_cross_entropy(logits, labels)  # (G, T) fp32, 0 where labels are -100
+            hits = logits.detach().argmax(-1) == labels
         valid = labels >= 0
         count = valid.sum()
         loss_sum = ce.sum()
@@ -177,7 +204,7 @@ class SiftDecoder(SiftModel):
             "loss_sum": loss_sum,
             "loss_tokens": count,
             "per_seq_loss": per_sequence_mean(ce.detach(), valid),
-            "correct": ((logits.detach().argmax(-1) == labels) & valid).sum(),
+            "correct": (hits & valid).sum(),
         }
 
 

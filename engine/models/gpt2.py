@@ -81,10 +81,10 @@ def build(cfg: ModelConfig, data: DataFacts) -> SiftGPT2:
     """Random init from a preset (seed the global RNG first), or a local HF checkpoint (``init_from``)."""
     check_objective("gpt2", data)
     if cfg.init_from is None:
-        return SiftGPT2(GPT2LMHeadModel(hf_config(cfg, data)))
+        return SiftGPT2(GPT2LMHeadModel(hf_config(cfg, data)), loss_chunk=cfg.loss_chunk)
     hf = load_pretrained(GPT2LMHeadModel, cfg, data, "n_positions", resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout,
                          attn_pdrop=cfg.dropout)
-    return SiftGPT2(hf)
+    return SiftGPT2(hf, loss_chunk=cfg.loss_chunk)
 
 
 def from_state(state: dict[str, torch.Tensor], spec: dict[str, Any]) -> GPT2LMHeadModel:

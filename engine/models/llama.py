@@ -103,9 +103,9 @@ def build(cfg: ModelConfig, data: DataFacts) -> SiftLlama:
     """Random init from a preset (seed the global RNG first), or a local HF checkpoint (``init_from``)."""
     check_objective("llama", data)
     if cfg.init_from is None:
-        return SiftLlama(LlamaForCausalLM(hf_config(cfg, data)))
+        return SiftLlama(LlamaForCausalLM(hf_config(cfg, data)), loss_chunk=cfg.loss_chunk)
     hf = load_pretrained(LlamaForCausalLM, cfg, data, "max_position_embeddings", attention_dropout=cfg.dropout)
-    return SiftLlama(hf)
+    return SiftLlama(hf, loss_chunk=cfg.loss_chunk)
 
 
 def from_state(state: dict[str, torch.Tensor], spec: dict[str, Any]) -> LlamaForCausalLM:

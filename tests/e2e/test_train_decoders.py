@@ -75,6 +75,13 @@ def test_llama_zero3_scorer_replica_selects_like_zero1(llama_run, tiny_clm_data,
     assert losses(tmp_path) == pytest.approx(losses(llama_run), rel=1e-3)
 
 
+def test_llama_zero3_chunked_loss_trains_like_the_whole_batch(llama_run, tiny_clm_data, tmp_path):
+    """model.loss_chunk under ZeRO-3: the LM head runs again in the backward (activation checkpointing)
+    while DeepSpeed gathers its partitioned weight; the run follows the unchunked one to rounding."""
+    train(tmp_path, tiny_clm_data, *LLAMA, "model.loss_chunk=100")
+    assert losses(tmp_path) == pytest.approx(losses(llama_run), rel=1e-4)
+
+
 @pytest.mark.parametrize("which", ["gpt2", "llama"])
 def test_export_generates_text_in_transformers(which, gpt2_run, llama_run, tmp_path):
     import torch

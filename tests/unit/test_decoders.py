@@ -142,3 +142,41 @@ def test_init_from_a_saved_checkpoint(tmp_path):
         assert torch.equal(p, q), n
     with pytest.raises(ModelError, match="has a vocabulary of 120 tokens but the data's tokenizer has 500"):
         build_model(cfg, DataFacts(vocab_size=500, seq_len=32, objective="clm", pad_id=0))
+
+
+@pytest.mark.parametrize("fam", FAMILIES)
+def test_chunked_head_loss_equals_the_whole_batch_and_saves_no_full_logits(fam):
+    """model.loss_chunk: the same loss, metrics and gradients as the (G, T, V) computation (a chunk that
+    does not divide G x T), and no tensor of G x T x V elements is kept for the backward."""
+    whole = tiny_decoder(fam, dropout=0.0)
+    chunked = copy.deepcopy(whole)
+    chunked.loss_chunk = 7
+    batch = clm_batch(G=5, seed=4)
+    full = 5 * 32 * VOCAB
+
+    def run(model):
+        sizes = []
+
+        def keep(t):
+            sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            out = model(**batch)
+        out["loss"].backward()
+        return out, max(sizes), {n: p.grad for n, p in model.named_parameters()}
+
+    a, a_max, a_grads = run(whole)
+    b, b_max, b_grads = run(chunked)
+    assert a_max >= full > b_max
+    for key in ("loss", "loss_sum", "per_seq_loss"):
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    assert b["correct"].item() == a["correct"].item() and b["loss_tokens"].item() == a["loss_tokens"].item()
+    for name, grad in a_grads.items():
+        torch.testing.assert_close(b_grads[name], grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_loss_chunk_is_for_decoders():
+    with pytest.raises(ConfigError, match="model.loss_chunk: decoders only"):
+        load_config(None, ["model.loss_chunk=1024"])
+    assert load_config(None, ["model.family=llama", "model.loss_chunk=1024"]).model.loss_chunk == 1024
