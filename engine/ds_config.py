@@ -142,6 +142,8 @@ def fill(template: dict[str, Any], run: RunFacts, source: str = "deepspeed confi
     stage = zero.get("stage", 0)
     if stage not in (0, 1, 2, 3):
         problems.append(f"zero_optimization.stage must be 0, 1, 2 or 3, got {stage!r}")
+    if zero.get("overlap_comm") == AUTO:  # reduce during the backward; one rank has nothing to overlap and
+        zero["overlap_comm"] = run.world_size > 1  # would pay for the bucket copies (docs/architecture.md)
     auto_sizes = [k for k in SIZED_KEYS if zero.get(k) == AUTO]
     if auto_sizes:
         if run.num_params is not None:

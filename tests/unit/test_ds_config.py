@@ -85,6 +85,15 @@ def test_explicit_settings_are_kept():
     assert zero["allgather_bucket_size"] == bucket_sizes(BERT_BASE, 8)["allgather_bucket_size"]
 
 
+def test_auto_overlap_comm_overlaps_only_across_ranks():
+    """ZeRO-1 reduces in backward hooks only with overlap_comm: on for several ranks, off for one."""
+    template = load_json(ROOT / "ds_configs" / "zero1.json")
+    assert template["zero_optimization"]["overlap_comm"] == "auto"
+    assert fill(template, facts(world_size=8))["zero_optimization"]["overlap_comm"] is True
+    assert fill(template, facts(world_size=1))["zero_optimization"]["overlap_comm"] is False
+    assert DeepSpeedConfig(fill(template, facts(world_size=1))).zero_config.overlap_comm is False
+
+
 def test_bert_base_gets_a_handful_of_buckets_not_one_or_a_hundred(bert_base_grad_sizes):
     sizes = bert_base_grad_sizes
     for world in (1, 8, 64):
