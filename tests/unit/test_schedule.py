@@ -23,7 +23,7 @@ def rows(d: int) -> int:
 
 
 def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss", family="bert", positions=0,
-                 skip_nonfinite=True, poison_at=None):
+                 skip_nonfinite=True, poison_at=None, with_schedule=False):
     model, batch_stream = model_and_batches(family, seed=3)
     engine = PlainEngine(model, grad_accum=grad_accum)
     methods = methods_for(model, engine, B=B, grad_accum=grad_accum, policy=policy, criterion=criterion,
@@ -37,8 +37,8 @@ def run_schedule(cls, policy="topk", grad_accum=1, criterion="loss", family="ber
             with torch.no_grad():
                 next(model.parameters()).fill_(float("nan"))
         outs.append(sched.micro_step(d, d // grad_accum))
-    run_schedule.last = sched
-    return [o.out["loss"].item() for o in outs], [o.stats.get("kept_score") for o in outs], model
+    result = [o.out["loss"].item() for o in outs], [o.stats.get("kept_score") for o in outs], model
+    return (*result, sched) if with_schedule else result
 
 
 def reference(stale: bool, policy="topk", grad_accum=1, criterion="loss", family="bert", positions=0):
@@ -141,20 +141,18 @@ def test_stop_mode_reads_nothing_per_step_and_trains_the_same(cls, monkeypatch):
     bitwise the skip-mode run, and the device count, read once, is 0."""
     skip_losses, _, skip_model = run_schedule(cls)
     monkeypatch.setattr("engine.schedule.all_finite", lambda loss: pytest.fail("stop mode read a flag per step"))
-    stop_losses, _, stop_model = run_schedule(cls, skip_nonfinite=False)
+    stop_losses, _, stop_model, sched = run_schedule(cls, skip_nonfinite=False, with_schedule=True)
     assert stop_losses == skip_losses
     assert all(torch.equal(a, b) for a, b in zip(skip_model.state_dict().values(), stop_model.state_dict().values()))
-    assert run_schedule.last.take_nonfinite() == 0
+    assert sched.take_nonfinite() == 0
 
 
 def test_stop_mode_counts_nonfinite_losses_on_the_device():
     """Poisoned weights from micro-step 5 on: skip mode skips 5, 6, 7 (flags read at once); stop mode trains
     through them and counts 3, read once; the count restarts after a read."""
-    losses, _, _ = run_schedule(SerialSchedule, poison_at=5)
-    sched = run_schedule.last
+    losses, _, _, sched = run_schedule(SerialSchedule, poison_at=5, with_schedule=True)
     assert all(map(math.isfinite, losses[:5])) and not any(map(math.isfinite, losses[5:]))
     assert sched.take_nonfinite() == 0  # skip mode keeps no count
-    run_schedule(SerialSchedule, skip_nonfinite=False, poison_at=5)
-    sched = run_schedule.last
+    *_, sched = run_schedule(SerialSchedule, skip_nonfinite=False, poison_at=5, with_schedule=True)
     assert sched.take_nonfinite() == 3
     assert sched.take_nonfinite() == 0
