@@ -78,7 +78,7 @@ unset DS_ACCELERATOR RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MAS
 if [[ $DRY != 1 ]]; then
   rm -rf "$WORK" && mkdir -p "$WORK"
   { echo "date: $(date -u +%FT%TZ)"; echo "commit: ${GIT_COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}"
-    echo "command: OUT=$OUT bash benchmarks/gpu_validate.sh"; } > "$OUT/meta.txt"
+    echo "command: GPU_VALIDATE_PART=$PART OUT=$OUT bash benchmarks/gpu_validate.sh"; } > "$OUT/meta.txt"
   if ! "$PY" -c "import deepspeed, hjson, cpuinfo" 2> /dev/null; then
     if compgen -G ".whl/*.whl" > /dev/null; then
       log "installing $(ls .whl | wc -l) wheels into $WORK/site"
