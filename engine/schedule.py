@@ -75,10 +75,10 @@ def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
 
 def all_finite(loss: torch.Tensor) -> bool:
     """True when the loss is finite on every rank (one tiny all-reduce and one host sync)."""
-    flag = torch.isfinite(loss.detach()).to(torch.float32)
+    flag = nonfinite_flag(loss)
     if _world() > 1:
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item())
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return not flag.item()
 
 
 class Schedule:
