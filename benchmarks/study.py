@@ -283,7 +283,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", help="study directory (runs, logs; default: runs/<study name>)")
     p.add_argument("--report", help="where the report goes (default: <out>/report)")
     p.add_argument("--seeds", help="a count (3 means 0,1,2) or a list (0,1,2; a single seed: 5,)")
-    p.add_argument("--arms", help="comma-separated arms, e.g. vanilla,random,loss:1,entropy:L/2 (default: the grid)")
+    p.add_argument("--arms", help="comma-separated arms, e.g. vanilla,random,loss:1,entropy:L/2, or names of the "
+                   "study file's arms such as vcas (default: the file's arms)")
     p.add_argument("--targets", help="validation accuracies for time-to-target, e.g. 0.30,0.35, or auto")
     p.add_argument("--parallel", type=int, help="runs at a time (default 1; on CPU the cores are shared out)")
     p.add_argument("--report-only", action="store_true", help="do not train: report on the runs there are")

@@ -36,8 +36,8 @@ import yaml
 from engine.models.presets import FAMILY_PRESETS
 from sift_common.errors import SiftError
 
-ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J (J a layer number, L or L/2), or a mapping "
-               "{name: ..., overrides: [key=value, ...], label: ...}")
+ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J (J a layer number, L or L/2), the name of an arm of "
+               "the study file, or a mapping {name: ..., overrides: [key=value, ...], label: ...}")
 STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare", "reference", "control", "warm",
               "continue_steps", "regimes")
 # Set by the study for every run; overriding them for the whole study would silently merge runs.
@@ -110,13 +110,16 @@ def _layer(token: str, num_layers: int, spec: str) -> int:
     return j
 
 
-def parse_arm(spec: Any, num_layers: int) -> Arm:
-    """A shorthand (`vanilla`, `random`, `loss:J`, `entropy:J`) or a mapping {name, overrides, label}."""
+def parse_arm(spec: Any, num_layers: int, named: dict[str, Arm] | None = None) -> Arm:
+    """A shorthand (`vanilla`, `random`, `loss:J`, `entropy:J`), the name of one of the ``named`` arms (the
+    study file's, so `--arms vcas` picks its `vcas` mapping), or a mapping {name, overrides, label}."""
     if isinstance(spec, dict):
         unknown = sorted(set(spec) - {"name", "overrides", "label"})
         if unknown or not spec.get("name") or not isinstance(spec.get("overrides", []), list):
             raise StudyError(f"arm {spec!r}: expected {{name: ..., overrides: [key=value, ...], label: ...}}")
         return Arm(str(spec["name"]), tuple(str(o) for o in spec.get("overrides") or []), str(spec.get("label") or ""))
+    if named and str(spec).strip() in named:
+        return named[str(spec).strip()]
     text = str(spec).strip().lower()
     if text == "vanilla":
         return VANILLA
@@ -130,16 +133,17 @@ def parse_arm(spec: Any, num_layers: int) -> Arm:
     raise StudyError(f"arm {spec!r} is not understood; expected {ARM_GRAMMAR}")
 
 
-def parse_arms(specs: Any, num_layers: int) -> list[Arm]:
+def parse_arms(specs: Any, num_layers: int, named: dict[str, Arm] | None = None) -> list[Arm]:
     """A list of arm specs (or "default"), deduplicated in order; the `default` token expands in place;
-    comma-separated shorthands are split. Two different arms with one name are an error."""
+    comma-separated shorthands are split; a bare name of one of the ``named`` arms selects it. Two
+    different arms with one name are an error."""
     items = [specs] if isinstance(specs, (str, dict)) else list(specs)
     arms: list[Arm] = []
     for item in items:
         parts = [item] if isinstance(item, dict) else [s for s in str(item).split(",") if s.strip()]
         for spec in parts:
             is_default = isinstance(spec, str) and spec.strip().lower() == "default"
-            for arm in default_arms(num_layers) if is_default else [parse_arm(spec, num_layers)]:
+            for arm in default_arms(num_layers) if is_default else [parse_arm(spec, num_layers, named)]:
                 same = [a for a in arms if a.name == arm.name]
                 if same and same[0] != arm:
                     raise StudyError(f"two different arms are named {arm.name!r}")
@@ -292,7 +296,8 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
         study["continue_steps"] = continue_steps
     overrides = list(overrides or [])
     layers = model_layers(_with_overrides(tree, overrides))
-    arm_list = parse_arms(arms if arms is not None else study.get("arms", "default"), layers)
+    file_arms = parse_arms(study.get("arms", "default"), layers)
+    arm_list = file_arms if arms is None else parse_arms(arms, layers, {a.name: a for a in file_arms})
     branch = _branch(study.get("warm"), study.get("continue_steps"))
     reserved = set(RUN_KEYS).union(*(a.keys() for a in arm_list))
     if branch is not None:

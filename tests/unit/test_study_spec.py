@@ -166,6 +166,17 @@ def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_pat
     assert warm.probe.count("--select") == 4  # loss and entropy at exits 1 and 2, scored at the branch point
 
 
+def test_arms_on_the_command_line_may_name_the_study_files_arms():
+    """`--arms vcas` picks the preset's `vcas` mapping; shorthands still parse; an unknown name says so."""
+    preset = study.PRESETS["regimes-cpu"]
+    whole = {a.name: a for a in build_spec(preset).arms}
+    spec = build_spec(preset, arms="vcas,loss:1,sift+vcas")
+    assert spec.arms == [whole["vcas"], whole["loss-1"], whole["sift+vcas"]]
+    assert "method=vcas" in spec.arms[0].overrides
+    with pytest.raises(StudyError, match="'vcas2' is not understood.*name of an arm of the study file"):
+        build_spec(preset, arms="vanilla,vcas2")
+
+
 def run_main(argv, capsys):
     """`sift study ...` as the command line runs it (errors become a message and exit status 2)."""
     from launcher.cli import main as sift
