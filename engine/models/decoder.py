@@ -62,6 +62,8 @@ def chunked_head_loss(head: Callable[[torch.Tensor], torch.Tensor], hidden: torc
 
     def piece(h: torch.Tensor, lab: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = head(h)
+        # CE first: the backward's recompute stops once the CE has saved its tensors (checkpoint's early
+        # stop), so it never runs the argmax
         return token_cross_entropy(logits, lab), logits.detach().argmax(-1) == lab
 
     ces, hits = [], []

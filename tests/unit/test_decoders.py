@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from engine.config import ConfigError, ModelConfig, load_config
 from engine.models import build_model, family
@@ -144,10 +145,23 @@ def test_init_from_a_saved_checkpoint(tmp_path):
         build_model(cfg, DataFacts(vocab_size=500, seq_len=32, objective="clm", pad_id=0))
 
 
+class OpCounter(TorchDispatchMode):
+    """Records the names of the aten ops that run inside it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.seen.add(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 @pytest.mark.parametrize("fam", FAMILIES)
 def test_chunked_head_loss_equals_the_whole_batch_and_saves_no_full_logits(fam):
     """model.loss_chunk: the same loss, metrics and gradients as the (G, T, V) computation (a chunk that
-    does not divide G x T), and no tensor of G x T x V elements is kept for the backward."""
+    does not divide G x T), no tensor of G x T x V elements is kept for the backward, and the backward's
+    recompute of the head does not recompute the accuracy metric."""
     whole = tiny_decoder(fam, dropout=0.0)
     chunked = copy.deepcopy(whole)
     chunked.loss_chunk = 7
@@ -163,12 +177,14 @@ def test_chunked_head_loss_equals_the_whole_batch_and_saves_no_full_logits(fam):
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             out = model(**batch)
-        out["loss"].backward()
-        return out, max(sizes), {n: p.grad for n, p in model.named_parameters()}
+        with OpCounter() as ops:
+            out["loss"].backward()
+        return out, max(sizes), {n: p.grad for n, p in model.named_parameters()}, ops.seen
 
-    a, a_max, a_grads = run(whole)
-    b, b_max, b_grads = run(chunked)
+    a, a_max, a_grads, _ = run(whole)
+    b, b_max, b_grads, b_ops = run(chunked)
     assert a_max >= full > b_max
+    assert "aten.mm.default" in b_ops and "aten.argmax.default" not in b_ops  # the recompute stops before the metric
     for key in ("loss", "loss_sum", "per_seq_loss"):
         torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
     assert b["correct"].item() == a["correct"].item() and b["loss_tokens"].item() == a["loss_tokens"].item()
