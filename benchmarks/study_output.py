@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.study_markdown import (
+    holm_line,
     markdown_comparisons,
     markdown_costs,
     markdown_equal_time,
@@ -186,12 +187,14 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         *([f"**Incomplete runs (not in the tables):** {_by_arm(missing)}", ""] if missing else []),
         *(_warm_lines(warm_cost, spec) if spec.branch else []),
         "## Verdict (95% t intervals over seeds, paired by seed)", "",
-        *(verdict_lines(compared, labels, selecting, refs, keys) or ["(no complete comparison yet)"]), "",
+        *(verdict_lines(compared, labels, selecting, refs, keys) or ["(no complete comparison yet)"]),
+        *[line for line in [holm_line(compared, labels)] if line], "",
         *[line for ref_ in refs for key in keys for line in (
             f"## {key}: paired difference to {ref_}", "", markdown_comparisons(compared, labels, ref_, key), "")],
         "Δ: arm minus reference with the same seed, in percentage points, mean over seeds [95% t interval]. "
         "Equal samples: the end of training. Equal CPU time / wall clock: both runs read at the budget the faster "
-        "one used up. A verdict is per comparison, not corrected for the number of comparisons.", "",
+        "one used up. A verdict is per comparison, not corrected for the number of comparisons; the Holm line "
+        "is.", "",
         f"## Final validation {token.upper()} accuracy (table 1)", "", table, "",
         "Per seed:", "", markdown_per_seed(final, labels), "",
         "## At equal wall clock", "", markdown_equal_time(final, labels, ref, token) if ref else "(no reference arm)", "",
@@ -242,7 +245,9 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
     selecting = [n for n in names if n not in refs]
     md = [f"# {spec.name}: where does SIFT win?", "",
           "Per data regime, which arms beat (or lose to) the reference and the control beyond the 95% t interval "
-          "of the paired difference over seeds; details in each regime's report.md.", ""]
+          "of the paired difference over seeds (each comparison on its own), then which comparisons at equal "
+          "samples survive Holm's correction for all of the regime's comparisons; details in each regime's "
+          "report.md.", ""]
     summary: dict[str, Any] = {}
     for regime, where in regime_reports.items():
         path = where / "results.json"
@@ -256,7 +261,8 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
         if res.get("incomplete_runs"):
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
         md += [*(verdict_lines(res["comparisons"], labels, selecting, refs, res.get("metrics", ["val_mlm_acc"]))
-                 or ["(no complete comparison yet)"]), *_kept_lines(res.get("kept", []), labels),
+                 or ["(no complete comparison yet)"]),
+               *[line for line in [holm_line(res["comparisons"], labels)] if line], *_kept_lines(res.get("kept", []), labels),
                *_fidelity_lines(res.get("fidelity", []), labels), ""]
     (report / "verdict.json").write_text(json.dumps({"study": record.get("name"), "regimes": summary}, indent=1) + "\n")
     (report / "verdict.md").write_text("\n".join(md))

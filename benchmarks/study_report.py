@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study_stats import mean_ci, verdict
+from benchmarks.study_stats import holm, mean_ci, verdict
 
 # ----------------------------------------------------------------------------- one run
 
@@ -427,7 +427,8 @@ def paired_at_equal(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: st
 def comparisons(arms: Sequence[str], runs: dict[str, list[RunCurves]], refs: Sequence[str],
                 keys: Sequence[str]) -> list[dict[str, Any]]:
     """Every arm against every reference arm, per metric, at equal back-propagated samples (the end of
-    training), equal CPU time and equal wall clock: mean paired difference, 95% t interval, verdict."""
+    training), equal CPU time and equal wall clock: mean paired difference, 95% t interval, verdict, and
+    for the comparisons at equal samples (the study's primary family) the Holm-adjusted p-value."""
     rows = []
     for ref in refs:
         if ref not in runs:
@@ -440,6 +441,9 @@ def comparisons(arms: Sequence[str], runs: dict[str, list[RunCurves]], refs: Seq
                     ci = (paired_at_end(runs[arm], runs[ref], key) if axis == "backprop_samples"
                           else paired_at_equal(runs[arm], runs[ref], key, axis))
                     rows.append({"arm": arm, "ref": ref, "metric": key, "axis": axis, **ci, "verdict": verdict(ci)})
+    family = [r for r in rows if r["axis"] == "backprop_samples" and "p" in r]
+    for r, adjusted in zip(family, holm([r["p"] for r in family]), strict=True):
+        r["p_holm"] = adjusted
     return rows
 
 

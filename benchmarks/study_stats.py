@@ -4,6 +4,10 @@ With 5 seeds a bootstrap interval is too narrow (a simulation of the percentile 
 5 normal values: 84% coverage for a nominal 95%), so intervals are t intervals: mean ± t(0.975, n - 1) · sd / √n, which assume the
 per-seed differences are roughly normal. The t quantile comes from the t distribution's CDF, written with
 the regularized incomplete beta function (a continued fraction), inverted by bisection.
+
+A study makes dozens of such comparisons, so a few intervals exclude 0 by chance alone: each interval
+also carries its two-sided p-value, and ``holm`` adjusts a family of them (Holm's step-down method, which
+keeps the chance of any false "beyond the interval" in the family at 5% without assuming independence).
 """
 
 from __future__ import annotations
@@ -84,7 +88,25 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
         return out
     sd = statistics.stdev(vals)
     half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
-    out.update(sd=sd, lo=mean - half, hi=mean + half, half=half, level=level)
+    out.update(sd=sd, lo=mean - half, hi=mean + half, half=half, level=level, p=t_test_p(mean, sd, n))
+    return out
+
+
+def t_test_p(mean: float, sd: float, n: int) -> float:
+    """Two-sided p-value of the one-sample t test of mean 0 (1 for a zero mean with zero spread)."""
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    return 2.0 * t_cdf(-abs(mean) / (sd / math.sqrt(n)), n - 1)
+
+
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm-adjusted p-values, in the input order: the k-th smallest of m is multiplied by m - k + 1,
+    made monotone (never below a smaller one's adjusted value) and capped at 1."""
+    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
+    out, running = [1.0] * len(pvalues), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
+        out[i] = running
     return out
 
 

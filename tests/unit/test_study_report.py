@@ -193,6 +193,9 @@ def test_paired_comparisons_against_a_direct_computation():
     by = {(r["arm"], r["axis"]): r for r in rows}
     assert set(by) == {("sift", "backprop_samples"), ("sift", "cpu_s"), ("sift", "hours")}
     assert by[("sift", "backprop_samples")]["verdict"] == "better" and by[("sift", "cpu_s")]["verdict"] == "worse"
+    # the family at equal samples is this one comparison: its Holm-adjusted p is its own p
+    assert by[("sift", "backprop_samples")]["p_holm"] == by[("sift", "backprop_samples")]["p"] < 0.05
+    assert "p_holm" not in by[("sift", "cpu_s")]
 
 
 def test_continuation_targets_and_the_kept_and_cost_tables():
@@ -258,6 +261,23 @@ def test_verdict_lines_sort_arms_by_what_their_interval_says():
     (line,) = verdict_lines(rows, {}, ["up", "down", "flat", "new"], ["vanilla"], ["val_mlm_acc"])
     assert "**better**: up (+0.40 [+0.30, +0.50])" in line and "**worse**: down (-0.40 [-0.50, -0.30])" in line
     assert "within the interval: flat" in line and "one seed, no interval yet: new" in line
+
+
+def test_holm_line_names_what_survives_the_correction():
+    from benchmarks.study_markdown import holm_line
+
+    def row(arm, mean, p_holm, p=0.01):
+        return {"arm": arm, "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": 5,
+                "mean": mean, "lo": mean - 0.001, "hi": mean + 0.001, "p": p, "p_holm": p_holm}
+
+    line = holm_line([row("up", 0.004, 0.01), row("down", -0.004, 0.2)], {"up": "Up"})
+    assert "over the 2 comparisons" in line and "**significant at 5%**: Up vs vanilla" in line
+    assert "adjusted p 0.010" in line and "down" not in line
+    line = holm_line([row("up", 0.004, 0.3), row("down", -0.004, 0.2)], {})
+    assert "none significant at 5%; the closest: down vs vanilla" in line
+    line = holm_line([row("a", 0.001, 1.0, p=0.6), row("b", -0.002, 1.0, p=0.3)], {})  # ties: the smaller raw p
+    assert "the closest: b vs vanilla" in line
+    assert holm_line([{k: v for k, v in row("x", 0.0, 1.0).items() if k != "p_holm"}], {}) == ""
 
 
 def test_decoder_runs_are_read_by_their_own_metric_names():
