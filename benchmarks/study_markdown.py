@@ -167,12 +167,12 @@ def verdict_lines(rows: list[dict[str, Any]], labels: dict[str, str], arms: Sequ
     return out
 
 
-def holm_line(rows: list[dict[str, Any]], labels: dict[str, str], level: float = 0.05) -> str:
+def holm_lines(rows: list[dict[str, Any]], labels: dict[str, str], level: float = 0.05) -> list[str]:
     """The comparisons at equal samples that stay significant after Holm's correction over all of them
     (every arm against the reference and the control, every metric), or the closest one."""
     family = [r for r in rows if "p_holm" in r]
     if not family:
-        return ""
+        return []
 
     def name(r: dict[str, Any]) -> str:
         return f"{labels.get(r['arm'], r['arm'])} vs {r['ref']} on {r['metric']} ({_pp(r)}, adjusted p {r['p_holm']:.3f})"
@@ -180,9 +180,9 @@ def holm_line(rows: list[dict[str, Any]], labels: dict[str, str], level: float =
     head = f"- Holm-corrected over the {len(family)} comparisons at equal back-propagated samples: "
     hold = sorted((r for r in family if r["p_holm"] < level), key=lambda r: r["p_holm"])
     if hold:
-        return head + f"**significant at {level:.0%}**: " + "; ".join(map(name, hold))
+        return [head + f"**significant at {level:.0%}**: " + "; ".join(map(name, hold))]
     closest = min(family, key=lambda r: (r["p_holm"], r["p"]))  # adjusted values tie at 1
-    return head + f"none significant at {level:.0%}; the closest: " + name(closest)
+    return [head + f"none significant at {level:.0%}; the closest: " + name(closest)]
 
 
 def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:

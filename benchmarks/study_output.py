@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from benchmarks.study_markdown import (
-    holm_line,
+    holm_lines,
     markdown_comparisons,
     markdown_costs,
     markdown_equal_time,
@@ -188,7 +188,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         *(_warm_lines(warm_cost, spec) if spec.branch else []),
         "## Verdict (95% t intervals over seeds, paired by seed)", "",
         *(verdict_lines(compared, labels, selecting, refs, keys) or ["(no complete comparison yet)"]),
-        *[line for line in [holm_line(compared, labels)] if line], "",
+        *holm_lines(compared, labels), "",
         *[line for ref_ in refs for key in keys for line in (
             f"## {key}: paired difference to {ref_}", "", markdown_comparisons(compared, labels, ref_, key), "")],
         "Δ: arm minus reference with the same seed, in percentage points, mean over seeds [95% t interval]. "
@@ -262,7 +262,7 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
         md += [*(verdict_lines(res["comparisons"], labels, selecting, refs, res.get("metrics", ["val_mlm_acc"]))
                  or ["(no complete comparison yet)"]),
-               *[line for line in [holm_line(res["comparisons"], labels)] if line], *_kept_lines(res.get("kept", []), labels),
+               *holm_lines(res["comparisons"], labels), *_kept_lines(res.get("kept", []), labels),
                *_fidelity_lines(res.get("fidelity", []), labels), ""]
     (report / "verdict.json").write_text(json.dumps({"study": record.get("name"), "regimes": summary}, indent=1) + "\n")
     (report / "verdict.md").write_text("\n".join(md))

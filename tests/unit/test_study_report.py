@@ -264,20 +264,20 @@ def test_verdict_lines_sort_arms_by_what_their_interval_says():
 
 
 def test_holm_line_names_what_survives_the_correction():
-    from benchmarks.study_markdown import holm_line
+    from benchmarks.study_markdown import holm_lines
 
     def row(arm, mean, p_holm, p=0.01):
         return {"arm": arm, "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": 5,
                 "mean": mean, "lo": mean - 0.001, "hi": mean + 0.001, "p": p, "p_holm": p_holm}
 
-    line = holm_line([row("up", 0.004, 0.01), row("down", -0.004, 0.2)], {"up": "Up"})
+    (line,) = holm_lines([row("up", 0.004, 0.01), row("down", -0.004, 0.2)], {"up": "Up"})
     assert "over the 2 comparisons" in line and "**significant at 5%**: Up vs vanilla" in line
     assert "adjusted p 0.010" in line and "down" not in line
-    line = holm_line([row("up", 0.004, 0.3), row("down", -0.004, 0.2)], {})
+    (line,) = holm_lines([row("up", 0.004, 0.3), row("down", -0.004, 0.2)], {})
     assert "none significant at 5%; the closest: down vs vanilla" in line
-    line = holm_line([row("a", 0.001, 1.0, p=0.6), row("b", -0.002, 1.0, p=0.3)], {})  # ties: the smaller raw p
+    (line,) = holm_lines([row("a", 0.001, 1.0, p=0.6), row("b", -0.002, 1.0, p=0.3)], {})  # ties: the smaller raw p
     assert "the closest: b vs vanilla" in line
-    assert holm_line([{k: v for k, v in row("x", 0.0, 1.0).items() if k != "p_holm"}], {}) == ""
+    assert holm_lines([{k: v for k, v in row("x", 0.0, 1.0).items() if k != "p_holm"}], {}) == []
 
 
 def test_decoder_runs_are_read_by_their_own_metric_names():
