@@ -14,7 +14,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
 from engine.config import ModelConfig
-from engine.models.base import DataFacts
+from engine.models.base import BlockLinear, DataFacts
 from engine.models.decoder import (
     DECODER_FLOP_FORMULA,
     DecoderExit,
@@ -51,6 +51,14 @@ class GPT2Exit(DecoderExit):
 
 class SiftGPT2(SiftDecoder):
     family = "gpt2"
+    # VCAS samples these transformers Conv1Ds (weights stored (in, out)). The fused query-key-value
+    # projection carries keys and values, which attention mixes across positions: not token-local.
+    block_linears = (
+        BlockLinear("attn.c_attn", token_local=False),
+        BlockLinear("attn.c_proj", token_local=True),
+        BlockLinear("mlp.c_fc", token_local=True),
+        BlockLinear("mlp.c_proj", token_local=True),
+    )
 
     def blocks(self) -> list[nn.Module]:
         return list(self.hf.transformer.h)

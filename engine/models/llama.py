@@ -54,8 +54,7 @@ class LlamaExit(DecoderExit):
 
 class SiftLlama(SiftDecoder):
     family = "llama"
-    # VCAS samples these (every position carries a target, so there is no last-block saving). GPT-2's
-    # blocks use transformers' Conv1D, not nn.Linear: VCAS does not support that family.
+    # VCAS samples these (every position carries a target, so there is no last-block saving).
     block_linears = (
         BlockLinear("self_attn.q_proj", token_local=True),
         BlockLinear("self_attn.k_proj", token_local=False),

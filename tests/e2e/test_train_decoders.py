@@ -1,6 +1,6 @@
 """End-to-end `sift train` of a tiny GPT-2 (ZeRO-0) and a tiny Llama (ZeRO-3, scoring a subset of positions)
 on causal-LM data: learning and metrics, bitwise resume after a kill, `sift export` into a
-`pipeline("text-generation")`."""
+`pipeline("text-generation")`; GPT-2 with SIFT + VCAS under ZeRO-3."""
 
 from __future__ import annotations
 
@@ -80,6 +80,19 @@ def test_llama_zero3_chunked_loss_trains_like_the_whole_batch(llama_run, tiny_cl
     while DeepSpeed gathers its partitioned weight; the run follows the unchunked one to rounding."""
     train(tmp_path, tiny_clm_data, *LLAMA, "model.loss_chunk=100")
     assert losses(tmp_path) == pytest.approx(losses(llama_run), rel=1e-4)
+
+
+def test_gpt2_sift_vcas_under_zero3(tiny_clm_data, tmp_path):
+    """SIFT + adaptive VCAS on GPT-2 (sampled Conv1Ds) under ZeRO-3: the sampled backward gathers each
+    partitioned weight, the scorer reads its replica; a huge tau lets the controller lower the ratios."""
+    train(tmp_path, tiny_clm_data, "model.family=gpt2", "deepspeed.config=ds_configs/zero3.json",
+          "method=sift+vcas", "vcas.calib_every=2", "vcas.tau_act=1e9", "vcas.tau_w=1e9", "vcas.alpha=0.3",
+          "train.steps=8", "train.eval_every=8", "train.save_every=8")
+    steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+    assert len(steps) == 8 and all(math.isfinite(r["loss"]) for r in steps)
+    assert [r["step"] for r in steps if "vcas_var_sgd" in r] == [2, 4, 6, 8]
+    assert steps[-1]["vcas_rho"] < 1 and steps[-1]["vcas_nu"] < 1 and steps[-1]["vcas_flops"] < 1
+    assert "kept_score" in steps[-1] and math.isfinite(evals(tmp_path)[-1]["val_lm_loss"])
 
 
 @pytest.mark.parametrize("which", ["gpt2", "llama"])

@@ -10,10 +10,19 @@ from engine.config import ConfigError, load_config
 from engine.methods import MicroContext
 from engine.methods.vcas import Vcas
 from engine.methods.vcas.controller import Estimates, Ratios, Tally, monotone, update
-from engine.methods.vcas.layers import Pass, VcasLinear
+from engine.methods.vcas.layers import Pass, Recorder, SampledLinear, Shared, Site, VcasConv1D, VcasLinear
 from engine.schedule import SerialSchedule
 from engine.setup import prepare_methods
-from tests.helpers import PlainEngine, batch_stream, methods_for, random_batch, schedule_for, tiny_model
+from tests.helpers import (
+    PlainEngine,
+    batch_stream,
+    clm_batch,
+    methods_for,
+    random_batch,
+    schedule_for,
+    tiny_decoder,
+    tiny_model,
+)
 
 B = 8
 
@@ -71,12 +80,17 @@ def test_the_last_block_saving_is_exact():
         torch.testing.assert_close(got[k], want[k], rtol=1e-12, atol=1e-14, msg=k)
 
 
-def test_sampled_gradients_are_unbiased():
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_sampled_gradients_are_unbiased(family):
     """fp64, dropout 0, rho = nu = 0.5: the mean of R sampled gradients is within a few standard errors of
-    the exact gradient, entry by entry, for every parameter; parameters outside the sampled blocks (the
-    heads) are exact in every draw. The same check rejects a 10% bias in most parameters."""
-    batch = random_batch(G=B, seed=7)
-    model = tiny_model(seed=4, dropout=0.0).double()
+    the exact gradient, entry by entry, for every parameter; parameters above the sampled blocks (the
+    heads) are exact in every draw. The same check rejects a 10% bias in most parameters. GPT-2's
+    projections are transformers Conv1Ds (weights stored transposed)."""
+    if family == "bert":
+        batch, model, head = random_batch(G=B, seed=7), tiny_model(seed=4, dropout=0.0), "hf.cls.seq_relationship.weight"
+    else:
+        batch, model, head = clm_batch(G=B, seed=7), tiny_decoder("gpt2", seed=4, dropout=0.0), "hf.transformer.ln_f.weight"
+    model = model.double()
     exact = grads(model, batch)
     vcas = vcas_for(model, "vcas.adaptive=false", "vcas.rho=0.5", "vcas.nu=0.5")
     R = 300
@@ -95,9 +109,9 @@ def test_sampled_gradients_are_unbiased():
         assert z.abs().max() < 6 and z.square().mean() < 2, (name, float(z.abs().max()), float(z.square().mean()))
         zb = (0.9 * mean - want) / se
         detected += bool(zb.abs().max() >= 6 or zb.square().mean() >= 2)
-    assert sampled >= 6 * 3 * 2  # every block Linear's weight and bias had sampling noise
+    assert sampled >= len(type(model).block_linears) * model.num_layers * 2  # every weight and bias had noise
     assert detected > 0.75 * sampled
-    assert all(torch.equal(d["hf.cls.seq_relationship.weight"], exact["hf.cls.seq_relationship.weight"]) for d in draws)
+    assert all(torch.equal(d[head], exact[head]) for d in draws)
 
 
 def test_dropped_rows_stay_zero_below_and_kept_rows_are_scaled():
@@ -306,8 +320,6 @@ def test_non_finite_statistics_keep_the_ratios(monkeypatch):
 def test_llama_samples_its_block_linears_and_is_exact_at_ratio_one(monkeypatch):
     """A decoder family with nn.Linear blocks: VCAS swaps its seven Linears per block; forced through
     VCAS's own backward at ratio 1 the gradients are plain autograd's bit for bit, and at 0.5 they differ."""
-    from tests.helpers import clm_batch, tiny_decoder
-
     batch = clm_batch(G=B, seed=3)
     want = grads(tiny_decoder("llama", seed=2, dropout=0.0), batch)
     model = tiny_decoder("llama", seed=2, dropout=0.0)
@@ -325,9 +337,61 @@ def test_llama_samples_its_block_linears_and_is_exact_at_ratio_one(monkeypatch):
     assert not torch.equal(sampled["hf.model.layers.0.mlp.down_proj.weight"], want["hf.model.layers.0.mlp.down_proj.weight"])
 
 
-def test_gpt2_is_refused_with_a_clear_reason():
-    from tests.helpers import tiny_decoder
+def test_gpt2_samples_its_conv1ds_and_is_exact_at_ratio_one(monkeypatch):
+    """GPT-2's four Conv1Ds per block (fused QKV, attention output, MLP up and down) become VcasConv1D
+    with their parameter names; through VCAS's own backward at ratio 1 the gradients are plain
+    autograd's bit for bit, and at 0.5 they differ."""
+    batch = clm_batch(G=B, seed=3)
+    plain = tiny_decoder("gpt2", seed=2, dropout=0.0)
+    want = grads(plain, batch)
+    model = tiny_decoder("gpt2", seed=2, dropout=0.0)
+    vcas = vcas_for(model, "vcas.adaptive=false")
+    assert sum(isinstance(m, VcasConv1D) for m in model.modules()) == 4 * model.num_layers
+    assert list(dict(model.named_parameters())) == list(dict(plain.named_parameters()))
+    monkeypatch.setattr(Pass, "needs_custom", lambda self, site, last: True)
+    monkeypatch.setattr(Pass, "needs_sampler", lambda self, block: True)
+    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([1.0] * 3, [1.0] * 12, key=1))
+    forced = grads(model, batch, vcas)
+    assert forced.keys() == want.keys() and all(torch.equal(forced[k], want[k]) for k in want)
+    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([0.5] * 3, [0.5] * 12, key=1))
+    sampled = grads(model, batch, vcas)
+    assert all(torch.isfinite(g).all() for g in sampled.values())
+    assert not torch.equal(sampled["hf.transformer.h.0.mlp.c_proj.weight"], want["hf.transformer.h.0.mlp.c_proj.weight"])
 
-    cfg = load_config(None, ["method=vcas", "model.family=gpt2"])
-    with pytest.raises(ConfigError, match="model family 'gpt2' declares no block Linears"):
-        prepare_methods(cfg, tiny_decoder("gpt2"))
+
+@pytest.mark.parametrize("recorder", [False, True])
+def test_a_transposed_weight_samples_like_the_linear_it_stores(recorder):
+    """The sampled backward of a Conv1D-layout weight W (in, out) is that of the Linear with weight W^T,
+    for the same draws: kept rows, leverage-sampled tokens, and in a calibration pass the recorded weight
+    entries (each indexing the weight as it is stored) and the weight-sampling variances."""
+    g = torch.Generator().manual_seed(0)
+    N, T, n_in, n_out = 6, 5, 7, 4
+    x = torch.randn(N, T, n_in, generator=g, dtype=torch.float64)
+    w_conv = torch.randn(n_in, n_out, generator=g, dtype=torch.float64)
+    bias = torch.randn(n_out, generator=g, dtype=torch.float64)
+    out_grad = torch.randn(N, T, n_out, generator=g, dtype=torch.float64)
+    conv_entries = torch.randperm(n_in * n_out, generator=g)[:10]
+    entries = {True: conv_entries, False: (conv_entries % n_out) * n_in + conv_entries // n_out}  # (i, o) -> (o, i)
+    got = {}
+    for transposed in (False, True):
+        rec = Recorder([entries[transposed]], exact=False, nu_down=[0.25]) if recorder else None
+        plan = Pass([0.5], [0.5], key=7, recorder=rec)
+        plan.rows[0] = torch.tensor([1, 2, 4])
+        weight = (w_conv if transposed else w_conv.t().contiguous()).requires_grad_()
+        xi, b = x.clone().requires_grad_(), bias.clone().requires_grad_()
+        site = Site(0, 0, "proj", False, n_in, n_out, transposed=transposed)
+        out = SampledLinear.apply(xi, weight, b, plan, site, Shared(1))
+        out.backward(out_grad)
+        got[transposed] = out.detach(), xi.grad, weight.grad, b.grad, rec
+    (out_l, gx_l, gw_l, gb_l, rec_l), (out_c, gx_c, gw_c, gb_c, rec_c) = got[False], got[True]
+    close = {"rtol": 1e-12, "atol": 1e-12}
+    torch.testing.assert_close(out_c, out_l, **close)
+    torch.testing.assert_close(gx_c, gx_l, **close)
+    torch.testing.assert_close(gb_c, gb_l, **close)
+    assert torch.all(gx_c[[0, 3, 5]] == 0) and torch.all(gx_c[[1, 2, 4]] != 0)  # only the kept rows
+    if recorder:
+        assert gw_c is None and gw_l is None  # a calibration pass records instead
+        torch.testing.assert_close(rec_c.grads[0], rec_l.grads[0], **close)
+        torch.testing.assert_close(rec_c.w_var[0], rec_l.w_var[0], **close)
+    else:
+        torch.testing.assert_close(gw_c, gw_l.t(), **close)

@@ -20,14 +20,13 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import nn
 
 from engine.config import RunConfig
 from engine.methods.base import Method, MicroContext, RunContext
 from engine.methods.vcas import ops
 from engine.methods.vcas.controller import Estimates, Ratios, Tally, down_nu, update
 from engine.methods.vcas.flops import VcasFlops
-from engine.methods.vcas.layers import Pass, Recorder, Shared, Site, install
+from engine.methods.vcas.layers import PROJECTIONS, Pass, Recorder, Shared, Site, install
 from engine.models.base import Batch, SiftModel
 
 log = logging.getLogger(__name__)
@@ -70,9 +69,9 @@ class Vcas(Method):
                 found = model.blocks()[0].get_submodule(spec.path)
             except AttributeError:
                 found = None
-            if not isinstance(found, nn.Linear):
+            if not isinstance(found, PROJECTIONS):
                 problems.append(f"method vcas: {model.family} block_linears names {spec.path!r}, which is not an "
-                                "nn.Linear inside the first block")
+                                "nn.Linear (or transformers Conv1D) inside the first block")
         return problems
 
     def prepare_model(self, model: SiftModel) -> None:

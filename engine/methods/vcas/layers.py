@@ -16,6 +16,9 @@ Backward, block by block from the top (blocks never mix rows):
   each scaled by 1 / q_t; the bias gradient exactly. In the last block, Linears whose output gradient
   lives only where the block's output gradient does (``BlockLinear.token_local``) run only on the
   positions the loss reads (``SiftModel.live_positions``): exact.
+
+A block's projections are ``nn.Linear`` (weight (out, in)) or transformers' ``Conv1D`` (GPT-2: weight
+stored transposed, (in, out)); both go through the same backward, which reads ``Site.transposed``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from engine.methods.vcas import ops
 from engine.models.base import BlockLinear, SiftModel
@@ -43,6 +47,8 @@ class Site:
     token_local: bool
     in_features: int
     out_features: int
+    transposed: bool = False
+    """Its weight is stored (in, out) (transformers' ``Conv1D``), not (out, in) as in ``nn.Linear``."""
 
 
 @dataclass(slots=True)
@@ -156,13 +162,20 @@ def _token_index(rows: torch.Tensor | None, N: int, T: int, live: tuple[torch.Te
     return (r[:, None] * T + pos.index_select(0, r)).flatten(), first.index_select(0, r).flatten()
 
 
+def affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, transposed: bool) -> torch.Tensor:
+    """The projection's own forward: ``F.linear``, or ``Conv1D``'s addmm on the (in, out) weight."""
+    if not transposed:
+        return F.linear(x, weight, bias)
+    return torch.addmm(bias, x.view(-1, x.shape[-1]), weight).view(*x.shape[:-1], weight.shape[1])
+
+
 class SampledLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, plan: Pass,
                 site: Site, shared: Shared) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.site, ctx.shared, ctx.has_bias = plan, site, shared, bias is not None
-        return F.linear(x, weight, bias)
+        return affine(x, weight, bias, site.transposed)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[Any, ...]:
@@ -176,24 +189,30 @@ class SampledLinear(torch.autograd.Function):
 
 def _linear_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, plan: Pass, site: Site,
                      has_bias: bool) -> tuple[Any, ...]:
-    """x (N, T, in), grad (N, T, out) -> grad_input, grad_weight, grad_bias (see the module docstring)."""
+    """x (N, T, in), grad (N, T, out) -> grad_input, grad_weight (the weight's layout), grad_bias (see the
+    module docstring)."""
     N, T = x.shape[0], x.numel() // (x.shape[0] * x.shape[-1])
+    w_in = weight.t() if site.transposed else weight  # (out, in): maps an output gradient to the input's
+
+    def outer(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # sum over tokens of g_t a_t^T, as stored
+        return a.t().mm(g) if site.transposed else g.t().mm(a)
+
     x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     last = site.block == len(plan.rho) - 1
     live = plan.live if (last and site.token_local) else None
     idx, w = _token_index(plan.rows.get(site.block), N, T, live, x.device)
     if idx is None:
         gs, xs = g2, x2
-        grad_input = g2.mm(weight).view(x.shape)
+        grad_input = g2.mm(w_in).view(x.shape)
     else:
         gs, xs = g2.index_select(0, idx), x2.index_select(0, idx)
         if w is not None:
             gs = gs * w[:, None].to(gs.dtype)  # a repeated position counts once
-        grad_input = torch.zeros_like(x2).index_add_(0, idx, gs.mm(weight)).view(x.shape)
+        grad_input = torch.zeros_like(x2).index_add_(0, idx, gs.mm(w_in)).view(x.shape)
     grad_bias = gs.sum(0) if has_bias else None
     rec = plan.recorder
     if rec is not None:
-        full = gs.t().mm(xs)
+        full = outer(gs, xs)
         rec.grads[site.index] = full.flatten().index_select(0, rec.entries[site.index]).float()
         if not rec.exact or rec.w_var_at_exact:
             rec.w_var[site.index] = torch.stack([_weight_sampling_variance(gs, xs, plan.nu[site.index]),
@@ -202,14 +221,14 @@ def _linear_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, 
     nu = plan.nu[site.index]
     K = gs.shape[0]
     if nu >= 1.0 or K == 0:
-        grad_weight = gs.t().mm(xs)
+        grad_weight = outer(gs, xs)
     else:
         a, b = gs.float().norm(dim=1), xs.float().norm(dim=1)
         q = ops.keep_probabilities(a * b, ops.count_for(nu, K))
         keep = ops.bernoulli(q, ops.generator(ops.mix(plan.key, 1000 + site.index), x.device))
         kept = keep.nonzero().squeeze(1)  # a host sync, as for the rows
         scaled = (gs.index_select(0, kept).float() / q.index_select(0, kept)[:, None]).to(gs.dtype)
-        grad_weight = scaled.t().mm(xs.index_select(0, kept))
+        grad_weight = outer(scaled, xs.index_select(0, kept))
     return grad_input, grad_weight, grad_bias
 
 
@@ -233,18 +252,41 @@ class VcasLinear(nn.Linear):
         self.site, self._shared = site, shared
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        plan = self._shared.plan
-        if plan is None or not torch.is_grad_enabled() or not plan.needs_custom(self.site, self._shared.num_blocks - 1):
-            return F.linear(x, self.weight, self.bias)
-        return SampledLinear.apply(x, self.weight, self.bias, plan, self.site, self._shared)
+        return _forward(self, x, self._shared)
+
+
+class VcasConv1D(Conv1D):
+    """The same for transformers' ``Conv1D`` (GPT-2's projections, weight (in, out)); still a ``Conv1D``,
+    so transformers' initialisation and loading treat it as one."""
+
+    def __init__(self, conv: Conv1D, site: Site, shared: Shared):
+        nn.Module.__init__(self)
+        self.nf, self.nx = conv.nf, conv.nx
+        self.weight, self.bias = conv.weight, conv.bias
+        self.site, self._shared = site, shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _forward(self, x, self._shared)
+
+
+def _forward(module: VcasLinear | VcasConv1D, x: torch.Tensor, shared: Shared) -> torch.Tensor:
+    plan, site = shared.plan, module.site
+    if plan is None or not torch.is_grad_enabled() or not plan.needs_custom(site, shared.num_blocks - 1):
+        return affine(x, module.weight, module.bias, site.transposed)
+    return SampledLinear.apply(x, module.weight, module.bias, plan, site, shared)
+
+
+PROJECTIONS = (nn.Linear, Conv1D)
+"""The module types a family's ``block_linears`` may name."""
 
 
 # ----------------------------------------------------------------------------- installing
 
 
 def install(model: SiftModel, shared: Shared) -> list[Site]:
-    """Swap each block's declared Linears for ``VcasLinear`` (parameter names unchanged) and hook every
-    block's output; returns the sampled Linears, block-major. Before ``deepspeed.initialize``."""
+    """Swap each block's declared Linears for ``VcasLinear`` (a ``Conv1D`` for ``VcasConv1D``; parameter
+    names unchanged) and hook every block's output; returns the sampled Linears, block-major. Before
+    ``deepspeed.initialize``."""
     linears: tuple[BlockLinear, ...] = type(model).block_linears
     sites: list[Site] = []
     for b, block in enumerate(model.blocks()):
@@ -252,8 +294,12 @@ def install(model: SiftModel, shared: Shared) -> list[Site]:
             parent_path, _, attr = spec.path.rpartition(".")
             parent = block.get_submodule(parent_path) if parent_path else block
             old = getattr(parent, attr)
-            site = Site(len(sites), b, spec.path, spec.token_local, old.in_features, old.out_features)
-            setattr(parent, attr, VcasLinear(old, site, shared))
+            if isinstance(old, Conv1D):
+                site = Site(len(sites), b, spec.path, spec.token_local, old.nx, old.nf, transposed=True)
+                setattr(parent, attr, VcasConv1D(old, site, shared))
+            else:
+                site = Site(len(sites), b, spec.path, spec.token_local, old.in_features, old.out_features)
+                setattr(parent, attr, VcasLinear(old, site, shared))
             sites.append(site)
         block.register_forward_hook(_output_hook(shared, b))
         if b == 0:
