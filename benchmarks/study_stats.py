@@ -75,9 +75,10 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
+def mean_ci(values: Sequence[float], level: float = 0.95, test: bool = True) -> dict[str, Any]:
     """Mean, sample standard deviation and the two-sided t interval of the mean of ``values``
-    ({"n": 0} when empty; no interval for a single value)."""
+    ({"n": 0} when empty; no interval for a single value), and with ``test`` the p-value of "the mean is
+    0" (meaningful for paired differences, not for a level such as a share)."""
     vals = [float(v) for v in values]
     n = len(vals)
     if n == 0:
@@ -88,7 +89,9 @@ def mean_ci(values: Sequence[float], level: float = 0.95) -> dict[str, Any]:
         return out
     sd = statistics.stdev(vals)
     half = t_quantile(0.5 + level / 2.0, n - 1) * sd / math.sqrt(n)
-    out.update(sd=sd, lo=mean - half, hi=mean + half, half=half, level=level, p=t_test_p(mean, sd, n))
+    out.update(sd=sd, lo=mean - half, hi=mean + half, half=half, level=level)
+    if test:
+        out["p"] = t_test_p(mean, sd, n)
     return out
 
 

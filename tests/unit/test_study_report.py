@@ -210,6 +210,7 @@ def test_continuation_targets_and_the_kept_and_cost_tables():
     rows = {r["kind"]: r for r in kept_table([("loss-1", "loss:1")], {"loss-1": runs}, probe)}
     assert rows["noise"]["drawn"] == 0.25 and rows["noise"]["branch_exit"] == 0.4
     assert rows["noise"]["end_exit"]["mean"] == pytest.approx(0.35) and rows["noise"]["end_exact"]["mean"] == 0.35
+    assert "p" not in rows["noise"]["end_exit"]  # a share is a level, not a difference to test against 0
     costs = cost_table(["a"], {"a": [cont("a", 0, [(110, 0.6, 0.2, 0), (120, 0.8, 0.3, 0)], [30.0, 61.0])]})
     assert costs[0]["cpu_s"]["mean"] == 61.0 and costs[0]["wall_s"]["mean"] == pytest.approx(0.3 * 3600)
     assert costs[0]["vcas_flops"] is None
