@@ -5,11 +5,15 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 from tests.distributed.common import REPO, single_env
 
 TINY_RUN = REPO / "tests" / "assets" / "tiny-run.yaml"
+T = TypeVar("T")
 
 
 def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None,
@@ -24,6 +28,14 @@ def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None
     if check and result.returncode != 0:
         raise AssertionError(f"sift train exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result
+
+
+def concurrently(*calls: Callable[[], T]) -> list[T]:
+    """Independent calls, two at a time, results in order (the first error is raised). A `train` run is one
+    single-threaded process that spends most of its seconds importing, so two share the 2 cores well."""
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(call) for call in calls]
+        return [f.result() for f in futures]
 
 
 def losses(out_dir: Path) -> list[float]:

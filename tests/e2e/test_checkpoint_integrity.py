@@ -11,7 +11,7 @@ import pytest
 
 from engine import checkpoint as ckpt
 from launcher.cli import main as sift
-from tests.runs import train
+from tests.runs import concurrently, train
 
 STAGES = (0, 1, 2, 3)
 
@@ -19,12 +19,10 @@ STAGES = (0, 1, 2, 3)
 @pytest.fixture(scope="module")
 def stage_runs(tiny_data, tmp_path_factory):
     """Per ZeRO stage, one process, 2 steps, a checkpoint after each."""
-    out = {}
-    for stage in STAGES:
-        run = tmp_path_factory.mktemp(f"integrity-zero{stage}")
-        train(run, tiny_data, f"deepspeed.config=ds_configs/zero{stage}.json", "train.steps=2", "train.save_every=1",
-              "train.eval_every=2", "sift.fidelity_every=0")
-        out[stage] = run
+    out = {stage: tmp_path_factory.mktemp(f"integrity-zero{stage}") for stage in STAGES}
+    concurrently(*(lambda stage=stage: train(out[stage], tiny_data, f"deepspeed.config=ds_configs/zero{stage}.json",
+                                             "train.steps=2", "train.save_every=1", "train.eval_every=2",
+                                             "sift.fidelity_every=0") for stage in STAGES))
     return out
 
 

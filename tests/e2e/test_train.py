@@ -11,7 +11,7 @@ import pytest
 
 from engine import checkpoint as ckpt
 from tests.distributed.common import REPO
-from tests.runs import evals, losses, train
+from tests.runs import concurrently, evals, losses, train
 
 GOLDEN = REPO / "tests" / "assets" / "golden" / "tiny-run-losses.json"
 
@@ -93,12 +93,13 @@ def test_export_loads_in_transformers(run_a, tmp_path):
 
 
 def test_bad_config_lists_every_problem(tiny_data, tmp_path):
-    result = train(tmp_path, tiny_data, "sift.exit_layer=9", "sift.policy=greedy", "train.stpes=3", check=False)
+    result, second = concurrently(
+        lambda: train(tmp_path / "a", tiny_data, "sift.exit_layer=9", "sift.policy=greedy", "train.stpes=3", check=False),
+        lambda: train(tmp_path / "b", tiny_data, "sift.exit_layer=9", check=False))
     assert result.returncode == 2
     assert "train.stpes: unknown key (did you mean 'steps'?)" in result.stderr
     assert "Traceback" not in result.stderr
-    result = train(tmp_path, tiny_data, "sift.exit_layer=9", check=False)
-    assert result.returncode == 2 and "sift.exit_layer=9 but the model has 2 layers" in result.stderr
+    assert second.returncode == 2 and "sift.exit_layer=9 but the model has 2 layers" in second.stderr
 
 
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_a, tiny_data, tmp_path):
@@ -153,8 +154,8 @@ def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
     """train.compile=true (torch.compile of each block; inductor on CPU) with the pipelined scorer: without
     dropout (compiled dropout draws from inductor's RNG) the losses and evaluations are eager's."""
     short = ("model.dropout=0", "train.steps=6", "train.eval_every=3", "train.save_every=0")
-    train(tmp_path / "eager", tiny_data, *short)
-    train(tmp_path / "compiled", tiny_data, *short, "train.compile=true")
+    concurrently(lambda: train(tmp_path / "eager", tiny_data, *short),
+                 lambda: train(tmp_path / "compiled", tiny_data, *short, "train.compile=true"))
     assert losses(tmp_path / "compiled") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5)
     got, want = evals(tmp_path / "compiled"), evals(tmp_path / "eager")
     assert [e["val_mlm_loss"] for e in got] == pytest.approx([e["val_mlm_loss"] for e in want], rel=1e-5)
@@ -195,8 +196,9 @@ def test_zero3_resume_scores_with_the_restored_weights(tiny_data, tmp_path):
     """Under ZeRO-3 the scorer reads a replica of the exit's modules: after a resume it must hold the
     checkpoint's weights (not the initial ones), or the first selections after the resume differ."""
     common = ("deepspeed.zero_stage=3", "train.steps=12", "train.save_every=6", "train.eval_every=12")
-    train(tmp_path / "ref", tiny_data, *common)
-    killed = train(tmp_path / "run", tiny_data, *common, env={"SIFT_FAULT": "after_save:6"}, check=False)
+    _, killed = concurrently(lambda: train(tmp_path / "ref", tiny_data, *common),
+                             lambda: train(tmp_path / "run", tiny_data, *common, env={"SIFT_FAULT": "after_save:6"},
+                                           check=False))
     assert killed.returncode == -9, killed.stderr[-2000:]
     train(tmp_path / "run", tiny_data, *common)
     assert losses(tmp_path / "run") == losses(tmp_path / "ref")

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.runs import evals, losses, train
+from tests.runs import concurrently, evals, losses, train
 
 SHORT = ("train.steps=6", "train.eval_every=6", "train.save_every=0")
 ADAPTIVE = ("method=sift+vcas", "vcas.calib_every=2", "vcas.tau_act=1e9", "vcas.tau_w=1e9", "vcas.alpha=0.2",
@@ -16,8 +16,9 @@ ADAPTIVE = ("method=sift+vcas", "vcas.calib_every=2", "vcas.tau_act=1e9", "vcas.
 
 def test_vcas_at_ratio_one_trains_like_vanilla(tiny_data, tmp_path):
     """Fixed rho = nu = 1 without the last-block saving: every loss bitwise the vanilla run's."""
-    train(tmp_path / "vanilla", tiny_data, "method=none", *SHORT)
-    train(tmp_path / "vcas", tiny_data, "method=vcas", "vcas.adaptive=false", "vcas.live_positions=false", *SHORT)
+    concurrently(lambda: train(tmp_path / "vanilla", tiny_data, "method=none", *SHORT),
+                 lambda: train(tmp_path / "vcas", tiny_data, "method=vcas", "vcas.adaptive=false",
+                               "vcas.live_positions=false", *SHORT))
     assert losses(tmp_path / "vcas") == losses(tmp_path / "vanilla")
     assert evals(tmp_path / "vcas")[-1]["val_mlm_loss"] == evals(tmp_path / "vanilla")[-1]["val_mlm_loss"]
 
