@@ -17,9 +17,6 @@ from tests.helpers import PlainEngine, clm_batch, methods_for, random_batch, tin
 pytestmark = pytest.mark.gpu
 
 B = 8
-CLOSE = {"rtol": 1e-5, "atol": 1e-6}  # fp32; another GEMM kernel may round differently
-
-
 SAMPLED = {"bert": "hf.bert.encoder.layer.0.intermediate.dense.weight", "gpt2": "hf.transformer.h.0.mlp.c_fc.weight"}
 
 
@@ -30,6 +27,12 @@ def model_for(family: str):
 
 def batch_for(family: str, seed: int):
     return to_device(random_batch(G=B, seed=seed) if family == "bert" else clm_batch(G=B, seed=seed), "cuda")
+
+
+def assert_near(got: torch.Tensor, want: torch.Tensor, name: str) -> None:
+    """Equal to fp32 rounding, scaled to the tensor (another GEMM or attention kernel may round differently;
+    a different draw moves entries by a sizeable fraction of the largest)."""
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * float(want.abs().max()), msg=name)
 
 
 def vcas_on_cuda(model, *overrides: str) -> Vcas:
@@ -61,7 +64,7 @@ def test_draws_are_keyed_and_ratio_one_is_plain_autograd(family, monkeypatch):
     forced = grads(model, batch, vcas)
     assert forced.keys() == want.keys()
     for k in want:
-        torch.testing.assert_close(forced[k], want[k], **CLOSE, msg=k)
+        assert_near(forced[k], want[k], k)
 
     monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([0.5] * blocks, [0.5] * sites, key=c.draw))
     first, again, other = (grads(model, batch, vcas, draw=d) for d in (1, 1, 2))
@@ -69,7 +72,7 @@ def test_draws_are_keyed_and_ratio_one_is_plain_autograd(family, monkeypatch):
     weight = SAMPLED[family]
     assert (first[weight] - want[weight]).abs().max() > 1e-3 * want[weight].abs().max()  # it sampled
     for k in want:  # the same key draws the same rows and tokens
-        torch.testing.assert_close(again[k], first[k], **CLOSE, msg=k)
+        assert_near(again[k], first[k], k)
     assert (other[weight] - first[weight]).abs().max() > 1e-3 * first[weight].abs().max()  # another key, others
 
 
