@@ -317,46 +317,37 @@ def test_non_finite_statistics_keep_the_ratios(monkeypatch):
     assert vcas.ratios == before and vcas.stats()["vcas_calib_skipped"] == 1.0
 
 
-def test_llama_samples_its_block_linears_and_is_exact_at_ratio_one(monkeypatch):
-    """A decoder family with nn.Linear blocks: VCAS swaps its seven Linears per block; forced through
-    VCAS's own backward at ratio 1 the gradients are plain autograd's bit for bit, and at 0.5 they differ."""
-    batch = clm_batch(G=B, seed=3)
-    want = grads(tiny_decoder("llama", seed=2, dropout=0.0), batch)
-    model = tiny_decoder("llama", seed=2, dropout=0.0)
-    vcas = vcas_for(model, "vcas.adaptive=false")
-    assert sum(isinstance(m, VcasLinear) for m in model.modules()) == 7 * model.num_layers
-    assert model.live_positions(batch) is None  # every position is read: no last-block saving
-    monkeypatch.setattr(Pass, "needs_custom", lambda self, site, last: True)
-    monkeypatch.setattr(Pass, "needs_sampler", lambda self, block: True)
-    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([1.0] * 3, [1.0] * 21, key=1))
-    forced = grads(model, batch, vcas)
-    assert forced.keys() == want.keys() and all(torch.equal(forced[k], want[k]) for k in want)
-    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([0.5] * 3, [0.5] * 21, key=1))
-    sampled = grads(model, batch, vcas)
-    assert all(torch.isfinite(g).all() for g in sampled.values())
-    assert not torch.equal(sampled["hf.model.layers.0.mlp.down_proj.weight"], want["hf.model.layers.0.mlp.down_proj.weight"])
+DECODERS = {  # family: (swapped module, per block, a sampled weight)
+    "llama": (VcasLinear, 7, "hf.model.layers.0.mlp.down_proj.weight"),
+    "gpt2": (VcasConv1D, 4, "hf.transformer.h.0.mlp.c_proj.weight"),
+}
 
 
-def test_gpt2_samples_its_conv1ds_and_is_exact_at_ratio_one(monkeypatch):
-    """GPT-2's four Conv1Ds per block (fused QKV, attention output, MLP up and down) become VcasConv1D
-    with their parameter names; through VCAS's own backward at ratio 1 the gradients are plain
-    autograd's bit for bit, and at 0.5 they differ."""
+@pytest.mark.parametrize("family", sorted(DECODERS))
+def test_a_decoder_samples_its_projections_and_is_exact_at_ratio_one(family, monkeypatch):
+    """Llama's seven nn.Linears per block become VcasLinear, GPT-2's four Conv1Ds (fused QKV, attention
+    output, MLP up and down) VcasConv1D, parameter names unchanged; every position is read, so there is
+    no last-block saving. Forced through VCAS's own backward at ratio 1 the gradients are plain
+    autograd's bit for bit; at 0.5 they differ."""
+    swapped, per_block, weight = DECODERS[family]
     batch = clm_batch(G=B, seed=3)
-    plain = tiny_decoder("gpt2", seed=2, dropout=0.0)
+    plain = tiny_decoder(family, seed=2, dropout=0.0)
     want = grads(plain, batch)
-    model = tiny_decoder("gpt2", seed=2, dropout=0.0)
+    model = tiny_decoder(family, seed=2, dropout=0.0)
     vcas = vcas_for(model, "vcas.adaptive=false")
-    assert sum(isinstance(m, VcasConv1D) for m in model.modules()) == 4 * model.num_layers
+    assert sum(isinstance(m, swapped) for m in model.modules()) == per_block * model.num_layers
     assert list(dict(model.named_parameters())) == list(dict(plain.named_parameters()))
+    assert model.live_positions(batch) is None
+    n = len(vcas.sites)
     monkeypatch.setattr(Pass, "needs_custom", lambda self, site, last: True)
     monkeypatch.setattr(Pass, "needs_sampler", lambda self, block: True)
-    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([1.0] * 3, [1.0] * 12, key=1))
+    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([1.0] * 3, [1.0] * n, key=1))
     forced = grads(model, batch, vcas)
     assert forced.keys() == want.keys() and all(torch.equal(forced[k], want[k]) for k in want)
-    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([0.5] * 3, [0.5] * 12, key=1))
+    monkeypatch.setattr(Vcas, "_training_pass", lambda self, b, c: Pass([0.5] * 3, [0.5] * n, key=1))
     sampled = grads(model, batch, vcas)
     assert all(torch.isfinite(g).all() for g in sampled.values())
-    assert not torch.equal(sampled["hf.transformer.h.0.mlp.c_proj.weight"], want["hf.transformer.h.0.mlp.c_proj.weight"])
+    assert not torch.equal(sampled[weight], want[weight])
 
 
 @pytest.mark.parametrize("recorder", [False, True])
