@@ -193,10 +193,6 @@ def _linear_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, 
     module docstring)."""
     N, T = x.shape[0], x.numel() // (x.shape[0] * x.shape[-1])
     w_in = weight.t() if site.transposed else weight  # (out, in): maps an output gradient to the input's
-
-    def outer(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:  # sum over tokens of g_t a_t^T, as stored
-        return a.t().mm(g) if site.transposed else g.t().mm(a)
-
     x2, g2 = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
     last = site.block == len(plan.rho) - 1
     live = plan.live if (last and site.token_local) else None
@@ -212,7 +208,7 @@ def _linear_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, 
     grad_bias = gs.sum(0) if has_bias else None
     rec = plan.recorder
     if rec is not None:
-        full = outer(gs, xs)
+        full = _outer(gs, xs, site.transposed)
         rec.grads[site.index] = full.flatten().index_select(0, rec.entries[site.index]).float()
         if not rec.exact or rec.w_var_at_exact:
             rec.w_var[site.index] = torch.stack([_weight_sampling_variance(gs, xs, plan.nu[site.index]),
@@ -221,15 +217,21 @@ def _linear_backward(x: torch.Tensor, weight: torch.Tensor, grad: torch.Tensor, 
     nu = plan.nu[site.index]
     K = gs.shape[0]
     if nu >= 1.0 or K == 0:
-        grad_weight = outer(gs, xs)
+        grad_weight = _outer(gs, xs, site.transposed)
     else:
         a, b = gs.float().norm(dim=1), xs.float().norm(dim=1)
         q = ops.keep_probabilities(a * b, ops.count_for(nu, K))
         keep = ops.bernoulli(q, ops.generator(ops.mix(plan.key, 1000 + site.index), x.device))
         kept = keep.nonzero().squeeze(1)  # a host sync, as for the rows
         scaled = (gs.index_select(0, kept).float() / q.index_select(0, kept)[:, None]).to(gs.dtype)
-        grad_weight = outer(scaled, xs.index_select(0, kept))
+        grad_weight = _outer(scaled, xs.index_select(0, kept), site.transposed)
     return grad_input, grad_weight, grad_bias
+
+
+def _outer(g: torch.Tensor, a: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """(K, out) output gradients and (K, in) inputs -> sum over the K tokens of g_t a_t^T, in the weight's
+    stored layout: (out, in), or (in, out) when ``transposed``."""
+    return a.t().mm(g) if transposed else g.t().mm(a)
 
 
 def _weight_sampling_variance(gs: torch.Tensor, xs: torch.Tensor, nu: float) -> torch.Tensor:
@@ -256,8 +258,8 @@ class VcasLinear(nn.Linear):
 
 
 class VcasConv1D(Conv1D):
-    """The same for transformers' ``Conv1D`` (GPT-2's projections, weight (in, out)); still a ``Conv1D``,
-    so transformers' initialisation and loading treat it as one."""
+    """The same for transformers' ``Conv1D`` (GPT-2's projections, weight (in, out)); like ``VcasLinear``,
+    it stays an instance of the class it replaces."""
 
     def __init__(self, conv: Conv1D, site: Site, shared: Shared):
         nn.Module.__init__(self)
