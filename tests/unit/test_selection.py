@@ -74,3 +74,19 @@ def test_statistics():
     assert topk_overlap(x, x, 2).item() == 1.0
     assert topk_overlap(x, -x, 2).item() == 0.0
     assert topk_overlap(x, torch.tensor([0.0, 0.0, 0.0, 9.0, 0.0]), 2).item() == 0.5
+
+
+def test_selection_scope_simulation(tmp_path):
+    from benchmarks.selection_scope import main, per_rank_and_global, simulate
+
+    # Rank 0 holds every high score: the global top 4 is all of rank 0, per rank keeps 2 of each.
+    scores = torch.tensor([[9.0, 8.0, 7.0, 6.0], [1.0, 2.0, 3.0, 4.0]])
+    local, glob = per_rank_and_global(scores, 2)
+    assert local.tolist() == [[True, True, False, False], [False, False, True, True]]
+    assert glob.tolist() == [[True, True, True, True], [False, False, False, False]]
+    assert simulate(1, 16, 8, trials=5)["overlap"] == 1.0  # one rank: the same selection
+    assert simulate(4, 4, 2, trials=5, shift=100.0)["overlap"] == 0.5  # ranks far apart: as above
+    iid = simulate(8, 64, 32, trials=50)["overlap"]
+    assert 0.9 < iid < 1.0  # iid ranks: close to, not equal to, the global selection
+    assert main(["--out", str(tmp_path), "--worlds", "2", "--shifts", "0.1", "--trials", "3"]) == 0
+    assert "| 2 | 0 |" in (tmp_path / "selection_scope.md").read_text()
