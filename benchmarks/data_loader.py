@@ -34,17 +34,12 @@ import numpy as np
 
 from sift_common.errors import SiftError
 from sift_common.logs import setup_logging
-from sift_common.provenance import cpu_seconds, load_average, provenance
+from sift_common.provenance import cpu_seconds, load_average, proc_field, provenance
 
 SHARED_CORPUS = Path("..") / "shared" / "corpus" / "english-reference.parquet"
 """The workplace's reference corpus, looked for next to the directory the benchmark runs from."""
 SEQ_LEN, G = 512, 64
 log = logging.getLogger("bench.data_loader")
-
-
-def _proc_field(path: str, key: str) -> str | None:
-    with open(path) as f:
-        return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(key)), None)
 
 
 def process_cpu(pids: list[int]) -> float:
@@ -56,10 +51,6 @@ def process_cpu(pids: list[int]) -> float:
             fields = f.read().rsplit(")", 1)[1].split()
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
     return total
-
-
-def loadavg() -> list[float] | None:
-    return load_average()
 
 
 def run_prepare(argv: list[str]) -> dict:
@@ -86,7 +77,7 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
         return {"skipped": f"{SHARED_CORPUS.name} not found next to the repository"}, work / "ds512"
     results: dict = {"corpus": "../shared/corpus/english-reference.parquet"}
     t = time.perf_counter()
-    load = loadavg()
+    load = load_average()
     index = run_prepare([str(SHARED_CORPUS), "--out", str(work / "tok"), "--seq-len", "128", "--max-docs", "2000",
                          "--train-tokenizer", "--vocab-size", "30522", "--num-proc", "1"])  # fmt: skip
     results["tokenizer_training"] = {"documents": 2000, "vocab_size": index["vocab_size"],
@@ -96,7 +87,7 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
     for num_proc, seq_len, objective in [(1, 512, "nsp_pairs"), (1, 128, "nsp_pairs"), (1, 128, "mlm_packed"),
                                          (2, 512, "nsp_pairs")]:  # fmt: skip
         out = work / f"ds{seq_len}-{objective}-{num_proc}"
-        load = loadavg()
+        load = load_average()
         t, cpu = time.perf_counter(), cpu_seconds()
         index = run_prepare([str(SHARED_CORPUS), "--out", str(out), "--tokenizer", tokenizer, "--seq-len",
                              str(seq_len), "--objective", objective, "--num-proc", str(num_proc)])  # fmt: skip
@@ -109,7 +100,7 @@ def bench_prepare(work: Path) -> tuple[dict, Path]:
             "tokens_per_second_per_process": round(st["tokens_per_second"] / num_proc),
             "cpu_seconds_whole_command": round(cpu, 2), "tokens_per_cpu_second": round(st["tokens"] / cpu),
             "rows": {s: v["rows"] for s, v in index["splits"].items()}, "fill": st["fill"],
-            "load_before": load, "load_after": loadavg(),
+            "load_before": load, "load_after": load_average(),
         })  # fmt: skip
         log.info("prepare %s", runs[-1])
     results["runs"] = runs
@@ -136,7 +127,7 @@ def bench_loader(dataset: Path, draws: int = 300, repeats: int = 3) -> list[dict
             for _ in range(10 if workers == 0 else 20):  # warm-up (worker start, page cache)
                 next(it)
             pids = [w.pid for w in getattr(it.inner, "_workers", [])]  # DataLoader internals: benchmark only
-            load = loadavg()
+            load = load_average()
             t, cpu = time.perf_counter(), process_cpu(pids)
             real = 0
             for batch in islice(it, draws):
@@ -209,7 +200,7 @@ def rss_probe(dataset: str) -> dict:
 
     def status() -> dict:
         return {
-            k: round(int(_proc_field("/proc/self/status", k).split()[0]) / 1024, 1)
+            k: round(int(proc_field("/proc/self/status", k).split()[0]) / 1024, 1)
             for k in ("VmRSS", "RssAnon", "RssFile")
         }
 
@@ -256,7 +247,7 @@ def main() -> int:
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     command = "python -m benchmarks.data_loader" + (f" --out {shlex.quote(args.out)}" if args.out else "")
-    results: dict = {"benchmark": "data_loader", **provenance(command), "load_at_start": loadavg()}
+    results: dict = {"benchmark": "data_loader", **provenance(command), "load_at_start": load_average()}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
         results["sampler_startup"] = bench_sampler()
@@ -264,7 +255,7 @@ def main() -> int:
         results["loader"] = bench_loader(ds512)
         results["loader_target_sequences_per_second_per_process"] = 20_000
         results["reader_rss"] = bench_rss(work)
-    results["load_at_end"] = loadavg()
+    results["load_at_end"] = load_average()
     text = json.dumps(results, indent=2)
     print(text)
     if args.out:

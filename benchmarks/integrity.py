@@ -22,8 +22,7 @@ import argparse
 import hashlib
 import json
 import os
-import platform
-import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -36,6 +35,8 @@ if str(REPO) not in sys.path:  # run as a script: make the project importable wi
 
 import numpy as np  # noqa: E402
 
+from sift_common.provenance import cpu_seconds, load_average, provenance  # noqa: E402
+
 MB = 1e6
 BERT_BASE_PARAMS = 110_000_000
 RANKS = 8
@@ -43,19 +44,10 @@ RANKS = 8
 NO_SHA_NI = ":~0x20000000"
 
 
-def loadavg() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_seconds() -> float:
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
-
-
 def timed(fn, *args, **kwargs) -> dict:
-    load, t, cpu = loadavg(), time.perf_counter(), cpu_seconds()
+    load, t, cpu = load_average(), time.perf_counter(), cpu_seconds(children=False)
     fn(*args, **kwargs)
-    return {"wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(cpu_seconds() - cpu, 3), "load": load}
+    return {"wall_s": round(time.perf_counter() - t, 3), "cpu_s": round(cpu_seconds(children=False) - cpu, 3), "load": load}
 
 
 def hash_rate(name: str, mib: int = 256) -> dict:
@@ -189,18 +181,10 @@ def main() -> None:
     p.add_argument("--scale", type=float, default=1.0, help="checkpoint size relative to BERT-base")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args()
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     import ssl
 
-    result = {
-        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-        "commit": commit,
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": len(os.sched_getaffinity(0)),
-                    "python": platform.python_version(), "openssl": ssl.OPENSSL_VERSION},
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
-    with open("/proc/cpuinfo") as f:
-        result["machine"]["cpu"] = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), "?")
+    result = provenance("python -m benchmarks.integrity " + shlex.join(sys.argv[1:]), where=REPO)
+    result["machine"]["openssl"] = ssl.OPENSSL_VERSION
     result["hash_in_memory_one_core"] = hash_rates()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
         work = Path(tmp)

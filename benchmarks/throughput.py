@@ -38,7 +38,7 @@ from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
 from engine.models.base import FlopCounts
 from engine.scoring import CRITERIA
 from sift_common.logs import setup_logging
-from sift_common.provenance import provenance
+from sift_common.provenance import machine, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
@@ -421,13 +421,7 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    cpu = platform.processor() or platform.machine()
-    with_name = Path("/proc/cpuinfo")
-    if with_name.is_file():
-        for line in with_name.read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    cpu = machine()["cpu"] or platform.machine()
     return f"CPU: {cpu}, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()}"
 
 

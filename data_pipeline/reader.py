@@ -21,7 +21,7 @@ from data_pipeline.errors import DataError
 from data_pipeline.index import DatasetMeta, ShardInfo, read_index, sha256_file
 from data_pipeline.shards import MappedShard
 
-__all__ = ["DatasetMeta", "ShardDataset", "check_vocab_fits"]
+__all__ = ["DatasetMeta", "ShardDataset"]
 
 log = logging.getLogger(__name__)
 
@@ -163,12 +163,3 @@ class ShardDataset:
             self._check_rows(i, r, tokens[group], lengths[group], seg_b[group])
         return {"tokens": tokens.astype(np.int64), "lengths": lengths, "segment_b": seg_b, "nsp_label": nsp}
 
-
-def check_vocab_fits(meta: DatasetMeta, model_vocab_size: int, where: str = "the model") -> None:
-    """Raise ``DataError`` when the dataset's token ids do not fit ``model_vocab_size`` embedding rows."""
-    if meta.vocab_size > model_vocab_size:
-        raise DataError(
-            f"the dataset's tokenizer has {meta.vocab_size} tokens but {where} has only {model_vocab_size} "
-            "embedding rows: use a model with vocab_size >= the tokenizer's, or prepare the data with "
-            "a smaller tokenizer (--vocab-size)"
-        )

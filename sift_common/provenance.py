@@ -45,7 +45,8 @@ def git_commit(where: str | os.PathLike | None = None) -> str | None:
     return None
 
 
-def _proc_field(path: str, key: str) -> str | None:
+def proc_field(path: str, key: str) -> str | None:
+    """The value of the first ``key: value`` line of a /proc file (None if absent or unreadable)."""
     with contextlib.suppress(OSError), open(path) as f:
         return next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith(key)), None)
     return None
@@ -53,9 +54,9 @@ def _proc_field(path: str, key: str) -> str | None:
 
 def machine() -> dict[str, Any]:
     """CPU model, usable cores, memory, OS, and the GPUs torch sees (only if torch is already imported)."""
-    mem_kb = (_proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]
+    mem_kb = (proc_field("/proc/meminfo", "MemTotal") or "0 kB").split()[0]
     info: dict[str, Any] = {
-        "cpu": _proc_field("/proc/cpuinfo", "model name") or platform.processor() or None,
+        "cpu": proc_field("/proc/cpuinfo", "model name") or platform.processor() or None,
         "cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gib": round(int(mem_kb) / 2**20, 1) if mem_kb.isdigit() else None,
         "os": platform.platform(),
