@@ -47,7 +47,7 @@ from engine.resources import resolve  # noqa: E402
 from sift_common.logs import setup_logging  # noqa: E402
 from sift_common.provenance import git_commit, load_average, machine, versions  # noqa: E402
 
-PRESETS = {name: resolve(f"study-{name}", "configs") for name in ("cpu", "gpu", "regimes-cpu", "gpt2-cpu")}
+PRESETS = {name: resolve(f"study-{name}", "configs") for name in ("cpu", "gpu", "regimes-cpu", "gpt2-cpu", "gpt2-continue-cpu")}
 """Preset name -> the shipped study file (configs/, package data: engine/resources.py)."""
 MARKER = "study-run.json"  # in each run directory: the config and data it was made with
 log = logging.getLogger("sift.study")

@@ -128,13 +128,15 @@ def test_unknown_study_key_and_unreadable_file(tmp_path):
         build_spec(tmp_path / "absent.yaml")
 
 
-@pytest.mark.parametrize("preset", ["cpu", "gpu"], ids=["preset-cpu", "preset-gpu"])  # an id "gpu" would read as the gpu marker
+@pytest.mark.parametrize("preset", ["cpu", "gpu", "gpt2-cpu", "gpt2-continue-cpu"],
+                         ids=lambda p: f"preset-{p}")  # an id "gpu" would read as the gpu marker
 def test_presets_are_valid_run_configs_for_every_arm(preset, tmp_path):
     spec = build_spec(study.PRESETS[preset])
     assert len(spec.seeds) >= 2 and spec.arms[0] == VANILLA
+    steps = [] if spec.branch is None else [f"train.steps={spec.branch.total}"]
     base = write(tmp_path, spec.base)
     for arm in spec.arms:
-        cfg = load_config(base, list(arm.overrides))
+        cfg = load_config(base, [*arm.overrides, *steps])
         assert cfg.train.eval_every <= cfg.train.steps
     # the corpus is referenced relative to the repository, never by a machine's absolute path
     assert spec.prepare is not None and spec.prepare.inputs == ["../shared/corpus/english-reference.parquet"]
