@@ -82,10 +82,12 @@ def test_llama_zero3_chunked_loss_trains_like_the_whole_batch(llama_run, tiny_cl
     assert losses(tmp_path) == pytest.approx(losses(llama_run), rel=1e-4)
 
 
-def test_gpt2_sift_vcas_under_zero3(tiny_clm_data, tmp_path):
-    """SIFT + adaptive VCAS on GPT-2 (sampled Conv1Ds) under ZeRO-3: the sampled backward gathers each
-    partitioned weight, the scorer reads its replica; a huge tau lets the controller lower the ratios."""
-    train(tmp_path, tiny_clm_data, "model.family=gpt2", "deepspeed.config=ds_configs/zero3.json",
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_decoder_sift_vcas_under_zero3(family, tiny_clm_data, tmp_path):
+    """SIFT + adaptive VCAS on GPT-2 (sampled Conv1Ds) and Llama (sampled Linears, grouped-query K/V)
+    under ZeRO-3: the sampled backward gathers each partitioned weight, the scorer reads its replica; a
+    huge tau lets the controller lower the ratios."""
+    train(tmp_path, tiny_clm_data, f"model.family={family}", "deepspeed.config=ds_configs/zero3.json",
           "method=sift+vcas", "vcas.calib_every=2", "vcas.tau_act=1e9", "vcas.tau_w=1e9", "vcas.alpha=0.3",
           "train.steps=8", "train.eval_every=8", "train.save_every=8")
     steps = [r for r in map(json.loads, (tmp_path / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
