@@ -179,6 +179,7 @@ def build_loader(
     prefetch_factor: int = 2,
     mask_prob: float = 0.15,
     shuffle: bool = True,
+    rows: np.ndarray | None = None,
 ) -> Iterable[Batch]:
     """Infinite iterable of this rank's batches, one per draw: ``start_draw``, ``start_draw + 1``, ...
 
@@ -187,6 +188,7 @@ def build_loader(
     number of samples consumed so far as ``consumed_samples`` (``sum(world * size(d))`` over past draws,
     which stays valid across a change of world size). Each ``iter()`` restarts at the resume point.
     Masks depend only on (seed, epoch, sample), never on rank, world size or batch composition.
+    ``rows``: draw only these row ids of the split (``DrawSampler``).
     """
     if pin_memory and not torch.cuda.is_available():
         log.warning("pin_memory requested but CUDA is not available: not pinning")
@@ -200,6 +202,7 @@ def build_loader(
         start_draw=start_draw,
         consumed_samples=consumed_samples,
         shuffle=shuffle,
+        rows=rows,
     )
     draws = DrawDataset(dataset, masking_config(dataset.meta, mask_prob), seed)
     return _Batches(DataLoader(

@@ -61,6 +61,20 @@ def epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
     return perm.perm
 
 
+HALF_KEY = 0x4A1F
+"""The fixed seed of ``split_half``: the same halves for every run and every reference on a dataset."""
+
+
+def split_half(n: int, half: int) -> np.ndarray:
+    """Ascending row ids of half ``half`` (0 or 1) of ``range(n)``: a fixed uniformly random halving
+    (half 0 gets n // 2 rows), so that a model trained on one half can score the other (RHO-LOSS's
+    "double irreducible" loss)."""
+    if half not in (0, 1):
+        raise ValueError(f"half must be 0 or 1, got {half}")
+    perm = epoch_permutation(HALF_KEY, 0, n)
+    return np.sort(perm[: n // 2] if half == 0 else perm[n // 2 :]).astype(np.int64)
+
+
 def draw_start(
     consumed_samples: int, start_draw: int, draw: int, world_size: int, size_fn: Callable[[int], int]
 ) -> int:
@@ -133,7 +147,8 @@ class DrawSampler:
     """Infinite iterator of ``DrawRequest`` for one rank: draws ``start_draw, start_draw + 1, ...``.
 
     Iterated in the main process (the DataLoader's sampler); it keeps a running stream offset, so each
-    draw costs O(size) plus, once per epoch, one permutation.
+    draw costs O(size) plus, once per epoch, one permutation. ``rows`` (ascending ids of the split):
+    sample only these, as if they were the whole split (the stream runs over ``range(len(rows))``).
     """
 
     def __init__(
@@ -147,7 +162,12 @@ class DrawSampler:
         start_draw: int = 0,
         consumed_samples: int = 0,
         shuffle: bool = True,
+        rows: np.ndarray | None = None,
     ):
+        if rows is not None:
+            if len(rows) and not (rows.min() >= 0 and rows.max() < n):
+                raise ValueError(f"row subset outside the split's {n} rows")
+            n = len(rows)
         if n <= 0:
             raise ValueError("cannot sample from an empty split")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -158,6 +178,7 @@ class DrawSampler:
         self.size_fn, self.start_draw, self.consumed_samples, self.shuffle = (
             size_fn, start_draw, consumed_samples, shuffle,
         )  # fmt: skip
+        self.rows = rows
 
     def __iter__(self) -> Iterator[DrawRequest]:
         perms = _Permutations(self.seed, self.n, self.shuffle)
@@ -167,6 +188,8 @@ class DrawSampler:
             if size < 1:
                 raise ValueError(f"batch_size_for_draw({draw}) returned {size}; it must be >= 1")
             ids, epochs = perms.samples(rank_positions(pos, size, self.rank, self.world_size))
+            if self.rows is not None:
+                ids = self.rows[ids]
             yield DrawRequest(draw, ids, epochs)
             pos += self.world_size * size
             draw += 1

@@ -42,6 +42,9 @@ class DataConfig:
     verify_checksums: bool = False
     """Hash every shard at open. Otherwise each shard is hashed the first time a row of it is read (sizes,
     row counts and every batch's token ranges are always checked)."""
+    train_half: int | None = None
+    """Train on one half (0 or 1) of the training split only: a fixed random halving of its rows
+    (data_pipeline/sampler.py ``split_half``), e.g. a reference for the other half (`sift reference`)."""
     extra_eval: dict[str, str] = field(default_factory=dict)
     """More text to evaluate on at every evaluation: name -> a dataset directory prepared with the same
     tokenizer (its ``eval_split`` split). Its metrics land in the eval record as ``<name>_val_...``."""
@@ -79,7 +82,8 @@ class SiftConfig:
     none: the same as ``method: none`` (vanilla), kept for configs written before ``method`` existed."""
     criterion: str = "loss"
     """loss: mean token cross-entropy at the exit (BERT: the masked tokens; decoders: the next tokens);
-    entropy: mean predictive entropy there."""
+    entropy: mean predictive entropy there; reducible: the loss minus ``reference``'s loss on the same
+    tokens (RHO-LOSS's reducible loss at exit_layer = L)."""
     exit_layer: int = 1
     """Score with the embeddings + the first j blocks + the model's own output head (j = L: exact loss)."""
     keep: float = 0.5
@@ -101,6 +105,12 @@ class SiftConfig:
     the output head and the criterion then run on G x this many positions. For decoder LMs every
     position is a target (T - 1 per row) and the LM head dominates an early exit's cost; the fidelity
     cost shows in the ``spearman`` and ``topk_overlap`` that ``fidelity_every`` logs."""
+    reference: str | None = None
+    """criterion reducible: the reference model, a SIFT-Train run directory or a local Hugging Face
+    checkpoint with the data's tokenizer, trained on other data (`sift reference`); engine/reference.py."""
+    reference_losses: str | None = None
+    """Decoders: the reference's per-token losses on the training split, precomputed by `sift reference
+    --sidecar` (no reference forward per step). None: the reference runs on each gross batch (BERT must)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -350,6 +360,12 @@ def validate(cfg: RunConfig) -> list[str]:
             )
     if s.stop_fraction is not None and not 0.0 < s.stop_fraction <= 1.0:
         p.append(f"sift.stop_fraction: must be in (0, 1] or null, got {s.stop_fraction}")
+    if s.criterion == "reducible" and cfg.selecting and s.reference is None:
+        p.append("sift.criterion: reducible needs sift.reference (a reference model; `sift reference` trains one)")
+    if s.reference_losses is not None and s.criterion != "reducible":
+        p.append(f"sift.reference_losses is only read by sift.criterion: reducible, not {s.criterion!r}")
+    if cfg.data.train_half not in (None, 0, 1):
+        p.append(f"data.train_half: must be 0, 1 or null, got {cfg.data.train_half}")
     if not 0.0 < cfg.data.mask_prob < 1.0:
         p.append(f"data.mask_prob: must be in (0, 1), got {cfg.data.mask_prob}")
     if o.lr <= 0:

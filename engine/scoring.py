@@ -75,16 +75,32 @@ def _entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
 
 
 Criterion = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-CRITERIA: dict[str, Criterion] = {"loss": token_cross_entropy, "entropy": _entropy}
+CRITERIA: dict[str, Criterion] = {"loss": token_cross_entropy, "entropy": _entropy, "reducible": token_cross_entropy}
 """Scoring criteria: (G, P, V) logits, (G, P) labels -> (G, P) per-token values. ``sift.criterion``
-accepts exactly these names; a plugin may register more."""
+accepts exactly these names; a plugin may register more. A criterion in ``REFERENCED`` is the
+per-token value minus a reference model's per-token loss on the same targets, which the caller passes
+(``exit_scores(reference=...)``)."""
+
+REFERENCED = frozenset({"reducible"})
+"""Criteria that subtract a reference model's per-token loss (RHO-LOSS's reducible loss: training loss
+minus irreducible loss)."""
 
 
-def scores_from_logits(logits: torch.Tensor, labels: torch.Tensor, criterion: str) -> torch.Tensor:
-    """(G, P, V) exit logits at the scored positions -> (G,) fp32 per-sequence scores."""
+def _check_criterion(criterion: str, reference: torch.Tensor | None) -> None:
     if criterion not in CRITERIA:
         raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
-    return per_sequence_mean(CRITERIA[criterion](logits, labels), labels >= 0)
+    if (criterion in REFERENCED) != (reference is not None):
+        raise ValueError(f"criterion {criterion!r} " + ("needs the reference's per-token losses"
+                                                         if reference is None else "takes no reference losses"))
+
+
+def scores_from_logits(logits: torch.Tensor, labels: torch.Tensor, criterion: str,
+                       reference: torch.Tensor | None = None) -> torch.Tensor:
+    """(G, P, V) exit logits at the scored positions -> (G,) fp32 per-sequence scores; ``reference``:
+    (G, P) the reference's per-token losses at the same positions (criteria in ``REFERENCED``)."""
+    _check_criterion(criterion, reference)
+    values = CRITERIA[criterion](logits, labels)
+    return per_sequence_mean(values if reference is None else values - reference, labels >= 0)
 
 
 @contextmanager
@@ -124,19 +140,40 @@ def sample_slots(valid: torch.Tensor, k: int, generator: torch.Generator) -> tor
     return torch.sort(torch.topk(keys, k, dim=1, largest=False, sorted=False).indices, dim=1).values
 
 
+def exit_token_values(path: ExitPath, batch: dict[str, torch.Tensor], criterion: str = "loss",
+                      chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """(G, P) fp32 per-token values of ``criterion`` at every target slot of ``path.targets(batch)`` (0 at
+    unused slots), in eval mode and without autograd; the head runs on chunks as in ``exit_scores``. A
+    reference model's per-token losses are this at its last block."""
+    with torch.no_grad(), eval_mode(path.modules()):
+        hidden = path.hidden(batch)
+        labels = path.targets(batch)
+        return _chunked_values(path, hidden, labels, criterion, chunk_elements)
+
+
+def _chunked_values(path: ExitPath, hidden: torch.Tensor, labels: torch.Tensor, criterion: str,
+                    chunk_elements: int) -> torch.Tensor:
+    G, P = labels.shape
+    values = torch.empty(G, P, dtype=torch.float32, device=labels.device)
+    for r, c in logit_chunks(G, P, path.vocab_size, chunk_elements):
+        values[r, c] = CRITERIA[criterion](path.logits(hidden[r, c]), labels[r, c])
+    return values
+
+
 def exit_scores(path: ExitPath, batch: dict[str, torch.Tensor], criterion: str,
                 chunk_elements: int = CHUNK_ELEMENTS, *, positions: int = 0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
+                generator: torch.Generator | None = None, reference: torch.Tensor | None = None) -> torch.Tensor:
     """(G,) fp32 early-exit scores of a gross batch; see the module docstring for what is untouched.
 
     ``positions`` > 0 scores each row on that many of its target positions, drawn by ``sample_slots``
     from ``generator`` (fewer logits: the head runs on G x ``positions`` instead of G x P). The output head
     and the criterion run on chunks of at most ``chunk_elements`` logits (``logit_chunks``: one chunk for
     small models), so the scorer's peak memory does not grow with G x P x V; per-token values do not
-    depend on the chunking, and each row's mean is taken once at the end.
+    depend on the chunking, and each row's mean is taken once at the end. ``reference`` (criteria in
+    ``REFERENCED``): (G, P) a reference model's per-token losses, aligned with ``path.targets(batch)``;
+    they are subtracted at the same (sampled) positions before the mean.
     """
-    if criterion not in CRITERIA:
-        raise ValueError(f"unknown criterion {criterion!r}; expected one of {', '.join(CRITERIA)}")
+    _check_criterion(criterion, reference)
     with torch.no_grad(), eval_mode(path.modules()):
         hidden = path.hidden(batch)  # (G, P, H)
         labels = path.targets(batch)  # (G, P)
@@ -146,8 +183,7 @@ def exit_scores(path: ExitPath, batch: dict[str, torch.Tensor], criterion: str,
             slots = sample_slots(labels >= 0, positions, generator)
             hidden = hidden.gather(1, slots.unsqueeze(-1).expand(-1, -1, hidden.shape[-1]))
             labels = labels.gather(1, slots)
-        G, P = labels.shape
-        values = torch.empty(G, P, dtype=torch.float32, device=labels.device)
-        for r, c in logit_chunks(G, P, path.vocab_size, chunk_elements):
-            values[r, c] = CRITERIA[criterion](path.logits(hidden[r, c]), labels[r, c])
-        return per_sequence_mean(values, labels >= 0)
+            if reference is not None:
+                reference = reference.gather(1, slots)
+        values = _chunked_values(path, hidden, labels, criterion, chunk_elements)
+        return per_sequence_mean(values if reference is None else values - reference, labels >= 0)

@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from data_pipeline.loader import build_loader
 from data_pipeline.reader import ShardDataset
+from data_pipeline.sampler import split_half
 from engine import checkpoint as ckpt
 from engine import ds, hooks
 from engine.checkpointer import Checkpointer
@@ -138,8 +139,10 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
 
     # ------------------------------------------------------------------ loop parts
     timer = PhaseTimer(cuda)
+    half = cfg.data.train_half
     loader = build_loader(train_set, seed=t.seed, rank=rank, world_size=world, batch_size_for_draw=methods.rows_for_draw,
                           start_draw=progress.draws, consumed_samples=progress.consumed_samples,
+                          rows=None if half is None else split_half(len(train_set), half),
                           num_workers=cfg.data.num_workers, mask_prob=cfg.data.mask_prob,
                           pin_memory=cuda if cfg.data.pin_memory is None else cfg.data.pin_memory)
     schedule = build_schedule(cfg, engine, methods, batches=iter(loader), device=device, rank=rank, world_size=world,

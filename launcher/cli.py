@@ -16,6 +16,7 @@ from sift_common.errors import run_command
 SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("data_pipeline.prepare", "tokenize text into Arrow shards (+ index.json)"),
     "train": ("launcher.train", "train a model with SIFT on prepared shards"),
+    "reference": ("launcher.reference", "train a reference model for sift.criterion=reducible (+ its loss sidecar)"),
     "export": ("engine.export", "write a Hugging Face save_pretrained directory from a checkpoint"),
     "launch": ("launcher.launch", "build (and run) the multi-node command: deepspeed, mpirun, srun, torchrun"),
     "demo": ("launcher.demo", "offline CPU demo: generate a corpus, prepare it, train a tiny BERT with SIFT"),

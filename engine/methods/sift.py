@@ -5,13 +5,15 @@ model's own output head (the early exit of the model adapter) and reduces each r
 (``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, or B at random as the
 control). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
 logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
-drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and
+drawn from a generator keyed on (seed, draw, rank). ``sift.criterion: reducible`` subtracts a reference
+model's per-token losses (engine/reference.py) at the same positions. The first ``sift.warmup_steps`` optimizer steps (and
 those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
 one) is the schedule's business (engine/schedule.py).
 """
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from typing import Any
 
@@ -20,7 +22,7 @@ import torch
 from engine.config import RunConfig
 from engine.methods.base import Method, MicroContext, RunContext
 from engine.models.base import Batch, ExitPath, SiftModel
-from engine.scoring import exit_scores
+from engine.scoring import REFERENCED, exit_scores, per_sequence_mean
 from engine.selection import (
     POLICIES,
     kept_dropped_means,
@@ -73,11 +75,12 @@ class Scorer:
         self._fill(nxt)
         self._current = nxt
 
-    def __call__(self, batch: Batch, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, batch: Batch, generator: torch.Generator | None = None,
+                 reference: torch.Tensor | None = None) -> torch.Tensor:
         """(G,) scores; ``generator`` (on the batch's device) draws the scored positions when
-        ``positions`` > 0."""
+        ``positions`` > 0; ``reference``: the reference's per-token losses (criterion reducible)."""
         return exit_scores(self.paths[self._current], batch, self.criterion, positions=self.positions,
-                           generator=generator)
+                           generator=generator, reference=reference)
 
 
 class Sift(Method):
@@ -86,18 +89,24 @@ class Sift(Method):
 
     def __init__(self, cfg: RunConfig):
         s, t = cfg.sift, cfg.train
-        self.cfg = s
+        self.cfg, self.data = s, cfg.data
         self.B, self.G, self.ga = t.micro_batch_size, round(t.micro_batch_size / s.keep), t.grad_accum
         self.seed, self.total_steps = t.seed, t.steps
         self.policy = POLICIES[s.policy]
         self.scorer: Scorer | None = None
         self._run: RunContext | None = None
+        self.reference: Any = None
+        """criterion reducible: an ``engine.reference`` Reference, opened in ``attach``."""
         self._stats: dict[str, torch.Tensor] = {}
+        self._cost: dict[str, float] = {}
 
     def check(self, model: SiftModel) -> list[str]:
         L = model.num_layers
         if self.cfg.exit_layer > L:
             return [f"sift.exit_layer={self.cfg.exit_layer} but the model has {L} layers (1..{L})"]
+        if self.cfg.reference_losses is not None and model.family == "bert":
+            return ["sift.reference_losses: BERT draws its masks anew each epoch, so its reference runs online; "
+                    "leave sift.reference_losses unset"]
         return []
 
     def attach(self, run: RunContext) -> None:
@@ -107,6 +116,11 @@ class Sift(Method):
                              gather=run.gather if run.zero_stage == 3 else None,
                              replicas=2 if pipelined else int(run.zero_stage == 3),
                              positions=self.cfg.score_positions)
+        if self.cfg.criterion in REFERENCED:
+            from engine.reference import open_reference
+
+            self.reference = open_reference(self.cfg.reference, self.cfg.reference_losses, data_path=self.data.path,
+                                            split=self.data.train_split, device=run.device)
 
     def active(self, step: int) -> bool:
         return selection_active(step, total_steps=self.total_steps, warmup_steps=self.cfg.warmup_steps,
@@ -115,11 +129,21 @@ class Sift(Method):
     def rows_for_draw(self, draw: int) -> int:
         return self.G if self.active(draw // self.ga) else self.B
 
+    def reference_losses(self, batch: Batch) -> torch.Tensor:
+        """(G, P) the reference's per-token losses on the batch; its cost goes to the statistics
+        (``reference_s``: host seconds, the forward's time on CPU; ``reference_flops``)."""
+        t0 = time.perf_counter()
+        out = self.reference.token_losses(batch)
+        rows = batch["input_ids"].shape[0]
+        self._cost = {"reference_s": time.perf_counter() - t0, "reference_flops": self.reference.flops_per_row * rows}
+        return out
+
     def score(self, batch: Batch, draw: int) -> torch.Tensor:
         gen = None
         if self.cfg.score_positions:
             gen = position_generator(self.seed, draw, self._run.rank, batch["input_ids"].device)
-        return self.scorer(batch, gen)
+        reference = self.reference_losses(batch) if self.reference is not None else None
+        return self.scorer(batch, gen, reference)
 
     @property
     def scoring_reads_live_weights(self) -> bool:
@@ -133,6 +157,9 @@ class Sift(Method):
         every = self.cfg.fidelity_every
         if every and ctx.first_micro and ctx.step % every == 0:
             exact = self._run.exact_losses(batch)
+            if self.reference is not None:  # the exact reducible loss: the full model's, over every target
+                labels = self.scorer.paths[0].targets(batch)
+                exact = exact - per_sequence_mean(self.reference.token_losses(batch), labels >= 0)
             self._stats |= {"spearman": spearman(scores, exact), "topk_overlap": topk_overlap(scores, exact, self.B)}
         return kept
 
@@ -140,5 +167,5 @@ class Sift(Method):
         self.scorer.refresh()
 
     def stats(self) -> dict[str, torch.Tensor]:
-        out, self._stats = self._stats, {}
+        out, self._stats, self._cost = {**self._stats, **self._cost}, {}, {}
         return out
