@@ -244,7 +244,8 @@ def open_reference(reference: str, losses: str | None, *, data_path: str, split:
     meta = train_set.meta
     facts = DataFacts(meta.vocab_size, meta.seq_len, meta.objective, meta.special_ids["pad"],
                       eos_id=meta.special_ids.get("eos"), bos_id=meta.special_ids.get("bos"))
-    model = load_reference(reference, facts, data_path, train_set.tokenizer_path())
+    with torch.random.fork_rng(devices=[]):  # building a model draws its init: not from the run's dropout stream
+        model = load_reference(reference, facts, data_path, train_set.tokenizer_path())
     if losses is None:
         return OnlineReference(model.to(device), meta.seq_len)
     sidecar = read_sidecar(losses)

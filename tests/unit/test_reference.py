@@ -15,8 +15,16 @@ from data_pipeline.sampler import DrawSampler, split_half
 from engine import reference as ref
 from engine.schedule import PipelinedSchedule, SerialSchedule
 from engine.scoring import exit_scores, exit_token_values, per_sequence_mean, scores_from_logits
-from tests.helpers import PlainEngine, clm_batch, methods_for, model_and_batches, random_batch, schedule_for
-from tests.helpers import tiny_decoder, tiny_model
+from tests.helpers import (
+    PlainEngine,
+    clm_batch,
+    methods_for,
+    model_and_batches,
+    random_batch,
+    schedule_for,
+    tiny_decoder,
+    tiny_model,
+)
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 
