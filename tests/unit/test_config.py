@@ -62,6 +62,18 @@ def test_inconsistent_values(tmp_path):
         load_config(None, ["train.micro_batch_size=4", "sift.keep=0.3"])
 
 
+def test_reducible_needs_a_reference_and_the_reference_knobs_are_checked():
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sift.criterion=reducible", "data.train_half=2"])
+    assert "sift.criterion: reducible needs sift.reference" in str(e.value)
+    assert "data.train_half: must be 0, 1 or null, got 2" in str(e.value)
+    with pytest.raises(ConfigError, match="sift.reference_losses is only read by sift.criterion: reducible"):
+        load_config(None, ["sift.reference_losses=x.sidecar"])
+    cfg = load_config(None, ["sift.criterion=reducible", "sift.reference=runs/ref", "data.train_half=1"])
+    assert (cfg.sift.reference, cfg.data.train_half) == ("runs/ref", 1)
+    load_config(None, ["method=none", "sift.criterion=reducible"])  # vanilla scores nothing: no reference needed
+
+
 def test_bad_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "missing.yaml")

@@ -176,14 +176,14 @@ class ZeroOnline(ref.OnlineReference):
         return super().token_losses(batch) * 0.0
 
 
-def _train(family, cls, criterion, monkeypatch, make_reference=None, steps=6, **sift):
+def _train(family, cls, criterion, monkeypatch, make_reference=None, steps=6, exit_layer=1, **sift):
     B, G = 4, 8
     model, stream = model_and_batches(family, seed=3)
     engine = PlainEngine(model)
     if make_reference is not None:
         monkeypatch.setattr(ref, "open_reference", lambda *a, **k: make_reference())
         sift |= {"reference": "zero"}
-    methods = methods_for(model, engine, B=B, criterion=criterion, exit_layer=1, fidelity_every=1, **sift)
+    methods = methods_for(model, engine, B=B, criterion=criterion, exit_layer=exit_layer, fidelity_every=1, **sift)
     sched = schedule_for(cls, engine, methods, stream(lambda d: G))
     torch.manual_seed(11)  # the dropout stream: a reference forward that drew from it would change the run
     outs = [sched.micro_step(d, d) for d in range(steps)]
@@ -208,3 +208,13 @@ def test_a_zero_sidecar_trains_a_decoder_exactly_like_the_loss(monkeypatch):
     assert zero == loss
     assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters(), strict=True))
     assert outs[0].stats["reference_flops"] == 0
+
+
+def test_fidelity_compares_with_the_exact_reducible_loss(monkeypatch):
+    """At j = L the exit's reducible loss is the exact one: rank correlation 1 and the same top B (the
+    dropout-free exact forward of the same weights, minus the same reference)."""
+    small = tiny_model(seed=9, layers=1)
+    _, outs, _ = _train("bert", SerialSchedule, "reducible", monkeypatch, lambda: ref.OnlineReference(small, 32),
+                        steps=3, exit_layer=3)
+    for o in outs:
+        assert o.stats["spearman"].item() == pytest.approx(1.0) and o.stats["topk_overlap"].item() == 1.0
