@@ -98,26 +98,27 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     from engine.config import load_config
 
-    if args.sources and (args.split or args.half):
-        p.error("--from uses existing references: leave out --split and --half")
-    cost: dict[str, Any] = {"references": []}
-    if not args.sources:
-        if not (args.config and args.out and (args.split or args.half)):
+    cfg = load_config(args.config, args.overrides) if args.config else None
+    references: list[dict[str, Any]] = []
+    if args.sources:
+        if args.split or args.half or args.sidecar is None:
+            p.error("--from computes a sidecar from existing references: give --sidecar, not --split or --half")
+    else:
+        if cfg is None or args.out is None or not (args.split or args.half):
             p.error("training a reference needs --config, --out and --split or --half")
         halves = [0, 1] if args.half == "both" else [None] if args.half is None else [int(args.half)]
         for h in halves:
             out = args.out / f"half{h}" if args.half == "both" else args.out
-            cost["references"].append(train_reference(args.config, out, args.overrides, split=args.split, half=h))
-        args.sources = [Path(r["path"]) for r in cost["references"]]
-        cfg = load_config(args.config, args.overrides)
-        _add_flops(cost["references"], cfg.data.path)
-    cfg = load_config(args.config, args.overrides) if args.config else None
-    data = args.data or (Path(cfg.data.path) if cfg else None)
+            references.append(train_reference(args.config, out, args.overrides, split=args.split, half=h))
+        _add_flops(references, cfg.data.path)
+        args.sources = [Path(r["path"]) for r in references]
+    cost: dict[str, Any] = {"references": references}
     if args.sidecar is not None:
+        data = args.data or (Path(cfg.data.path) if cfg else None)
         if data is None:
             p.error("--sidecar needs the data: --data DIR or --config")
-        train_split = cfg.data.train_split if cfg else "train"
-        cost["sidecar"] = write_sidecar_for(args.sources, data, train_split, args.sidecar)
+        split = cfg.data.train_split if cfg else "train"
+        cost["sidecar"] = write_sidecar_for(args.sources, data, split, args.sidecar)
     if args.out is not None:
         from sift_common.atomic import atomic_write_text
 

@@ -166,6 +166,6 @@ class Sift(Method):
     def after_step(self, ctx: MicroContext) -> None:
         self.scorer.refresh()
 
-    def stats(self) -> dict[str, torch.Tensor]:
+    def stats(self) -> dict[str, torch.Tensor | float]:
         out, self._stats, self._cost = {**self._stats, **self._cost}, {}, {}
         return out
