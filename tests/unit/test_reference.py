@@ -218,3 +218,27 @@ def test_fidelity_compares_with_the_exact_reducible_loss(monkeypatch):
                         steps=3, exit_layer=3)
     for o in outs:
         assert o.stats["spearman"].item() == pytest.approx(1.0) and o.stats["topk_overlap"].item() == 1.0
+
+
+def test_a_hugging_face_checkpoint_is_a_reference_with_its_tokenizer(tmp_path):
+    from transformers import AutoTokenizer
+
+    from engine.config import ModelConfig
+    from engine.models import build_model
+    from engine.models.base import DataFacts
+
+    bpe = str(ASSETS / "bpe-512")
+    facts = DataFacts(vocab_size=len(AutoTokenizer.from_pretrained(bpe)), seq_len=32, objective="clm", pad_id=0,
+                      eos_id=0)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                        facts)
+    model.hf.save_pretrained(tmp_path / "hf")
+    with pytest.raises(ref.ReferenceError, match="(cannot load the tokenizer|uses the tokenizer .* but the data)"):
+        ref.load_reference(tmp_path / "hf", facts, "data", bpe)  # no tokenizer files: nothing to compare
+    AutoTokenizer.from_pretrained(bpe).save_pretrained(tmp_path / "hf")
+    loaded = ref.load_reference(tmp_path / "hf", facts, "data", bpe)
+    assert type(loaded) is type(model) and not loaded.training
+    assert ref.model_hash(loaded) == ref.model_hash(model)
+    with pytest.raises(ref.ReferenceError, match="neither a SIFT-Train run directory"):
+        ref.load_reference(tmp_path, facts, "data", bpe)
