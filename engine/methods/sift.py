@@ -6,8 +6,8 @@ model's own output head (the early exit of the model adapter) and reduces each r
 control). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
 logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
 drawn from a generator keyed on (seed, draw, rank). ``sift.criterion: reducible`` subtracts a reference
-model's per-token losses (engine/reference.py) at the same positions. The first ``sift.warmup_steps`` optimizer steps (and
-those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
+model's per-token losses (engine/reference.py) at the same positions. The first ``sift.warmup_steps``
+optimizer steps (and those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
 one) is the schedule's business (engine/schedule.py).
 """
 
@@ -130,8 +130,9 @@ class Sift(Method):
         return self.G if self.active(draw // self.ga) else self.B
 
     def reference_losses(self, batch: Batch) -> torch.Tensor:
-        """(G, P) the reference's per-token losses on the batch; its cost goes to the statistics
-        (``reference_s``: host seconds, the forward's time on CPU; ``reference_flops``)."""
+        """(G, P) the reference's per-token losses on the batch; its cost per scored micro-step goes to the
+        statistics (``reference_flops``; ``reference_s``: host seconds, the forward's time on CPU, only its
+        launch on CUDA)."""
         t0 = time.perf_counter()
         out = self.reference.token_losses(batch)
         rows = batch["input_ids"].shape[0]
