@@ -62,3 +62,23 @@ def test_reference_halves_sidecar_and_runs_that_read_it(tiny_clm_data, tmp_path)
                        device=torch.device("cpu"))
     for s in (str(out / "half0"), str(out / "half1"), side.header["models"][0]["sha256"]):
         assert s in str(e.value)
+
+
+@pytest.mark.slow
+def test_bert_reference_on_a_held_out_split_runs_online(tiny_data, tmp_path):
+    """BERT: `sift reference --split validation`, then a run whose reference forwards each gross batch."""
+    out = tmp_path / "ref"
+    cmd = [sys.executable, "-m", "launcher.cli", "reference", "--config", str(TINY_RUN), "--out", str(out),
+           "--split", "validation", f"data.path={tiny_data}", "model.num_layers=1", "train.steps=2",
+           "train.save_every=2", "train.eval_every=2"]
+    done = subprocess.run(cmd, cwd=REPO, env=single_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    (r,) = json.loads((out / "reference.json").read_text())["references"]
+    assert r["split"] == "validation" and r["steps"] == 2 and r["flops"] > 0
+    run = tmp_path / "run"
+    train(run, tiny_data, "train.steps=4", "train.save_every=4", "train.eval_every=4", "sift.fidelity_every=1",
+          "sift.criterion=reducible", f"sift.reference={out}")
+    records = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    scored = [r for r in records if "reference_flops" in r]
+    assert scored and all(r["reference_flops"] > 0 and r["reference_s"] > 0 for r in scored)
+    assert any("spearman" in r for r in scored)
