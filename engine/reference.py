@@ -39,7 +39,7 @@ ADAPTERS = {"bert": "SiftBert", "gpt2": "SiftGPT2", "llama": "SiftLlama"}
 """Family -> the adapter class (in the family's module) that wraps its stock Hugging Face model."""
 
 
-class ReferenceError(SiftError, ValueError):
+class ReferenceModelError(SiftError, ValueError):
     """A reference model or sidecar that cannot be used with this run."""
 
 
@@ -58,7 +58,7 @@ def load_run_model(run_dir: Path) -> tuple[SiftModel, dict[str, Any]]:
     root = run_dir / "checkpoints"
     tag = ckpt.find_latest(root)
     if tag is None:
-        raise ReferenceError(f"sift.reference: no complete checkpoint under {root}")
+        raise ReferenceModelError(f"sift.reference: no complete checkpoint under {root}")
     record = ckpt.verify(root, tag)
     spec = model_spec(record)
     module = family(spec["family"])
@@ -72,15 +72,15 @@ def _vocab(tokenizer: str, what: str) -> dict[str, int]:
     try:
         return AutoTokenizer.from_pretrained(tokenizer, local_files_only=True).get_vocab()
     except (OSError, ValueError) as e:
-        raise ReferenceError(f"{what}: cannot load the tokenizer at {tokenizer}: {e}") from None
+        raise ReferenceModelError(f"{what}: cannot load the tokenizer at {tokenizer}: {e}") from None
 
 
 def check_tokenizer(reference: Path, ref_tokenizer: str, data: Path, data_tokenizer: str) -> None:
-    """ReferenceError naming both unless the two tokenizers have the same vocabulary (token -> id)."""
+    """ReferenceModelError naming both unless the two tokenizers have the same vocabulary (token -> id)."""
     theirs = _vocab(ref_tokenizer, f"sift.reference {reference}")
     ours = _vocab(data_tokenizer, f"data {data}")
     if theirs != ours:
-        raise ReferenceError(
+        raise ReferenceModelError(
             f"sift.reference {reference} uses the tokenizer {ref_tokenizer} ({len(theirs)} tokens) but the data "
             f"{data} uses {data_tokenizer} ({len(ours)} tokens): a reference's per-token losses are only "
             "comparable on the same token ids; train the reference on data prepared with the same tokenizer")
@@ -93,21 +93,27 @@ def load_reference(path: str | Path, data: DataFacts, data_path: str | Path, dat
 
     path = Path(path)
     if (path / "config.json").is_file():
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        try:
+            model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError) as e:
+            raise ReferenceModelError(f"sift.reference {path}: cannot read config.json: {e}") from None
         if model_type not in FAMILIES:
-            raise ReferenceError(f"sift.reference {path}: model_type {model_type!r} is not one of the families "
-                                 f"{', '.join(FAMILIES)}")
+            raise ReferenceModelError(
+                f"sift.reference {path}: model_type {model_type!r} is not one of the families "
+                f"{', '.join(FAMILIES)}")
         check_tokenizer(path, str(path), Path(data_path), data_tokenizer)
         model = family(model_type).build(ModelConfig(family=model_type, init_from=str(path), dropout=0.0), data)
     elif (path / "checkpoints").is_dir():
         model, record = load_run_model(path)
         if record.get("objective") != data.objective:
-            raise ReferenceError(f"sift.reference {path} was trained on {record.get('objective')!r} data, the run's "
-                                 f"data {data_path} is {data.objective!r}")
+            raise ReferenceModelError(
+                f"sift.reference {path} was trained on {record.get('objective')!r} data, the run's "
+                f"data {data_path} is {data.objective!r}")
         check_tokenizer(path, record["tokenizer"], Path(data_path), data_tokenizer)
     else:
-        raise ReferenceError(f"sift.reference {path} is neither a SIFT-Train run directory (no checkpoints/) nor "
-                             "a Hugging Face checkpoint (no config.json)")
+        raise ReferenceModelError(
+            f"sift.reference {path} is neither a SIFT-Train run directory (no checkpoints/) nor "
+            "a Hugging Face checkpoint (no config.json)")
     return model.float().eval().requires_grad_(False)
 
 
@@ -161,19 +167,26 @@ def read_sidecar(path: str | Path) -> Sidecar:
     try:
         with open(path, "rb") as f:
             magic, size = f.read(len(MAGIC)), f.read(8)
-            if magic != MAGIC or len(size) != 8:
-                raise ReferenceError(f"sift.reference_losses {path} is not a reference-loss sidecar "
-                                     "(written by `sift reference --sidecar`)")
-            (n,) = struct.unpack("<Q", size)
-            header = json.loads(f.read(n))
+            text = f.read(struct.unpack("<Q", size)[0]) if magic == MAGIC and len(size) == 8 else None
     except OSError as e:
-        raise ReferenceError(f"sift.reference_losses {path}: cannot read it: {e.strerror}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise ReferenceError(f"sift.reference_losses {path}: its header is corrupt") from None
-    offset, shape = len(MAGIC) + 8 + n, (header["rows"], header["seq_len"])
-    if path.stat().st_size != offset + 4 * shape[0] * shape[1]:
-        raise ReferenceError(f"sift.reference_losses {path} has {path.stat().st_size} bytes, its header promises "
-                             f"{offset + 4 * shape[0] * shape[1]}: truncated or altered")
+        raise ReferenceModelError(f"sift.reference_losses {path}: cannot read it: {e.strerror}") from None
+    if text is None:
+        raise ReferenceModelError(
+            f"sift.reference_losses {path} is not a reference-loss sidecar (written by "
+            "`sift reference --sidecar`)")
+    try:
+        header = json.loads(text)
+        shape = (int(header["rows"]), int(header["seq_len"]))
+        if not {"index_sha256", "index_path", "split", "models"} <= header.keys():
+            raise KeyError("header fields")
+    except (ValueError, KeyError, TypeError):  # JSON, text or field errors
+        raise ReferenceModelError(f"sift.reference_losses {path}: its header is corrupt") from None
+    offset = len(MAGIC) + 8 + len(text)
+    expected = offset + 4 * shape[0] * shape[1]
+    if path.stat().st_size != expected:
+        raise ReferenceModelError(
+            f"sift.reference_losses {path} has {path.stat().st_size} bytes, its header "
+            f"promises {expected}: truncated or altered")
     return Sidecar(header, np.memmap(path, dtype=np.float32, mode="r", offset=offset, shape=shape))
 
 
@@ -185,22 +198,25 @@ def index_hash(data_path: str | Path) -> str:
 
 def check_sidecar(sidecar: Sidecar, where: Path, *, data_path: Path, split: str, rows: int, seq_len: int,
                   reference: Path, reference_sha: str) -> None:
-    """ReferenceError naming both hashes and paths unless the sidecar was computed on this data (index.json
+    """ReferenceModelError naming both hashes and paths unless the sidecar was computed on this data (index.json
     hash, split, shape) by this reference (its weights' hash is one of the sidecar's models)."""
     h = sidecar.header
     ours = index_hash(data_path)
     if h["index_sha256"] != ours:
-        raise ReferenceError(f"sift.reference_losses {where} was computed on the dataset {h['index_path']} (index.json "
-                             f"sha256 {h['index_sha256']}) but the run's data {data_path} has index.json sha256 "
-                             f"{ours}; compute the sidecar for this data (`sift reference --from ... --sidecar`)")
+        raise ReferenceModelError(
+            f"sift.reference_losses {where} was computed on the dataset {h['index_path']} (index.json "
+            f"sha256 {h['index_sha256']}) but the run's data {data_path} has index.json sha256 "
+            f"{ours}; compute the sidecar for this data (`sift reference --from ... --sidecar`)")
     if (h["split"], h["rows"], h["seq_len"]) != (split, rows, seq_len):
-        raise ReferenceError(f"sift.reference_losses {where} covers split {h['split']!r} ({h['rows']} rows of "
-                             f"{h['seq_len']} tokens), the run trains on {split!r} ({rows} rows of {seq_len})")
+        raise ReferenceModelError(
+            f"sift.reference_losses {where} covers split {h['split']!r} ({h['rows']} rows of "
+            f"{h['seq_len']} tokens), the run trains on {split!r} ({rows} rows of {seq_len})")
     known = {m["sha256"]: m["path"] for m in h["models"]}
     if reference_sha not in known:
         theirs = ", ".join(f"{p} (sha256 {s})" for s, p in known.items())
-        raise ReferenceError(f"sift.reference_losses {where} was computed by {theirs}, but sift.reference {reference} "
-                             f"has weights sha256 {reference_sha}")
+        raise ReferenceModelError(
+            f"sift.reference_losses {where} was computed by {theirs}, but sift.reference {reference} "
+            f"has weights sha256 {reference_sha}")
 
 
 # ----------------------------------------------------------------------------- during a run

@@ -14,7 +14,7 @@ import torch
 
 from data_pipeline.reader import ShardDataset
 from data_pipeline.sampler import split_half
-from engine.reference import ReferenceError, open_reference, read_sidecar, write_sidecar
+from engine.reference import ReferenceModelError, open_reference, read_sidecar, write_sidecar
 from tests.distributed.common import REPO, single_env
 from tests.runs import TINY_RUN, concurrently, losses, train
 
@@ -57,7 +57,7 @@ def test_reference_halves_sidecar_and_runs_that_read_it(tiny_clm_data, tmp_path)
     # a reference whose weights are not the sidecar's is refused, naming both
     only_half0 = tmp_path / "half0.sidecar"
     write_sidecar(only_half0, side.header | {"models": side.header["models"][:1]}, [np.asarray(side.losses)])
-    with pytest.raises(ReferenceError) as e:
+    with pytest.raises(ReferenceModelError) as e:
         open_reference(str(out / "half1"), str(only_half0), data_path=str(tiny_clm_data), split="train",
                        device=torch.device("cpu"))
     for s in (str(out / "half0"), str(out / "half1"), side.header["models"][0]["sha256"]):

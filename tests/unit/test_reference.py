@@ -104,17 +104,17 @@ def test_sidecar_refuses_other_data_or_another_reference_naming_both(tmp_path):
     other = tmp_path / "other"
     other.mkdir()
     (other / "index.json").write_text('{"format": "sift-shards", "seq_len": 8}\n')
-    with pytest.raises(ref.ReferenceError) as e:
+    with pytest.raises(ref.ReferenceModelError) as e:
         ref.check_sidecar(side, path, data_path=other, split="train", rows=5, seq_len=4,
                           reference=Path("refs/a"), reference_sha="a" * 64)
     for s in (header["index_sha256"], ref.index_hash(other), str(other), str(tmp_path / "data"), str(path)):
         assert s in str(e.value)
-    with pytest.raises(ref.ReferenceError) as e:
+    with pytest.raises(ref.ReferenceModelError) as e:
         ref.check_sidecar(side, path, data_path=tmp_path / "data", split="train", rows=5, seq_len=4,
                           reference=Path("refs/b"), reference_sha="b" * 64)
     for s in ("a" * 64, "b" * 64, "refs/a", "refs/b"):
         assert s in str(e.value)
-    with pytest.raises(ref.ReferenceError, match="covers split 'train' .5 rows"):
+    with pytest.raises(ref.ReferenceModelError, match="covers split 'train' .5 rows"):
         ref.check_sidecar(side, path, data_path=tmp_path / "data", split="train", rows=6, seq_len=4,
                           reference=Path("refs/a"), reference_sha="a" * 64)
 
@@ -122,10 +122,10 @@ def test_sidecar_refuses_other_data_or_another_reference_naming_both(tmp_path):
 def test_sidecar_refuses_a_truncated_or_foreign_file(tmp_path):
     path = ref.write_sidecar(tmp_path / "losses.sidecar", _header(tmp_path), [np.zeros((5, 4), np.float32)])
     path.write_bytes(path.read_bytes()[:-4])
-    with pytest.raises(ref.ReferenceError, match="truncated"):
+    with pytest.raises(ref.ReferenceModelError, match="truncated"):
         ref.read_sidecar(path)
     path.write_bytes(b"not a sidecar at all")
-    with pytest.raises(ref.ReferenceError, match="not a reference-loss sidecar"):
+    with pytest.raises(ref.ReferenceModelError, match="not a reference-loss sidecar"):
         ref.read_sidecar(path)
 
 
@@ -142,7 +142,7 @@ def test_an_interrupted_sidecar_write_leaves_nothing(tmp_path):
 def test_a_reference_with_another_tokenizer_is_refused_naming_both():
     bpe, wordpiece = ASSETS / "bpe-512", ASSETS / "tokenizer-512"
     ref.check_tokenizer(Path("refs/a"), str(bpe), Path("data"), str(bpe))
-    with pytest.raises(ref.ReferenceError) as e:
+    with pytest.raises(ref.ReferenceModelError) as e:
         ref.check_tokenizer(Path("refs/a"), str(wordpiece), Path("data"), str(bpe))
     assert all(s in str(e.value) for s in (str(bpe), str(wordpiece), "refs/a"))
 
@@ -234,11 +234,11 @@ def test_a_hugging_face_checkpoint_is_a_reference_with_its_tokenizer(tmp_path):
     model = build_model(ModelConfig(family="gpt2", hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
                         facts)
     model.hf.save_pretrained(tmp_path / "hf")
-    with pytest.raises(ref.ReferenceError, match="(cannot load the tokenizer|uses the tokenizer .* but the data)"):
+    with pytest.raises(ref.ReferenceModelError, match="(cannot load the tokenizer|uses the tokenizer .* but the data)"):
         ref.load_reference(tmp_path / "hf", facts, "data", bpe)  # no tokenizer files: nothing to compare
     AutoTokenizer.from_pretrained(bpe).save_pretrained(tmp_path / "hf")
     loaded = ref.load_reference(tmp_path / "hf", facts, "data", bpe)
     assert type(loaded) is type(model) and not loaded.training
     assert ref.model_hash(loaded) == ref.model_hash(model)
-    with pytest.raises(ref.ReferenceError, match="neither a SIFT-Train run directory"):
+    with pytest.raises(ref.ReferenceModelError, match="neither a SIFT-Train run directory"):
         ref.load_reference(tmp_path, facts, "data", bpe)
