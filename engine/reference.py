@@ -222,6 +222,12 @@ def check_sidecar(sidecar: Sidecar, where: Path, *, data_path: Path, split: str,
 # ----------------------------------------------------------------------------- during a run
 
 
+def data_facts(meta: Any) -> DataFacts:
+    """What a model needs to know about a dataset, from its ``DatasetMeta``."""
+    return DataFacts(meta.vocab_size, meta.seq_len, meta.objective, meta.special_ids["pad"],
+                     eos_id=meta.special_ids.get("eos"), bos_id=meta.special_ids.get("bos"))
+
+
 class OnlineReference:
     """Per-token losses from a frozen forward of the reference on each gross batch."""
 
@@ -257,9 +263,7 @@ def open_reference(reference: str, losses: str | None, *, data_path: str, split:
     from data_pipeline.reader import ShardDataset
 
     train_set = ShardDataset.open(data_path, split)
-    meta = train_set.meta
-    facts = DataFacts(meta.vocab_size, meta.seq_len, meta.objective, meta.special_ids["pad"],
-                      eos_id=meta.special_ids.get("eos"), bos_id=meta.special_ids.get("bos"))
+    meta, facts = train_set.meta, data_facts(train_set.meta)
     with torch.random.fork_rng(devices=[]):  # building a model draws its init: not from the run's dropout stream
         model = load_reference(reference, facts, data_path, train_set.tokenizer_path())
     if losses is None:

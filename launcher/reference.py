@@ -47,30 +47,34 @@ def train_reference(config: str, out: Path, overrides: list[str], *, split: str 
 def write_sidecar_for(references: list[Path], data: Path, split: str, out: Path) -> dict[str, Any]:
     """The sidecar of ``references`` (one, or two trained on halves 0 and 1) on ``split`` of ``data``."""
     from data_pipeline.reader import ShardDataset
-    from engine.models.base import DataFacts
-    from engine.reference import index_hash, load_reference, model_hash, sidecar_blocks, write_sidecar
+    from engine import reference as ref
 
     train_set = ShardDataset.open(data, split)
     meta = train_set.meta
     if meta.objective != "clm":
         raise ReferenceCommandError(f"--sidecar: {data} holds {meta.objective!r} data; a sidecar is for decoders "
                                     "(BERT's reference runs online: its masks change every epoch)")
-    facts = DataFacts(meta.vocab_size, meta.seq_len, meta.objective, meta.special_ids["pad"],
-                      eos_id=meta.special_ids.get("eos"), bos_id=meta.special_ids.get("bos"))
+    if len(references) > 2:
+        raise ReferenceCommandError(f"--from: one reference, or two trained on halves 0 and 1; got {len(references)}")
+    facts = ref.data_facts(meta)
     models, entries = [], []
     for path in references:
-        model = load_reference(path, facts, data, train_set.tokenizer_path())
+        model = ref.load_reference(path, facts, data, train_set.tokenizer_path())
         half = _trained_half(path)
         models.append((model, half))
-        entries.append({"path": str(path), "sha256": model_hash(model), "half": half})
+        entries.append({"path": str(path), "sha256": ref.model_hash(model), "half": half})
     if len(models) == 2 and sorted(h for _, h in models) != [0, 1]:
         raise ReferenceCommandError(f"--from twice: the references must be trained on halves 0 and 1 "
                                     f"(data.train_half), got {[h for _, h in models]}")
-    header = {"index_sha256": index_hash(data), "index_path": str(data), "split": split, "rows": len(train_set),
+    if len(models) == 1 and models[0][1] is not None:
+        print(f"note: {references[0]} trained on half {models[0][1]} of {data}; its losses on those rows are "
+              "in-sample (--half both gives every row a reference that did not see it)", file=sys.stderr)
+    header = {"index_sha256": ref.index_hash(data), "index_path": str(data), "split": split, "rows": len(train_set),
               "seq_len": meta.seq_len, "models": entries}
     t0 = time.perf_counter()
-    write_sidecar(out, header, sidecar_blocks(models, train_set))
-    flops = len(train_set) * models[0][0].flops(meta.seq_len).scoring(models[0][0].num_layers)
+    ref.write_sidecar(out, header, ref.sidecar_blocks(models, train_set))
+    # forwards of every row (two references: each on about half of them)
+    flops = len(train_set) / len(models) * sum(m.flops(meta.seq_len).scoring(m.num_layers) for m, _ in models)
     return {"path": str(out), "rows": len(train_set), "seconds": time.perf_counter() - t0, "flops": flops}
 
 
