@@ -76,7 +76,17 @@ class ModelConfig:
 class SiftConfig:
     policy: str = "topk"
     """topk: keep the highest-scoring B of G (SIFT); random: keep a random B of G (control).
-    none: the same as ``method: none`` (vanilla), kept for configs written before ``method`` existed."""
+    stratified: keep every row above a threshold, fill B with a uniform draw from the rest, weighted to
+    stay unbiased (InfoBatch's rule); importance: draw B with probabilities proportional to the tempered
+    scores, weighted 1 / probability (engine/selection.py). none: the same as ``method: none`` (vanilla),
+    kept for configs written before ``method`` existed."""
+    threshold_quantile: float | None = None
+    """stratified: the threshold is this quantile of the gross batch's scores (None: their mean); above
+    1 - keep, or the rows above it would fill B."""
+    temperature: float = 1.0
+    """importance: sizes proportional to exp(score / temperature) (higher: closer to uniform)."""
+    uniform_mix: float = 0.1
+    """importance: the share of uniform mixed into the sizes, which bounds every weight by G / (B x it)."""
     criterion: str = "loss"
     """loss: mean token cross-entropy at the exit (BERT: the masked tokens; decoders: the next tokens);
     entropy: mean predictive entropy there."""
@@ -348,6 +358,16 @@ def validate(cfg: RunConfig) -> list[str]:
                 f"sift.keep={s.keep} with train.micro_batch_size={t.micro_batch_size}: the gross batch "
                 f"B / keep = {gross:g} must be a whole number"
             )
+    if s.threshold_quantile is not None and not 0.0 < s.threshold_quantile < 1.0:
+        p.append(f"sift.threshold_quantile: must be in (0, 1) or null, got {s.threshold_quantile}")
+    elif s.policy == "stratified" and s.threshold_quantile is not None and 1.0 - s.threshold_quantile >= s.keep:
+        p.append(f"sift.threshold_quantile={s.threshold_quantile} with sift.keep={s.keep}: about "
+                 f"{1 - s.threshold_quantile:g} of the rows score above the threshold, which fills B; use a "
+                 f"quantile above 1 - keep = {1 - s.keep:g}")
+    if s.temperature <= 0:
+        p.append(f"sift.temperature: must be > 0, got {s.temperature}")
+    if not 0.0 < s.uniform_mix <= 1.0:
+        p.append(f"sift.uniform_mix: must be in (0, 1] (every row needs a chance to be drawn), got {s.uniform_mix}")
     if s.stop_fraction is not None and not 0.0 < s.stop_fraction <= 1.0:
         p.append(f"sift.stop_fraction: must be in (0, 1] or null, got {s.stop_fraction}")
     if not 0.0 < cfg.data.mask_prob < 1.0:

@@ -2,8 +2,8 @@
 
 Each selecting micro-step draws G = B / keep rows; ``score`` runs the embeddings, blocks 1..j and the
 model's own output head (the early exit of the model adapter) and reduces each row to one score
-(``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, or B at random as the
-control). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
+(``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, B at random as the
+control, or a weighted, unbiased draw: ``stratified``, ``importance``; engine/selection.py). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
 logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
 drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and
 those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
@@ -13,16 +13,19 @@ one) is the schedule's business (engine/schedule.py).
 from __future__ import annotations
 
 from contextlib import nullcontext
+from functools import partial
 from typing import Any
 
 import torch
 
-from engine.config import RunConfig
+from engine.config import RunConfig, SiftConfig
 from engine.methods.base import Method, MicroContext, RunContext
 from engine.models.base import Batch, ExitPath, SiftModel
 from engine.scoring import exit_scores
 from engine.selection import (
     POLICIES,
+    Kept,
+    Policy,
     kept_dropped_means,
     position_generator,
     selection_active,
@@ -80,6 +83,15 @@ class Scorer:
                            generator=generator)
 
 
+def configured_policy(s: SiftConfig) -> Policy:
+    """``sift.policy`` with its knobs bound."""
+    if s.policy == "stratified":
+        return partial(POLICIES["stratified"], quantile=s.threshold_quantile)
+    if s.policy == "importance":
+        return partial(POLICIES["importance"], temperature=s.temperature, uniform_mix=s.uniform_mix)
+    return POLICIES[s.policy]
+
+
 class Sift(Method):
     name = "sift"
     selects = True
@@ -89,7 +101,7 @@ class Sift(Method):
         self.cfg = s
         self.B, self.G, self.ga = t.micro_batch_size, round(t.micro_batch_size / s.keep), t.grad_accum
         self.seed, self.total_steps = t.seed, t.steps
-        self.policy = POLICIES[s.policy]
+        self.policy = configured_policy(s)
         self.scorer: Scorer | None = None
         self._run: RunContext | None = None
         self._stats: dict[str, torch.Tensor] = {}
@@ -125,11 +137,12 @@ class Sift(Method):
     def scoring_reads_live_weights(self) -> bool:
         return self.scorer.reads_live_weights
 
-    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
-        gen = selection_generator(self.seed, ctx.draw, ctx.rank) if self.cfg.policy == "random" else None
+    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor | Kept:
+        gen = None if self.cfg.policy == "topk" else selection_generator(self.seed, ctx.draw, ctx.rank)
         kept = self.policy(scores, self.B, gen)
-        kept_mean, dropped_mean = kept_dropped_means(scores, kept)
-        self._stats = {"kept_score": kept_mean, "dropped_score": dropped_mean}
+        weighted = isinstance(kept, Kept)
+        kept_mean, dropped_mean = kept_dropped_means(scores, kept.indices if weighted else kept)
+        self._stats = {"kept_score": kept_mean, "dropped_score": dropped_mean, **(kept.stats if weighted else {})}
         every = self.cfg.fidelity_every
         if every and ctx.first_micro and ctx.step % every == 0:
             exact = self._run.exact_losses(batch)
