@@ -43,7 +43,7 @@ class Kept:
     indices: torch.Tensor
     """(k,) kept row indices, ascending, on the scores' device."""
     weights: torch.Tensor
-    """(k,) float32 weights, >= 1 (inverse inclusion probabilities): the loss becomes
+    """(k,) float32 weights, positive (here inverse inclusion probabilities, so >= 1): the loss becomes
     sum_i w_i loss_sum_i / sum_i w_i tokens_i (engine/models/base.py)."""
     stats: dict[str, torch.Tensor] = field(default_factory=dict)
     """The policy's statistics of this draw (device tensors), logged with the method's."""
@@ -90,7 +90,7 @@ def inclusion_probabilities(sizes: torch.Tensor, k: int) -> torch.Tensor:
     j = torch.arange(G, device=sizes.device)
     fits = ((k - j) * q <= tail) & (j < k)  # true at j = k - 1 always, so c exists
     c = torch.argmax(fits.to(torch.int8))  # the first j that fits
-    pi_sorted = torch.where(j < c, 1.0, ((k - c) * q / tail[c]).clamp(max=1.0))
+    pi_sorted = torch.where(j < c, 1.0, ((k - c) * q / tail.gather(0, c.view(1))).clamp(max=1.0))
     return torch.empty_like(pi_sorted).scatter_(0, order, pi_sorted)
 
 
@@ -98,7 +98,9 @@ def systematic_sample(pi: torch.Tensor, k: int, generator: torch.Generator) -> t
     """(G,) inclusion probabilities (each <= 1, summing to k) -> (k,) distinct row indices, ascending,
     each row kept with probability exactly pi_i: randomised systematic sampling (Madow 1949; rows in a
     random order, then one uniform start u and the k points u, u + 1, ..., u + k - 1 on the cumulated
-    probabilities). A row's interval is pi_i <= 1 long, so it holds at most one point."""
+    probabilities). A row's interval is pi_i <= 1 long, so it holds at most one point. Chosen because it
+    is exact for any pi with a fixed size, one sort and one uniform draw; conditional Poisson sampling
+    has better spread joint inclusion probabilities but needs an iterative fit to make its pi exact."""
     G = pi.shape[0]
     perm = torch.randperm(G, generator=generator).to(pi.device, non_blocking=True)
     start = torch.rand((), generator=generator, dtype=torch.float64).to(pi.device, non_blocking=True)

@@ -3,9 +3,10 @@
 Each selecting micro-step draws G = B / keep rows; ``score`` runs the embeddings, blocks 1..j and the
 model's own output head (the early exit of the model adapter) and reduces each row to one score
 (``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, B at random as the
-control, or a weighted, unbiased draw: ``stratified``, ``importance``; engine/selection.py). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
-logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
-drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and
+control, or a weighted, unbiased draw, ``stratified`` or ``importance``, whose weights the loss
+applies; engine/selection.py). ``sift.score_positions`` scores each row on a random subset of its
+target positions (fewer logits through the head: the early exit of a large-vocabulary decoder spends
+most of its FLOPs there), drawn from a generator keyed on (seed, draw, rank). The first ``sift.warmup_steps`` optimizer steps (and
 those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
 one) is the schedule's business (engine/schedule.py).
 """
