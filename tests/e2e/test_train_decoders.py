@@ -120,11 +120,11 @@ def test_export_generates_text_in_transformers(which, gpt2_run, llama_run, tmp_p
 
 
 def test_score_positions_benchmark_reads_a_trained_run(gpt2_run, tmp_path):
-    """benchmarks/score_positions.py on the tiny run: every position equals the full exit exactly; a subset
+    """benchmarks/probes/score_positions.py on the tiny run: every position equals the full exit exactly; a subset
     is a different, still positively related ranking; the report names its run and step."""
     import torch
 
-    from benchmarks import score_positions
+    from benchmarks.probes import score_positions
 
     threads = torch.get_num_threads()  # the benchmark pins its own; later tests keep theirs
     try:

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.study_markdown import (
+from study.markdown import (
     holm_lines,
     markdown_comparisons,
     markdown_costs,
@@ -19,7 +19,7 @@ from benchmarks.study_markdown import (
     markdown_targets,
     verdict_lines,
 )
-from benchmarks.study_report import (
+from study.report import (
     RunCurves,
     auto_targets,
     comparisons,
@@ -34,10 +34,10 @@ from benchmarks.study_report import (
     target_table,
     token_name,
 )
+from study.spec import StudySpec, selection_of
 
 if TYPE_CHECKING:
-    from benchmarks.study_jobs import RunPlan
-    from benchmarks.study_spec import StudySpec
+    from study.jobs import RunPlan
 
 FIGURES = {
     "samples": "accuracy_vs_samples.png",
@@ -59,8 +59,6 @@ def _by_arm(keys: list[str]) -> str:
 
 def selection(plan: RunPlan) -> tuple[str, int] | None:
     """(criterion, exit layer) of a run that keeps its top-scoring rows."""
-    from benchmarks.study import selection_of
-
     sel = selection_of(plan.config)
     if sel is None:
         return None
@@ -105,7 +103,7 @@ def write_curves(report: Path, plans: list[RunPlan]) -> None:
 def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: dict[str, Any],
                  regime: str = "") -> str:
     """Compute every table, write the files, and return the headline table as markdown."""
-    from benchmarks.study_plots import accuracy_figure, fidelity_figure
+    from study.plots import accuracy_figure, fidelity_figure
 
     report.mkdir(parents=True, exist_ok=True)
     runs, warm = load_runs(plans)
@@ -202,7 +200,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
         "a target only when all its seeds do.", "",
         *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
-           "From each run's probe (benchmarks/study_probe.py): the share of each kind among the B rows top-k keeps "
+           "From each run's probe (study/probe.py): the share of each kind among the B rows top-k keeps "
            "of simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and at "
            "the run's final weights.", ""] if kept else []),
         "## Proxy fidelity and cost per exit", "",

@@ -1,7 +1,7 @@
 """Which sources does selection keep, and where does each arm's accuracy go? A diagnostic for a finished
 study on a corpus with a `source` column, whose runs kept their checkpoints (`--keep-checkpoints`).
 
-    python -m benchmarks.study_sources --study runs/study-cpu \\
+    python -m study.sources --study runs/study-cpu \\
         --corpus ../shared/corpus/english-reference.parquet --work runs/study-sources \\
         --out benchmarks/results/study-cpu/sources
 
@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.study_spec import StudyError
 from sift_common.logs import setup_logging
+from study.spec import StudyError
 
 log = logging.getLogger("sift.study.sources")
 
@@ -267,4 +267,4 @@ def markdown(result: dict[str, Any]) -> str:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.study_sources", main, sys.argv[1:]))
+    sys.exit(run_command("study.sources", main, sys.argv[1:]))

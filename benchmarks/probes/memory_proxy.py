@@ -7,7 +7,7 @@ workspaces. It is read here from the kernel's peak resident set (VmHWM, reset af
 glibc's mmap threshold pinned, so that every large tensor is its own mapping, returned on free.
 Linux only; each variant runs in a fresh child process.
 
-    python -m benchmarks.memory_proxy --layers 12 --seq-len 128 --criterion entropy
+    python -m benchmarks.probes.memory_proxy --layers 12 --seq-len 128 --criterion entropy
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.synthetic import batch_pool
-from benchmarks.throughput import PRESETS, REPO, Variant, ensure_distributed, run_variant
+from benchmarks.throughput import PRESETS, Variant, ensure_distributed, run_variant
 from engine.scoring import CRITERIA
 
 GLIBC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0", "DS_ACCELERATOR": "cpu"}
@@ -52,7 +52,7 @@ def child(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.memory_proxy", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.probes.memory_proxy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--criterion", choices=sorted(CRITERIA), default="loss")
@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     peaks = {}
     for kind in ("serial", "pipelined"):
-        cmd = [sys.executable, "-m", "benchmarks.memory_proxy", "--child", kind, *(argv or sys.argv[1:])]
-        out = subprocess.run(cmd, cwd=REPO, env={**os.environ, **GLIBC_ENV}, capture_output=True, text=True,
+        cmd = [sys.executable, "-m", "benchmarks.probes.memory_proxy", "--child", kind, *(argv or sys.argv[1:])]
+        out = subprocess.run(cmd, env={**os.environ, **GLIBC_ENV}, capture_output=True, text=True,
                              check=True)
         peaks[kind] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
     print(f"BERT-base widths, {args.layers} layers, T = {args.seq_len}, B = 32, G = 64, exit 1, "
@@ -79,4 +79,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.memory_proxy", lambda _: main(), []))
+    sys.exit(run_command("benchmarks.probes.memory_proxy", lambda _: main(), []))

@@ -1,6 +1,6 @@
 """Per-rank against global selection: how many of the rows a global top-k would keep does SIFT keep?
 
-    python -m benchmarks.selection_scope --out benchmarks/results     # a few seconds on one CPU core
+    python -m benchmarks.probes.selection_scope --out benchmarks/results     # a few seconds on one CPU core
 
 SIFT selects per rank (each of W ranks keeps its own top B of G), as the paper does; a global selection
 would keep the top W x B of all W x G rows, which needs the scores of every rank and then rows moved
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     worlds = [int(w) for w in a.worlds.split(",")]
     rows = [simulate(W, a.G, a.B, trials=a.trials) for W in worlds]
     rows += [simulate(8, a.G, a.B, trials=a.trials, shift=float(s)) for s in a.shifts.split(",")]
-    command = "python -m benchmarks.selection_scope " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.probes.selection_scope " + " ".join(argv if argv is not None else sys.argv[1:])
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "selection_scope.json").write_text(json.dumps({"provenance": provenance(command), "rows": rows},
                                                            indent=1) + "\n")

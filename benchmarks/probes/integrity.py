@@ -1,6 +1,6 @@
 """What integrity checks cost: hash throughput, checkpoint verification, shard verification before training.
 
-    python benchmarks/integrity.py --out benchmarks/results/integrity-cpu.json
+    python benchmarks/probes/integrity.py --out benchmarks/results/integrity-cpu.json
 
 Measures, on this machine (each timing with the load average and the process CPU time next to it):
 
@@ -29,13 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: make the project importable without installing it
-    sys.path.insert(0, str(REPO))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from sift_common.provenance import cpu_seconds, load_average, provenance  # noqa: E402
+from sift_common.provenance import cpu_seconds, load_average, provenance
 
 MB = 1e6
 BERT_BASE_PARAMS = 110_000_000
@@ -61,7 +57,7 @@ def hash_rate(name: str, mib: int = 256) -> dict:
 def hash_rates() -> dict:
     out = {name: hash_rate(name) for name in ("sha256", "blake2b")}
     # SHA-256 as on a CPU without SHA instructions: a fresh interpreter with OpenSSL told to ignore them.
-    code = f"import json, sys; sys.path.insert(0, {str(REPO)!r}); from benchmarks.integrity import hash_rate; print(json.dumps(hash_rate('sha256')))"
+    code = "import json; from benchmarks.probes.integrity import hash_rate; print(json.dumps(hash_rate('sha256')))"
     proc = subprocess.run([sys.executable, "-c", code], env={**os.environ, "OPENSSL_ia32cap": NO_SHA_NI},
                           capture_output=True, text=True, check=True)
     out["sha256_without_sha_ni"] = json.loads(proc.stdout)
@@ -177,13 +173,13 @@ def bench_shards(data: Path, batch: int = 64) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "integrity-cpu.json")
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/integrity-cpu.json"))
     p.add_argument("--scale", type=float, default=1.0, help="checkpoint size relative to BERT-base")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args()
     import ssl
 
-    result = provenance("python -m benchmarks.integrity " + shlex.join(sys.argv[1:]), where=REPO)
+    result = provenance("python -m benchmarks.probes.integrity " + shlex.join(sys.argv[1:]))
     result["machine"]["openssl"] = ssl.OPENSSL_VERSION
     result["hash_in_memory_one_core"] = hash_rates()
     with tempfile.TemporaryDirectory(dir=args.work) as tmp:
@@ -199,4 +195,4 @@ def main() -> None:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.integrity", lambda _: main(), []))
+    sys.exit(run_command("benchmarks.probes.integrity", lambda _: main(), []))

@@ -1,8 +1,8 @@
-"""The Python side of benchmarks/gpu_validate.sh: environment report, training corpus, final summary.
+"""The Python side of benchmarks/gpu/gpu_validate.sh: environment report, training corpus, final summary.
 
-    python -m benchmarks.gpu_report env --out OUT/env.json     # versions, SDPA backends, streams, BertLayer
-    python -m benchmarks.gpu_report corpus DIR --docs 800       # the generated corpus the training stages use
-    python -m benchmarks.gpu_report summary OUT                # every stage's outcome and the issue's targets
+    python -m benchmarks.gpu.gpu_report env --out OUT/env.json     # versions, SDPA backends, streams, BertLayer
+    python -m benchmarks.gpu.gpu_report corpus DIR --docs 800       # the generated corpus the training stages use
+    python -m benchmarks.gpu.gpu_report summary OUT                # every stage's outcome and the issue's targets
 
 All run on CPU too (the environment then says "no CUDA"; the summary reads whatever files exist).
 """
@@ -289,7 +289,7 @@ def summary(out: Path) -> str:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_report", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.gpu.gpu_report", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     e = sub.add_parser("env", help="versions, SDPA backends, stream priorities, BertLayer")
     e.add_argument("--out", help="also write the report as JSON here")

@@ -1,7 +1,7 @@
 """VCAS's forward + backward on one device, without DeepSpeed or an optimizer: wall clock against FLOPs.
 
-    python -m benchmarks.vcas_backward --out benchmarks/results --seq-lens 128,512       # a GPU
-    python -m benchmarks.vcas_backward --preset tiny --seq-lens 64 --steps 5 --dtype fp32  # CPU smoke
+    python -m benchmarks.probes.vcas_backward --out benchmarks/results --seq-lens 128,512       # a GPU
+    python -m benchmarks.probes.vcas_backward --preset tiny --seq-lens 64 --steps 5 --dtype fp32  # CPU smoke
 
 One BERT with VCAS installed (fixed ratios), synthetic masked batches of B rows (benchmarks/synthetic.py);
 per variant: warm-up, then the median of ``--steps`` timed forward + backward passes (CUDA events on
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     from sift_common.provenance import git_commit, version
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.vcas_backward", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probes.vcas_backward", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="base")
     p.add_argument("--seq-lens", default="128,512")
     p.add_argument("--micro-batch", type=int, default=32)
@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:
         torch.set_num_threads(1)
     dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype or ("bf16" if cuda else "fp32")]
-    meta = {"device": device_name(device), "command": "python -m benchmarks.vcas_backward " + " ".join(argv),
+    meta = {"device": device_name(device), "command": "python -m benchmarks.probes.vcas_backward " + " ".join(argv),
             "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "torch": torch.__version__, "transformers": version("transformers"), "preset": args.preset,
             "B": args.micro_batch, "dtype": str(dtype).removeprefix("torch."), "steps": args.steps,

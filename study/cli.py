@@ -36,16 +36,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
+import yaml
 
-import yaml  # noqa: E402
-
-from benchmarks.study_jobs import EventLog, RunPlan, child_env, execute, run_state  # noqa: E402
-from benchmarks.study_spec import VANILLA, Arm, StudyError, StudySpec, build_spec  # noqa: E402
-from engine.config import ConfigError, load_config, to_dict  # noqa: E402
-from engine.resources import resolve  # noqa: E402
-from sift_common.logs import setup_logging  # noqa: E402
-from sift_common.provenance import git_commit, load_average, machine, versions  # noqa: E402
+from engine.config import ConfigError, load_config, to_dict
+from engine.resources import resolve
+from sift_common.logs import setup_logging
+from sift_common.provenance import git_commit, load_average, machine, versions
+from study.jobs import EventLog, RunPlan, child_env, execute, run_state
+from study.spec import VANILLA, Arm, StudyError, StudySpec, build_spec, selection_of
 
 PRESETS = {name: resolve(f"study-{name}", "configs") for name in ("cpu", "gpu", "regimes-cpu", "gpt2-cpu", "gpt2-continue-cpu")}
 """Preset name -> the shipped study file (configs/, package data: engine/resources.py)."""
@@ -75,14 +73,6 @@ class Regime:
     out: Path  # runs/, warm/, start/ go here
     heldout: dict[str, Path] = field(default_factory=dict)  # extra evaluation sets (data.extra_eval), by name
     kinds: dict[str, tuple[Path, float]] = field(default_factory=dict)  # kind -> (dataset, share of training)
-
-
-def selection_of(config: dict[str, Any]) -> str | None:
-    """"criterion:exit" for a run config that keeps the top-scoring rows, else None."""
-    sift = config.get("sift", {})
-    if sift.get("policy") != "topk" or config.get("method") in ("none", "vcas"):
-        return None
-    return f"{sift.get('criterion')}:{sift.get('exit_layer')}"
 
 
 def _resolve(base: Path, overrides: list[str], where: str, problems: list[str]) -> dict[str, Any] | None:
@@ -232,8 +222,8 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
         elif not (data / "index.json").is_file():
             log.warning("no prepared dataset at %s yet", data)
         return [Regime("", data, out)]
-    from benchmarks.study_regimes import HELDOUT, RegimeConfig
-    from benchmarks.study_regimes import build as build_regimes
+    from study.regimes import HELDOUT, RegimeConfig
+    from study.regimes import build as build_regimes
 
     tree = dict(spec.regimes)
     source = Path(str(tree.get("input", "")))
@@ -248,7 +238,7 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
         if not Path(cfg.input).is_file():
             raise StudyError(f"the study builds its data from {source} (relative to the current directory), which is not "
                              "there; set study.regimes.input to a corpus, or pass --data with regimes built by "
-                             "`python -m benchmarks.study_regimes`")
+                             "`python -m study.regimes`")
         manifest = build_regimes(cfg, data)
     elif manifest_path.is_file():
         manifest = json.loads(manifest_path.read_text())
@@ -355,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "load_after": load_average(), "ran": codes})
         (out / "study.json").write_text(json.dumps(record, indent=1))
 
-    from benchmarks.study_output import write_report, write_verdict
+    from study.output import write_report, write_verdict
 
     tables = {}
     for r in regimes:
@@ -407,24 +397,19 @@ def write_study_record(out: Path, spec: StudySpec, data: Path, data_ids: dict[st
 
 
 def portable_arg(arg: str) -> str:
-    """A command-line argument without machine-specific directories: paths inside the repository become
-    relative to it, other absolute paths keep only their last component (`.../english-128`)."""
+    """A command-line argument without machine-specific directories: paths under the working directory
+    (the checkout, when run from it) become relative to it, other absolute paths keep only their last
+    component (`.../english-128`)."""
     key, sep, value = arg.rpartition("=") if "=" in arg and not arg.startswith("/") else ("", "", arg)
     if not value.startswith("/"):
         return arg
     path = Path(value)
     with contextlib.suppress(ValueError):
-        return f"{key}{sep}{path.resolve().relative_to(REPO)}"
+        return f"{key}{sep}{path.resolve().relative_to(Path.cwd().resolve())}"
     return f"{key}{sep}.../{path.name}"
 
 
 def _repo_relative(path: Path) -> str:
     with contextlib.suppress(ValueError):
-        return str(path.resolve().relative_to(REPO))
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
     return str(path)
-
-
-if __name__ == "__main__":
-    from launcher.cli import main as sift
-
-    sys.exit(sift(["study", *sys.argv[1:]]))

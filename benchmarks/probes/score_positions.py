@@ -1,6 +1,6 @@
 """What scoring a random subset of positions costs in fidelity (``sift.score_positions``).
 
-    python -m benchmarks.score_positions --run runs/gpt2/train --positions 8,16,32,64,0 --exits 1,2
+    python -m benchmarks.probes.score_positions --run runs/gpt2/train --positions 8,16,32,64,0 --exits 1,2
 
 Loads a trained run's latest checkpoint (as `sift export` does), draws gross batches of G rows from its
 training split, and for each exit j, criterion and subset size K compares the early-exit scores with
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     from sift_common.provenance import git_commit, version
 
     argv = sys.argv[1:] if argv is None else list(argv)
-    p = argparse.ArgumentParser(prog="python -m benchmarks.score_positions", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probes.score_positions", description=__doc__.split("\n\n")[0])
     p.add_argument("--run", required=True, type=Path, help="train.out_dir of a decoder run with a checkpoint")
     p.add_argument("--exits", default="1,2", help="exit layers")
     p.add_argument("--positions", default="8,16,32,64,0", help="subset sizes K (0: every position)")
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"model": f"{model.family}, {model.num_layers} blocks x {model.config.hidden_size}, V = "
                      f"{model.config.vocab_size}", "run": args.run.name, "step": step, "data": data.name,
             "batches": args.batches, "gross": args.gross, "B": round(args.keep * args.gross),
-            "seq_len": train.meta.seq_len, "command": "python -m benchmarks.score_positions " + " ".join(argv),
+            "seq_len": train.meta.seq_len, "command": "python -m benchmarks.probes.score_positions " + " ".join(argv),
             "git_commit": git_commit(), "versions": f"torch {torch.__version__}, transformers "
                                                      f"{version('transformers')}",
             "load_before": [round(x, 2) for x in load_before], "load_after": [round(x, 2) for x in os.getloadavg()],
@@ -170,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.score_positions", main, sys.argv[1:]))
+    sys.exit(run_command("benchmarks.probes.score_positions", main, sys.argv[1:]))

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
 # One GPU validation run of SIFT-Train: at most 8 minutes on one H100/H200, every result under $OUT.
 #
-#   OUT=/path/to/out bash benchmarks/gpu_validate.sh      # on the GPU machine, from a copy of the project
-#   GPU_VALIDATE_DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu_validate.sh   # print each stage's command only
-#   GPU_VALIDATE_PART=2 OUT=/path/to/out2 bash benchmarks/gpu_validate.sh   # the follow-up (about 4 minutes)
+#   OUT=/path/to/out bash benchmarks/gpu/gpu_validate.sh      # on the GPU machine, from a copy of the project
+#   GPU_VALIDATE_DRY_RUN=1 OUT=/tmp/x bash benchmarks/gpu/gpu_validate.sh   # print each stage's command only
+#   GPU_VALIDATE_PART=2 OUT=/path/to/out2 bash benchmarks/gpu/gpu_validate.sh   # the follow-up (about 4 minutes)
 #
 # Part 1 (the default) is the validation below. Part 2 is for the device time a session has left after it
 # (a session gets 15 minutes, start-up included): torch.compile per block against eager, and
 # train.nonfinite=skip against stop, each pair in one call so that the two are comparable.
 #
-# The GPU image lacks deepspeed, hjson and py-cpuinfo: carry the wheels that benchmarks/gpu_wheels.sh puts
+# The GPU image lacks deepspeed, hjson and py-cpuinfo: carry the wheels that benchmarks/gpu/gpu_wheels.sh puts
 # in .whl/ (built on a machine with network); they are installed into $WORK/site, never into the image.
 # Stages run in order, each under its own time limit, and a failing stage does not stop the next; the
 # whole run stops starting stages when BUDGET_S is spent. $OUT gets: meta.txt, progress.txt, rc.txt
@@ -17,7 +17,7 @@
 # bench/*.json|md (T=512 and T=128), train/<run>/metrics.jsonl, profile/ (torch.profiler traces),
 # summary.md (printed last). benchmarks/README.md describes each stage and what it checks.
 set -uo pipefail
-cd "$(dirname "$0")/.." || exit 2
+cd "$(dirname "$0")/../.." || exit 2
 
 OUT=${OUT:-$PWD/gpu-out}
 WORK=${GPU_VALIDATE_WORK:-/tmp/sift-gpu-validate}  # scratch: wheels, prepared data, training runs
@@ -78,21 +78,21 @@ unset DS_ACCELERATOR RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MAS
 if [[ $DRY != 1 ]]; then
   rm -rf "$WORK" && mkdir -p "$WORK"
   { echo "date: $(date -u +%FT%TZ)"; echo "commit: ${GIT_COMMIT:-$(git rev-parse --short HEAD 2> /dev/null || echo unknown)}"
-    echo "command: GPU_VALIDATE_PART=$PART OUT=$OUT bash benchmarks/gpu_validate.sh"; } > "$OUT/meta.txt"
+    echo "command: GPU_VALIDATE_PART=$PART OUT=$OUT bash benchmarks/gpu/gpu_validate.sh"; } > "$OUT/meta.txt"
   if ! "$PY" -c "import deepspeed, hjson, cpuinfo" 2> /dev/null; then
     if compgen -G ".whl/*.whl" > /dev/null; then
       log "installing $(ls .whl | wc -l) wheels into $WORK/site"
       timeout "$INSTALL_S" "$PY" -m pip install -q --no-index --no-deps --no-compile --target "$WORK/site" .whl/*.whl \
         > "$OUT/pip.log" 2>&1 || log "wheel install failed (see pip.log)"
     else
-      log "deepspeed is not importable and there is no .whl/ (run benchmarks/gpu_wheels.sh, carry .whl)"
+      log "deepspeed is not importable and there is no .whl/ (run benchmarks/gpu/gpu_wheels.sh, carry .whl)"
     fi
   fi
 fi
 
 if [[ $PART == 2 ]]; then
 # --- follow-up: compile and the non-finite check, at T=512 (vanilla and SIFT exit-1 loss, pipelined) ------
-stage env 10 "$PY" -m benchmarks.gpu_report env --out "$OUT/env.json"
+stage env 10 "$PY" -m benchmarks.gpu.gpu_report env --out "$OUT/env.json"
 stage bench-T512-compile 150 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 \
   --criteria loss --variants vanilla,pipelined --compile both --steps 20 --warmup 8 --out "$OUT/bench" \
   --name throughput-gpu-base-T512-compile --no-chart
@@ -104,14 +104,14 @@ stage bench-T512-nonfinite-stop 30 "$PY" -m benchmarks.throughput --preset gpu-b
   --name throughput-gpu-base-T512-nonfinite-stop --no-chart train.nonfinite=stop
 else
 # --- 1. environment: versions, GPU, SDPA backends, stream priorities, what BertLayer returns ----------------
-stage env 20 "$PY" -m benchmarks.gpu_report env --out "$OUT/env.json"
+stage env 20 "$PY" -m benchmarks.gpu.gpu_report env --out "$OUT/env.json"
 
 # --- 2. the GPU tests: side-stream scores, one-step staleness (also on the training stream), peak memory ----
 stage pytest-gpu 80 "$PY" -m pytest -q -m gpu tests/gpu -rA -p no:cacheprovider --junitxml="$OUT/pytest-gpu.xml"
 
 # --- 3. host syncs of steady-state vanilla and pipelined micro-steps (BERT-base, T=512, ZeRO-1 bf16), with
 #        train.nonfinite=stop (the default, skip, adds one read of a finiteness flag per micro-step) ----------
-stage sync-audit 40 "$PY" -m benchmarks.sync_audit --preset gpu-base --seq-len 512 --variants vanilla,pipelined \
+stage sync-audit 40 "$PY" -m benchmarks.probes.sync_audit --preset gpu-base --seq-len 512 --variants vanilla,pipelined \
   --warmup 4 --steps 3 --out "$OUT/sync-audit.json" train.nonfinite=stop
 
 # --- 4. throughput: vanilla, SIFT exit 1 serial and pipelined, loss and entropy, at T=512 and T=128 ---------
@@ -122,7 +122,7 @@ stage bench-T128 40 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 
 
 # --- 5. short bf16 pipelined training (4 BERT-base layers, T=128): ZeRO-2 killed after a checkpoint and
 #        resumed, then ZeRO-3 ------------------------------------------------------------------------------
-stage corpus 10 "$PY" -m benchmarks.gpu_report corpus "$WORK/corpus" --docs 800
+stage corpus 10 "$PY" -m benchmarks.gpu.gpu_report corpus "$WORK/corpus" --docs 800
 stage prepare 20 "$PY" -m launcher.cli prepare "$WORK/corpus/demo-corpus.jsonl" --out "$WORK/data" --seq-len 128 \
   --tokenizer tests/assets/tokenizer-512 --val-fraction 0.05 --seed 0 --num-proc 4 --log-level WARNING
 TRAIN=("$PY" -m launcher.cli train --config tests/assets/tiny-run.yaml "data.path=$WORK/data" data.num_workers=2
@@ -148,14 +148,14 @@ stage profile-T512 30 "$PY" -m benchmarks.throughput --preset gpu-base --seq-len
 # --- 7. what the DeepSpeed settings of issue 11 changed: the same T=512 steps with the settings before it ----
 stage bench-T512-ds-before 30 "$PY" -m benchmarks.throughput --preset gpu-base --seq-lens 512 --exits 1 \
   --criteria loss --variants vanilla,pipelined --steps 20 --warmup 5 --out "$OUT/bench" \
-  --name throughput-gpu-base-T512-ds-before --no-chart deepspeed.config=benchmarks/zero1-before-issue11.json
+  --name throughput-gpu-base-T512-ds-before --no-chart deepspeed.config=benchmarks/gpu/zero1-before-issue11.json
 fi
 
 # --- summary, printed last --------------------------------------------------------------------------------
 if [[ $DRY == 1 ]]; then
-  print_stage summary "$SUMMARY_S" "$PY" -m benchmarks.gpu_report summary "$OUT"
+  print_stage summary "$SUMMARY_S" "$PY" -m benchmarks.gpu.gpu_report summary "$OUT"
   exit 0
 fi
-timeout "$SUMMARY_S" "$PY" -m benchmarks.gpu_report summary "$OUT" > "$OUT/summary.md" 2>&1
+timeout "$SUMMARY_S" "$PY" -m benchmarks.gpu.gpu_report summary "$OUT" > "$OUT/summary.md" 2>&1
 log "done"
 cat "$OUT/summary.md"

@@ -1,7 +1,7 @@
 """A study run's probe, on its latest checkpoint once it has trained: which kinds of rows its selection
 keeps (the engine does not log which rows it keeps).
 
-    python -m benchmarks.study_probe --run DIR --select loss:1 \\
+    python -m study.probe --run DIR --select loss:1 \\
         --kind original=DATA_A:0.6 --kind duplicate=DATA_B:0.4
 
 * ``--select CRITERION:EXIT`` (repeatable) with ``--kind NAME=DIR:SHARE``: score ``--rows`` training rows
@@ -10,7 +10,7 @@ keeps (the engine does not log which rows it keeps).
   and count the kinds among the B rows top-k keeps (by the exit's score, and by the exact loss). This is
   the share of each kind a selecting arm back-propagates at these weights; vanilla and random keep the
   drawn shares.
-* ``--train CONFIG``: first train that run config (`sift train --config CONFIG`) in this process, and
+* ``--train CONFIG``: first train that run config (as `sift train --config CONFIG`) in this process, and
   probe only if it succeeds: the study's jobs do both in one process, which saves a start-up per run.
 
 Writes DIR/probe.json: {"step", "kept": {"loss:1": {"exit": {kind: share}, "exact": {...},
@@ -28,9 +28,9 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.study_sources import batches, kept_shares, load_weights, source_scores
-from benchmarks.study_spec import StudyError
 from sift_common.logs import setup_logging
+from study.sources import batches, kept_shares, load_weights, source_scores
+from study.spec import StudyError
 
 log = logging.getLogger("sift.study.probe")
 
@@ -76,8 +76,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=Path, help="train this run config first (in this process)")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
     if args.train is not None:
-        from launcher.train import main as train_main
+        import os
 
+        from engine import ds
+        from engine.train import main as train_main
+
+        ds.one_process_env(os.environ)  # a study job is its own one-process world (study/jobs.py child_env)
         code = train_main(["--config", str(args.train)])
         if code:
             return code
@@ -98,4 +102,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.study_probe", main, sys.argv[1:]))
+    sys.exit(run_command("study.probe", main, sys.argv[1:]))

@@ -2,7 +2,7 @@
 N at a time, each followed by its probe; resumable from the state on disk.
 
 A job is one process in its own directory: `launcher/train.py`, or, for a job with a probe,
-`benchmarks/study_probe.py --train` (training, then the probe on its final checkpoint, in one process).
+`study/probe.py --train` (training, then the probe on its final checkpoint, in one process).
 Its state is read from disk alone: ``done`` (summary.json at its last step, and probe.json when it needs
 a probe), ``probe`` (trained, not yet probed: a probe-only process), ``partial`` (a complete checkpoint
 to resume from) or ``new``. A continuation (an arm's run
@@ -41,7 +41,7 @@ BRANCH_FILE = "branch.json"  # in a continuation: the branch point (step, sample
 
 @dataclass(slots=True)
 class RunPlan:
-    arm: Any  # study_spec.Arm
+    arm: Any  # spec.Arm
     seed: int
     dir: Path
     config: dict[str, Any]  # the resolved run config (engine.config.to_dict)
@@ -49,7 +49,7 @@ class RunPlan:
     regime: str = ""
     deps: list[str] = field(default_factory=list)  # keys of jobs that must be done first
     branch: Path | None = None  # the warm-up run's directory this run continues from
-    probe: list[str] = field(default_factory=list)  # `python -m benchmarks.study_probe` arguments; [] = none
+    probe: list[str] = field(default_factory=list)  # `python -m study.probe` arguments; [] = none
 
     @property
     def key(self) -> str:
@@ -286,7 +286,7 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
         plan.dir.mkdir(parents=True, exist_ok=True)
         logf = (plan.dir / "train.log").open("a")
         if state == "probe":
-            cmd, phase, action = [sys.executable, "-m", "benchmarks.study_probe", *plan.probe], "probe", "probe"
+            cmd, phase, action = [sys.executable, "-m", "study.probe", *plan.probe], "probe", "probe"
         else:
             if state == "new" and plan.branch is not None:
                 try:
@@ -305,7 +305,7 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
             # Written at every start: the study (or its data) may have moved since the run was made.
             config = plan.dir / "config.yaml"
             config.write_text(yaml.safe_dump(plan.config, sort_keys=False))
-            cmd = ([sys.executable, "-m", "benchmarks.study_probe", "--train", str(config), *plan.probe] if plan.probe
+            cmd = ([sys.executable, "-m", "study.probe", "--train", str(config), *plan.probe] if plan.probe
                    else [sys.executable, "-m", "launcher.train", "--config", str(config)])
             phase = "train"
         logf.write(f"\n=== sift study: {action} {plan.key} at step {step} ({datetime.now().isoformat()}) ===\n")

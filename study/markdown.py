@@ -1,11 +1,11 @@
-"""A study's tables as markdown: pure formatting of the rows benchmarks/study_report.py computes."""
+"""A study's tables as markdown: pure formatting of the rows study/report.py computes."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from typing import Any
 
-from benchmarks.study_report import X_AXES
+from study.report import X_AXES
 
 
 def _pm(s: dict[str, Any] | None, digits: int = 4, scale: float = 1.0) -> str:

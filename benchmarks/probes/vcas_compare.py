@@ -2,7 +2,7 @@
 
     sift prepare ../shared/corpus/english-reference.parquet --text-field text --seq-len 128 \\
         --vocab-size 8192 --val-fraction 0.02 --seed 0 --out runs/study-data/english-128
-    python -m benchmarks.vcas_compare --data runs/study-data/english-128 --out benchmarks/results/vcas-cpu \
+    python -m benchmarks.probes.vcas_compare --data runs/study-data/english-128 --out benchmarks/results/vcas-cpu \
         --runs runs/vcas-compare
 
 Every arm trains the CPU study preset (configs/study-cpu.yaml: a 2-layer BERT at seq 128, B = 16) with the
@@ -22,9 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study_jobs import child_env
-from benchmarks.throughput import REPO
 from sift_common.provenance import git_commit, version
+from study.jobs import child_env
 
 ARMS: dict[str, list[str]] = {
     "vanilla": ["method=none"],
@@ -41,7 +40,9 @@ def run_config(runs: Path) -> Path:
     """configs/study-cpu.yaml without its ``study`` section (what `sift train` reads), next to the runs."""
     import yaml
 
-    tree = yaml.safe_load((REPO / "configs" / "study-cpu.yaml").read_text())
+    from engine.resources import resolve
+
+    tree = yaml.safe_load(resolve("study-cpu", "configs").read_text())
     tree.pop("study")
     path = runs / "study-cpu-run.yaml"
     path.write_text(yaml.safe_dump(tree))
@@ -56,14 +57,14 @@ def command(arm: str, data: Path, runs: Path, steps: int) -> list[str]:
 
 def run_all(arms: list[str], data: Path, runs: Path, steps: int, parallel: int) -> dict[str, dict[str, Any]]:
     """Run the arms, ``parallel`` at a time; per arm: command, exit code, wall and CPU seconds."""
-    env = child_env({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)})
+    env = child_env({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
     pending, running, done = list(arms), {}, {}
     while pending or running:
         while pending and len(running) < parallel:
             arm = pending.pop(0)
             cmd = command(arm, data, runs, steps)
             with open(runs / f"{arm}.log", "w") as log:  # the child keeps its own descriptor
-                proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+                proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             running[proc.pid] = (arm, cmd, time.time(), proc)  # referenced: subprocess must not reap it
         pid, status, usage = os.wait4(-1, 0)  # per-child CPU time, which Popen.wait does not give
         if pid not in running:
@@ -131,7 +132,7 @@ def markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.vcas_compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probes.vcas_compare", description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="the prepared dataset (see the module docstring)")
     p.add_argument("--out", type=Path, required=True, help="where results.json and report.md go")
     p.add_argument("--runs", type=Path, default=Path("runs/vcas-compare"), help="the runs' output directories")
@@ -149,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    meta = {"command": "python -m benchmarks.vcas_compare " + " ".join(argv if argv is not None else sys.argv[1:]),
+    meta = {"command": "python -m benchmarks.probes.vcas_compare " + " ".join(argv if argv is not None else sys.argv[1:]),
             "git_commit": git_commit(), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "python": platform.python_version(), "torch": torch.__version__, "deepspeed": version("deepspeed"),
             "transformers": version("transformers"), "cpus": os.cpu_count(), "steps": args.steps,

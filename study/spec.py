@@ -200,7 +200,7 @@ class StudySpec:
     name: str
     seeds: list[int]
     arms: list[Arm]
-    targets: list[float] | None  # None: derived from the reference arm (see study_report.auto_targets)
+    targets: list[float] | None  # None: derived from the reference arm (see report.auto_targets)
     parallel: int
     base: dict[str, Any]  # the run-config tree shared by every arm
     num_layers: int
@@ -210,7 +210,7 @@ class StudySpec:
     reference: str = "vanilla"  # the arm every other is compared with, paired by seed
     control: str = "random"  # the second comparison: same draws, rows kept at random
     branch: Branch | None = None  # None: every run trains from random init for train.steps
-    regimes: dict[str, Any] | None = None  # the `study.regimes` section (benchmarks/study_regimes.py)
+    regimes: dict[str, Any] | None = None  # the `study.regimes` section (study/regimes.py)
 
 
 def model_layers(tree: dict[str, Any]) -> int:
@@ -311,7 +311,7 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
         raise StudyError(f"parallel must be >= 1, got {n_parallel}")
     regimes = study.get("regimes")
     if regimes is not None and not isinstance(regimes, dict):
-        raise StudyError("study.regimes: expected a mapping (see benchmarks/study_regimes.py)")
+        raise StudyError("study.regimes: expected a mapping (see study/regimes.py)")
     return StudySpec(
         name=str(study.get("name") or Path(path).stem),
         seeds=_seeds(seeds if seeds is not None else study.get("seeds", 3)),
@@ -339,3 +339,11 @@ def _with_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if len(parts) == 2 and parts[0] == "model":
             out.setdefault("model", {})[parts[1]] = yaml.safe_load(raw) if raw.strip() else None
     return out
+
+
+def selection_of(config: dict[str, Any]) -> str | None:
+    """"criterion:exit" for a run config that keeps the top-scoring rows, else None."""
+    sift = config.get("sift", {})
+    if sift.get("policy") != "topk" or config.get("method") in ("none", "vcas"):
+        return None
+    return f"{sift.get('criterion')}:{sift.get('exit_layer')}"

@@ -2,7 +2,7 @@
 
 Every number here comes from a run's metrics.jsonl: the "eval" records (validation MLM accuracy and
 loss, back-propagated samples, wall-clock hours) and the step records (fidelity, kept/dropped scores,
-throughput, phase times). Plots live in study_plots.py.
+throughput, phase times). Plots live in plots.py.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.study_stats import holm, mean_ci, verdict
+from study.stats import holm, mean_ci, verdict
 
 # ----------------------------------------------------------------------------- one run
 
@@ -94,7 +94,7 @@ def load_run(run_dir: Path, arm: str, seed: int, total_steps: int, start: RunCur
     """A run's curves. A continuation (branch.json, written when it was branched) gets the seed's start
     evaluation (``start``: the warm-up weights evaluated with this seed's masks) as its first point, and
     its axes counted from the branch point; a probe's held-out metrics join the eval record of its step."""
-    from benchmarks.study_jobs import read_cpu_trace
+    from study.jobs import read_cpu_trace
 
     evals, steps = read_metrics(run_dir / "metrics.jsonl")
     summary = _json(run_dir / "summary.json") or None

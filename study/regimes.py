@@ -1,6 +1,6 @@
 """Data regimes for the study: one input corpus -> clean, redundant and noisy variants plus a held-out set.
 
-    python -m benchmarks.study_regimes --input ../shared/corpus/english-reference.parquet \\
+    python -m study.regimes --input ../shared/corpus/english-reference.parquet \\
         --out runs/study-data/regimes --heldout-group python-docs      # what `sift study` runs
 
 * **held-out**: the documents of one group (``--group-field``, e.g. the corpus's ``source`` column) are
@@ -37,8 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.study_spec import StudyError
 from sift_common.logs import setup_logging
+from study.spec import StudyError
 
 log = logging.getLogger("sift.study.regimes")
 
@@ -338,7 +338,7 @@ def build(cfg: RegimeConfig, out: Path) -> dict[str, Any]:
         if _validation_shards(out / name) != reference:
             raise StudyError(f"the validation split of {out / name} differs from {out / 'clean'}'s: `sift prepare` "
                              "no longer splits by the documented id hash; the regimes would not share a validation "
-                             "set. Update validation_side() in benchmarks/study_regimes.py")
+                             "set. Update validation_side() in study/regimes.py")
     if held:
         corpus = out / "corpus" / f"{HELDOUT}.parquet"
         if not corpus.is_file():
@@ -380,4 +380,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.study_regimes", main, sys.argv[1:]))
+    sys.exit(run_command("study.regimes", main, sys.argv[1:]))

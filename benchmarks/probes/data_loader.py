@@ -1,6 +1,6 @@
 """Data pipeline benchmark: loader, prepare, reader memory and sampler start-up, on CPU.
 
-    python -m benchmarks.data_loader --out benchmarks/results/data_loader-cpu.json     # from the repository root
+    python -m benchmarks.probes.data_loader --out benchmarks/results/data_loader-cpu.json     # from the repository root
 
 Measures (targets from the data-pipeline issue, for a 2-core machine):
 
@@ -226,7 +226,7 @@ def bench_rss(work: Path, rows_per_shard: int = 16384) -> list[dict]:
     for shards in (1, 4, 16):
         root = work / f"synthetic-{shards}"
         write_synthetic(root, shards, rows_per_shard)
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.data_loader", "--rss-probe", str(root)], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.probes.data_loader", "--rss-probe", str(root)], capture_output=True, text=True,
                               check=True)  # fmt: skip
         probe = json.loads(proc.stdout.strip().splitlines()[-1])
         probe["dataset_MiB"] = round(sum(p.stat().st_size for p in root.glob("*.arrow")) / 2**20, 1)
@@ -246,7 +246,7 @@ def main() -> int:
         return 0
     setup_logging()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    command = "python -m benchmarks.data_loader" + (f" --out {shlex.quote(args.out)}" if args.out else "")
+    command = "python -m benchmarks.probes.data_loader" + (f" --out {shlex.quote(args.out)}" if args.out else "")
     results: dict = {"benchmark": "data_loader", **provenance(command), "load_at_start": load_average()}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         work = Path(tmp)
@@ -267,4 +267,4 @@ def main() -> int:
 if __name__ == "__main__":
     from sift_common.errors import run_command
 
-    sys.exit(run_command("benchmarks.data_loader", lambda _: main(), []))
+    sys.exit(run_command("benchmarks.probes.data_loader", lambda _: main(), []))

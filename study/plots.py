@@ -12,8 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 from matplotlib.ticker import FuncFormatter
 
-from benchmarks.study_report import RunCurves, fidelity_curve, mean_curve, paired_difference
-from benchmarks.study_spec import Arm
+from study.report import RunCurves, fidelity_curve, mean_curve, paired_difference
+from study.spec import Arm
 
 _LOSS = ("#08306b", "#2171b5", "#6baed6", "#9ecae1")  # blues, deep exits darker last
 _ENTROPY = ("#7f2704", "#d94801", "#fd8d3c", "#fdbe85")

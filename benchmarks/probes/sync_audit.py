@@ -1,7 +1,7 @@
 """Host synchronizations of steady-state micro-steps, vanilla and pipelined, built as `sift bench` builds them.
 
-    python -m benchmarks.sync_audit --seq-len 512 --out gpu-out/sync-audit.json
-    python -m benchmarks.sync_audit --preset cpu-tiny            # CPU: runs through, reports "no CUDA"
+    python -m benchmarks.probes.sync_audit --seq-len 512 --out gpu-out/sync-audit.json
+    python -m benchmarks.probes.sync_audit --preset cpu-tiny            # CPU: runs through, reports "no CUDA"
 
 Each variant gets a fresh model and DeepSpeed engine on the training stream (benchmarks/throughput.py's
 build_variant), runs --warmup micro-steps, then --steps more while two things are recorded:
@@ -51,8 +51,8 @@ def where() -> str:
         path = f.filename
         for marker in ("site-packages/", "dist-packages/"):
             path = path.split(marker, 1)[-1]
-        if path.startswith(str(_HERE.parents[1])):
-            path = os.path.relpath(path, _HERE.parents[1])
+        if path.startswith(os.getcwd() + os.sep):  # the project's own files, from its checkout
+            path = os.path.relpath(path)
         out.append(f"{path}:{f.lineno} {f.name}")
     return " <- ".join(out)
 
@@ -129,7 +129,7 @@ def audit(v: Variant, preset: Any, *, device: torch.device, warmup: int, steps: 
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m benchmarks.sync_audit", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m benchmarks.probes.sync_audit", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", choices=["auto", *PRESETS], default="auto", help="auto: gpu-base on CUDA, cpu-tiny otherwise")
     p.add_argument("--seq-len", type=int, help="sequence length (default: the preset's longest)")
     p.add_argument("--variants", default="vanilla,pipelined", help="comma list of vanilla,serial,pipelined")
