@@ -28,8 +28,9 @@ from typing import Any
 
 import numpy as np
 
+from engine.run_model import load_run_model
 from sift_common.logs import setup_logging
-from study.sources import batches, kept_shares, load_weights, source_scores
+from study.sources import batches, kept_shares, source_scores
 from study.spec import StudyError
 
 log = logging.getLogger("sift.study.probe")
@@ -44,13 +45,13 @@ def _pair(text: str, what: str) -> tuple[str, str]:
 
 def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]], rows: int,
           n_batches: int) -> dict[str, Any]:
-    cfg, model = load_weights(run_dir)
+    cfg, model = load_run_model(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
     result: dict[str, Any] = {"step": summary.get("steps"), "kept": {}}
     if selects and kinds:
         parts = {k: batches(d, "train", rows) for k, (d, _) in kinds.items()}
         weights = {k: w for k, (_, w) in kinds.items()}
-        G, B = round(cfg.train.micro_batch_size / cfg.sift.keep), cfg.train.micro_batch_size
+        G, B = cfg.sift.gross_batch(cfg.train.micro_batch_size), cfg.train.micro_batch_size
         for sel in selects:
             criterion, _, exit_layer = sel.partition(":")
             scores = source_scores(model, parts, criterion, int(exit_layer))

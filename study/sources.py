@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import yaml
 
+from engine.run_model import load_run_model
 from sift_common.logs import setup_logging
 from study.spec import StudyError
 
@@ -65,32 +66,6 @@ def prepare_part(part: Path, out: Path, data: Path) -> Path:
     return out
 
 
-def load_weights(run_dir: Path):
-    """The run's model (eval mode, CPU) with the weights of its latest complete checkpoint."""
-    import torch
-
-    from data_pipeline.reader import ShardDataset
-    from engine import checkpoint as ckpt
-    from engine import ds
-    from engine.config import load_config
-    from engine.models.bert import build_model
-
-    cfg = load_config(run_dir / "config.yaml")
-    meta = ShardDataset.open(cfg.data.path, cfg.data.eval_split).meta
-    root = run_dir / "checkpoints"
-    tag = ckpt.find_latest(root) if root.is_dir() else None
-    if tag is None:
-        raise StudyError(f"{run_dir} has no checkpoint; run the study with --keep-checkpoints")
-    torch.manual_seed(0)
-    model = build_model(cfg.model, vocab_size=meta.vocab_size, seq_len=meta.seq_len, pad_id=meta.special_ids["pad"],
-                        use_nsp=meta.objective == "nsp_pairs")
-    missing, unexpected = model.load_state_dict(ds.consolidated_state_dict(root, tag), strict=False)
-    if unexpected or set(missing) - {"hf.cls.predictions.decoder.weight", "hf.cls.predictions.decoder.bias"}:
-        raise StudyError(f"checkpoint {root / tag} does not match the model: {missing} {unexpected}")
-    model.hf.tie_weights()
-    return cfg, model.eval()
-
-
 def batches(data: Path, split: str, rows: int, batch_size: int = 64):
     from data_pipeline.loader import eval_batches
     from data_pipeline.reader import ShardDataset
@@ -101,19 +76,24 @@ def batches(data: Path, split: str, rows: int, batch_size: int = 64):
 
 
 def source_accuracy(model, parts: dict[str, list]) -> dict[str, dict[str, float]]:
+    """Per source: the model's own token metrics (``val_mlm_acc`` for BERT, ``val_lm_acc`` for decoders, and
+    their losses) over its rows, and the tokens they count."""
     import torch
 
+    from engine.models.base import Ratio
+
+    name = model.token_loss_name
+    ratios = {k: m for k, m in model.metrics().items() if k in (f"{name}_acc", f"{name}_loss") and isinstance(m, Ratio)}
     out = {}
     with torch.no_grad():
         for source, bs in parts.items():
-            correct = count = loss = 0.0
+            sums: dict[str, float] = {}
             for b in bs:
                 r = model(**b)
-                correct += float(r["correct"])
-                count += float(r["loss_tokens"])
-                loss += float(r["loss_sum"])
-            out[source] = {"val_mlm_acc": correct / max(count, 1), "val_mlm_loss": loss / max(count, 1),
-                           "tokens": int(count)}
+                for key in {k for m in ratios.values() for k in (m.num, m.den)}:
+                    sums[key] = sums.get(key, 0.0) + float(r[key])
+            out[source] = {f"val_{k}": sums[m.num] / max(sums[m.den], 1) for k, m in ratios.items()}
+            out[source]["tokens"] = int(sums[ratios[f"{name}_acc"].den])
     return out
 
 
@@ -210,7 +190,7 @@ def analyse(args: argparse.Namespace) -> dict[str, Any]:
                               "runs": {}}
     for run_dir in runs:
         arm, seed = run_dir.parent.name, int(run_dir.name.removeprefix("seed"))
-        cfg, model = load_weights(run_dir)
+        cfg, model = load_run_model(run_dir)
         entry: dict[str, Any] = {"arm": arm, "seed": seed, "per_source": source_accuracy(model, val)}
         if cfg.sift.policy == "topk":
             scores = source_scores(model, train, cfg.sift.criterion, cfg.sift.exit_layer)
@@ -248,7 +228,8 @@ def markdown(result: dict[str, Any]) -> str:
              + " | frequent-token share: drawn / kept (exit) / kept (exact) |",
              "|" + "---|" * (2 + 2 * len(sources))]
     for arm, entries in arms.items():
-        cells = [f"{mean(entries, 'per_source', s, 'val_mlm_acc'):.4f}" for s in sources]
+        acc = next(k for k in entries[0]["per_source"][sources[0]] if k.endswith("_acc"))  # val_mlm_acc, val_lm_acc
+        cells = [f"{mean(entries, 'per_source', s, acc):.4f}" for s in sources]
         for s in sources:
             k, x = mean(entries, "kept_share_exit", s), mean(entries, "kept_share_exact", s)
             cells.append("–" if k is None else f"{k:.1%} / {x:.1%}")

@@ -19,47 +19,13 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from sift_common.errors import SiftError
-
 log = logging.getLogger("sift.bench")
-
-
-def latest_record(run: Path) -> dict[str, Any]:
-    """The manifest of the run's latest checkpoint (engine/checkpoint.py)."""
-    from engine import checkpoint as ckpt
-
-    root = run / "checkpoints"
-    tag = ckpt.find_latest(root)
-    if tag is None:
-        raise SiftError(f"no complete checkpoint under {root}: --run takes a training run's train.out_dir")
-    return ckpt.verify(root, tag)
-
-
-def load_model(run: Path) -> tuple[Any, Path]:
-    """The run's latest checkpoint as a SIFT model in eval mode (dropout off), and its data directory."""
-    from engine.config import ModelConfig
-    from engine.export import export
-    from engine.models import build_model
-    from engine.models.base import DataFacts
-
-    record = latest_record(run)
-    data = Path(record["config"]["data"]["path"])
-    meta_specials = json.loads((data / "index.json").read_text())
-    with tempfile.TemporaryDirectory() as tmp:
-        export(run, Path(tmp))
-        spec = record["model"]
-        cfg = ModelConfig(family=spec["family"], init_from=tmp, dropout=0.0)
-        specials = meta_specials["special_ids"]
-        model = build_model(cfg, DataFacts(meta_specials["vocab_size"], meta_specials["seq_len"],
-                                           meta_specials["objective"], specials["pad"], eos_id=specials.get("eos")))
-    return model.eval(), data
 
 
 def measure(model: Any, batches: list[dict[str, torch.Tensor]], *, exits: list[int], positions: list[int],
@@ -143,14 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     torch.set_num_threads(args.threads)
     load_before, t0 = os.getloadavg(), time.perf_counter()
-    model, data = load_model(args.run)
+    from engine.run_model import latest_checkpoint, load_run_model
+
+    cfg, model = load_run_model(args.run)
+    data = Path(cfg.data.path)
     train = ShardDataset.open(data, "train")
     rows = np.random.default_rng(args.seed).choice(len(train), args.gross * args.batches, replace=False)
     batches = [collate_clm(train.rows(ids), ids) for ids in np.split(np.sort(rows), args.batches)]
     result_rows = measure(model, batches, exits=[int(x) for x in args.exits.split(",")],
                           positions=[int(x) for x in args.positions.split(",")], criteria=args.criteria.split(","),
                           keep=args.keep, seed=args.seed)
-    step = latest_record(args.run)["step"]
+    step = latest_checkpoint(args.run)[2]["step"]
     meta = {"model": f"{model.family}, {model.num_layers} blocks x {model.config.hidden_size}, V = "
                      f"{model.config.vocab_size}", "run": args.run.name, "step": step, "data": data.name,
             "batches": args.batches, "gross": args.gross, "B": round(args.keep * args.gross),
