@@ -5,6 +5,8 @@
     sift study --config configs/study-gpu.yaml --parallel 1 --seeds 0,1,2
     sift study --preset cpu --arms vanilla,random,entropy:1 train.steps=300   # a smaller grid
     sift study --preset cpu --report-only                    # redo the tables and plots from the runs
+    sift study --preset gpt2-cpu --seeds 5 --report-only --report benchmarks/results/study-gpt2-cpu
+                                   # no runs there: report.md again from the committed results.json
 
 One base run config, several arms (vanilla: B rows per step; random: keep a random B of G = B / keep, the
 control; loss- and entropy-SIFT at exits 1, 2, L/2 and L), several seeds; every run shares the shards,
@@ -13,8 +15,9 @@ number of samples. Each run is one `launcher/train.py` process writing to <out>/
 
 Resumable: a finished run (summary.json at the last step) is skipped, an interrupted one continues from
 its latest checkpoint, a missing one starts; a run whose config or data changed since it was made is
-refused rather than mixed in. The report (<out>/report/ or --report DIR) holds results.json, report.md,
-per-run curves and the PNG figures.
+refused rather than mixed in. The report (<out>/report/ or --report DIR) holds results.json (every
+table's numbers: the compact form a committed study keeps), report.md, the PNG figures and the runs'
+curves (curves/, left out of git).
 """
 
 from __future__ import annotations
@@ -345,12 +348,15 @@ def main(argv: list[str] | None = None) -> int:
                                           "load_after": load_average(), "ran": codes})
         (out / "study.json").write_text(json.dumps(record, indent=1))
 
-    from study.output import write_report, write_verdict
+    from study.output import render_report, write_report, write_verdict
 
     tables = {}
     for r in regimes:
         where = report_dir / r.name if r.name else report_dir
-        tables[r.name] = write_report(where, spec, plans[r.name], record, regime=r.name)
+        if args.report_only and not any(p.dir.is_dir() for p in plans[r.name]) and (where / "results.json").is_file():
+            tables[r.name] = render_report(where, spec, regime=r.name)  # a committed study: its compact form
+        else:
+            tables[r.name] = write_report(where, spec, plans[r.name], record, regime=r.name)
     if regimes[0].name:
         print(write_verdict(report_dir, spec, {r.name: report_dir / r.name for r in regimes}, record))
     else:

@@ -1,5 +1,5 @@
 """Writing a study's report: results.json, report.md, the per-run curves and the PNG figures, per regime;
-and, for a study over several data regimes, the verdict across them (verdict.md, verdict.json)."""
+and, for a study over several data regimes, the verdict across them (verdict.md)."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def load_runs(plans: list[RunPlan]) -> tuple[dict[str, list[RunCurves]], RunCurv
 
 
 def write_curves(report: Path, plans: list[RunPlan]) -> None:
-    """curves/<arm>/seed<k>.jsonl: each run's logged records (deduplicated by step), small enough to commit;
-    also the warm-up run's and the start evaluations', and each run's CPU trace and probe."""
+    """curves/<arm>/seed<k>.jsonl: each run's logged records (deduplicated by step), to look at the runs
+    without their directories (not committed: results.json holds what the tables need); also the warm-up run's and the start evaluations', and each run's CPU trace and probe."""
     for plan in plans:
         evals, steps = read_metrics(plan.dir / "metrics.jsonl")
         if not evals and not steps:
@@ -109,7 +109,6 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     runs, warm = load_runs(plans)
     arm_plans = [p for p in plans if p.kind == "run"]
     names = [a.name for a in spec.arms]
-    labels = {a.name: a.title() for a in spec.arms}
     ref = spec.reference if spec.reference in names else None
     refs = [r for r in (spec.reference, spec.control) if r in names]
     total = arm_plans[0].steps if arm_plans else 0
@@ -176,6 +175,27 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     }
     out = arm_plans[0].dir.parents[2] if arm_plans else report
     (report / "results.json").write_text(json.dumps(_portable(results, out), indent=1) + "\n")
+    return render_report(report, spec, regime)
+
+
+def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
+    """report.md from the study's results.json alone (the compact form committed per study: every table's
+    numbers, the study record and its invocations); returns the headline table as markdown. The figures
+    are listed when they are there."""
+    res = json.loads((report / "results.json").read_text())
+    record = res["study"] | {"invocations": res.get("invocations", [])}
+    names = [a.name for a in spec.arms]
+    labels = {a.name: a.title() for a in spec.arms}
+    ref = spec.reference if spec.reference in names else None
+    refs = [r for r in (spec.reference, spec.control) if r in names]
+    total = ((res.get("base_config") or {}).get("train") or {}).get("steps", 0)
+    first = spec.branch.warm_steps if spec.branch else 0
+    steps_text = (f"warm-up {first} steps, then {total - first} steps per arm" if spec.branch else f"{total} steps")
+    keys = res["metrics"]
+    token = keys[0].removeprefix("val_").removesuffix("_acc")  # mlm (BERT) or lm (decoders)
+    final, compared, to_target = res["final"], res["comparisons"], res["time_to_target"]
+    fidelity, kept, costs, missing, warm_cost = (res["fidelity"], res["kept"], res["costs"], res["incomplete_runs"],
+                                                 res["warm"])
     table = markdown_final(final, labels, ref, token)
     selecting = [n for n in names if n not in refs]
     md = [
@@ -196,7 +216,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         f"## Final validation {token.upper()} accuracy (table 1)", "", table, "",
         "Per seed:", "", markdown_per_seed(final, labels), "",
         "## At equal wall clock", "", markdown_equal_time(final, labels, ref, token) if ref else "(no reference arm)", "",
-        f"## Time to target ({results['targets_source']})", "", markdown_targets(to_target, labels), "",
+        f"## Time to target ({res['targets_source']})", "", markdown_targets(to_target, labels), "",
         "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
         "a target only when all its seeds do.", "",
         *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
@@ -235,7 +255,8 @@ def _warm_lines(warm: dict[str, Any] | None, spec: StudySpec) -> list[str]:
 
 
 def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path], record: dict[str, Any]) -> str:
-    """verdict.md and verdict.json across regimes, from each regime's results.json; returns the markdown."""
+    """verdict.md across regimes, from each regime's results.json (which hold every number it cites);
+    returns the markdown."""
     report.mkdir(parents=True, exist_ok=True)
     names = [a.name for a in spec.arms]
     labels = {a.name: a.title() for a in spec.arms}
@@ -246,15 +267,12 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
           "of the paired difference over seeds (each comparison on its own), then which comparisons at equal "
           "samples survive Holm's correction for all of the regime's comparisons; details in each regime's "
           "report.md.", ""]
-    summary: dict[str, Any] = {}
     for regime, where in regime_reports.items():
         path = where / "results.json"
         if not path.is_file():
             md += [f"## {regime}", "", "(no results yet)", ""]
             continue
         res = json.loads(path.read_text())
-        summary[regime] = {"comparisons": res["comparisons"], "kept": res.get("kept", []), "warm": res.get("warm"),
-                           "incomplete_runs": res.get("incomplete_runs", [])}
         md += [f"## {regime} ([report]({regime}/report.md))", ""]
         if res.get("incomplete_runs"):
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
@@ -262,7 +280,6 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
                  or ["(no complete comparison yet)"]),
                *holm_lines(res["comparisons"], labels), *_kept_lines(res.get("kept", []), labels),
                *_fidelity_lines(res.get("fidelity", []), labels), ""]
-    (report / "verdict.json").write_text(json.dumps({"study": record.get("name"), "regimes": summary}, indent=1) + "\n")
     (report / "verdict.md").write_text("\n".join(md))
     return "\n".join(md)
 
