@@ -179,7 +179,7 @@ class RunConfig:
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the enumerated keys; the registries decide, so a plugin's additions count."""
-    from engine.models import FAMILIES
+    from engine.models.registry import FAMILIES
     from engine.scoring import CRITERIA
     from engine.selection import POLICIES
 
