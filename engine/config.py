@@ -400,6 +400,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(["the top level must be a mapping of sections"], source)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    return from_tree(tree, source)
+
+
+def from_tree(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """A config tree (YAML's, or ``to_dict``'s as a checkpoint records it) -> a validated RunConfig, or one
+    ConfigError."""
     problems: list[str] = []
     cfg = _build(RunConfig, tree, "", problems)
     # Value checks run even after key/type errors: one message lists every problem. A key whose type

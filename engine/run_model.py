@@ -1,9 +1,9 @@
 """A trained run's model, loaded one way for every reader: `sift export`, the study's held-out evaluation
 and probe, and the benchmarks' probes.
 
-``load_run_model(run_dir)`` rebuilds the SIFT model of the run's own config (any family) on its data's
-facts and loads the weights of its latest complete checkpoint (verified first, any ZeRO stage), on the
-CPU, in eval mode. Its metrics carry the model's own names (``model.metrics()``: ``mlm_acc`` for BERT,
+``load_run_model(run_dir)`` rebuilds the SIFT model of the config its checkpoint records (any family)
+on its data's facts and loads the weights of that checkpoint (the latest complete one, verified first,
+any ZeRO stage), on the CPU, in eval mode. Its metrics carry the model's own names (``model.metrics()``: ``mlm_acc`` for BERT,
 ``lm_acc`` for decoders).
 """
 
@@ -60,12 +60,12 @@ def load_run_model(run_dir: Path, tag: str | None = None, data: Path | None = No
     import torch
 
     from data_pipeline.reader import ShardDataset
-    from engine.config import load_config
+    from engine.config import from_tree
     from engine.models import build_model
 
     run_dir = Path(run_dir)
-    cfg = load_config(run_dir / "config.yaml")
-    root, tag, _ = latest_checkpoint(run_dir, tag)
+    root, tag, record = latest_checkpoint(run_dir, tag)
+    cfg = from_tree(record["config"], f"the config recorded in {root / tag}")
     meta = ShardDataset.open(data or cfg.data.path, cfg.data.eval_split).meta
     with torch.random.fork_rng(devices=[]):  # the random init is overwritten; leave the caller's RNG alone
         torch.manual_seed(0)
