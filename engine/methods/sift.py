@@ -15,11 +15,10 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.config import RunConfig, SiftConfig
 from engine.methods.base import Method, MicroContext, RunContext
 from engine.models.base import Batch, ExitPath, SiftModel
 from engine.scoring import exit_scores
@@ -34,6 +33,10 @@ from engine.selection import (
     spearman,
     topk_overlap,
 )
+
+if TYPE_CHECKING:
+    from engine.config import RunConfig
+    from engine.methods.sift_config import SiftConfig
 
 
 class Scorer:
@@ -100,7 +103,7 @@ class Sift(Method):
     def __init__(self, cfg: RunConfig):
         s, t = cfg.sift, cfg.train
         self.cfg = s
-        self.B, self.G, self.ga = t.micro_batch_size, round(t.micro_batch_size / s.keep), t.grad_accum
+        self.B, self.G, self.ga = t.micro_batch_size, s.gross_batch(t.micro_batch_size), t.grad_accum
         self.seed, self.total_steps = t.seed, t.steps
         self.policy = configured_policy(s)
         self.scorer: Scorer | None = None

@@ -81,7 +81,7 @@ def test_statistics():
 
 
 def test_selection_scope_simulation(tmp_path):
-    from benchmarks.selection_scope import main, per_rank_and_global, simulate
+    from benchmarks.probes.selection_scope import main, per_rank_and_global, simulate
 
     # Rank 0 holds every high score: the global top 4 is all of rank 0, per rank keeps 2 of each.
     scores = torch.tensor([[9.0, 8.0, 7.0, 6.0], [1.0, 2.0, 3.0, 4.0]])
