@@ -10,8 +10,10 @@ last; on any failure, what this run built is removed and an old dataset there is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -229,26 +231,33 @@ class Progress:
             log.info("%s: %s so far (%.0f s)", self.phase, done, now - self.t0)
 
 
-def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
-    stats = ReadStats(warn=False)
-    progress = Progress("tokenizer training, reading")
-    chars = 0
+class _TrainingTexts:
+    """The texts tokenizer training reads: the inputs' documents (up to ``--max-docs`` and
+    ``--tokenizer-train-docs``), streamed anew on every ``iter()`` (the WordPiece trainer reads twice)."""
 
-    def texts() -> Iterator[str]:
-        nonlocal chars
-        docs = islice(iter_documents(resolved, opts, stats), args.max_docs)
-        for doc in islice(docs, args.tokenizer_train_docs):
+    def __init__(self, args: argparse.Namespace, resolved, opts: SourceOptions):
+        self.args, self.resolved, self.opts = args, resolved, opts
+        self.stats = ReadStats(warn=False)
+
+    def __iter__(self) -> Iterator[str]:
+        self.stats = stats = ReadStats(warn=False)
+        progress, chars = Progress("tokenizer training, reading"), 0
+        docs = islice(iter_documents(self.resolved, self.opts, stats), self.args.max_docs)
+        for doc in islice(docs, self.args.tokenizer_train_docs):
             chars += len(doc.text)
             progress.tick(documents=stats.documents, characters=chars)
             yield doc.text
 
+
+def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
     clm = args.objective == "clm"
     log.info("training %s tokenizer (vocab %d) on the input", "a byte-level BPE" if clm else "an uncased WordPiece",
              args.vocab_size)
     long_words = LongWords()
     train = train_bytelevel_bpe if clm else train_wordpiece
-    tok = train(texts(), args.vocab_size, out_dir, min_frequency=args.min_frequency, long_words=long_words)
-    if stats.documents == 0:
+    texts = _TrainingTexts(args, resolved, opts)
+    tok = train(texts, args.vocab_size, out_dir, min_frequency=args.min_frequency, long_words=long_words)
+    if texts.stats.documents == 0:
         raise DataError(f"empty input: no documents in {', '.join(loc for _, loc in resolved)}")
     if long_words.count:
         log.warning("left %d word(s) longer than %d characters out of tokenizer training (they encode as %s; "
@@ -264,6 +273,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opts = SourceOptions(args.text_field, args.id_field, args.txt_mode, args.hf_config, args.hf_split,
                          max_undecodable=args.max_undecodable)  # fmt: skip
     resolved = resolve_inputs(args.inputs)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if this run fails
     build_dir = prepare_output(out, args.overwrite)
     tok = None
     args.train_tokenizer = not args.tokenizer  # the offline default; recorded as such in index.json
@@ -282,8 +292,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         install(build_dir, out)
         return index
     except BaseException:
-        # The old dataset (if any) is as it was; what this run built goes.
+        # The old dataset (if any) is as it was; what this run built goes, directories it created included.
         shutil.rmtree(build_dir, ignore_errors=True)
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
         raise
 
 
@@ -378,6 +391,11 @@ def _write_dataset(
             f"no usable documents: all {total_docs} are shorter than --min-doc-tokens={args.min_doc_tokens} "
             f"word pieces (e.g. {summary.first_short}); lower --min-doc-tokens if that is intended"
         )
+    if args.train_tokenizer and vocab_size < args.vocab_size / 2:  # the merges ran out of repeated pairs
+        raise DataError(
+            f"the input is too small for --vocab-size {args.vocab_size}: the tokenizer trained on it has only "
+            f"{vocab_size} tokens (no pair of symbols occurs --min-frequency {args.min_frequency} times more); add "
+            "input, or lower --vocab-size")
     shards = {s: w.close() for s, w in writers.items()}
     if not shards["train"]:
         short = (f"the train split's {packers['train'].pending} tokens do not fill one row of --seq-len "
@@ -388,7 +406,10 @@ def _write_dataset(
                f"{args.seq_len}" if args.objective == "clm" and summary.docs["validation"]
                else f"no document was assigned to it (--val-fraction {args.val_fraction:.4g} on {total_docs} "
                     "documents)")
-        log.warning("no validation rows: %s; the dataset has a train split only", why)
+        raise DataError(
+            f"no validation rows: {why}; sift train evaluates on the validation split: add input (about "
+            f"{math.ceil(1 / args.val_fraction)} documents or more), raise --val-fraction, or pass --val-fraction 0 "
+            "for a train-only dataset (then train with data.eval_split=train)")
     summary.seconds = time.perf_counter() - t0
     pass_seconds = time.perf_counter() - t_pass
     index = _make_index(
