@@ -21,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -53,6 +53,9 @@ SPLITS = ("train", "validation")
 TOKENIZER_DIR = "tokenizer"
 SHARD_TARGET_BYTES = 32 << 20
 CHUNK_DOCS, CHUNK_CHARS = 256, 2 << 20
+THREADED_MAX_CORES = 4
+"""Up to this many cores, the default ``--num-proc`` is one process using the tokenizer's own threads (faster
+than processes, and cheaper per token, on 2 cores: benchmarks/prepare_vs_hf.py); above, one process per core."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -327,9 +330,9 @@ def _write_dataset(
     writers = {s: ShardWriter(out, s, args.seq_len, dtype, rows_per_shard) for s in SPLITS}
     packers = {s: TokenPacker(args.seq_len, dtype.name) for s in SPLITS}  # clm only
     summary = Summary()
-    num_proc = args.num_proc or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    num_proc = args.num_proc or (1 if cores <= THREADED_MAX_CORES else cores)
+    threads = cores if args.num_proc is None and num_proc == 1 else 1  # the tokenizer's own threads
     t_pass = time.perf_counter()
     docs = islice(iter_documents(resolved, opts, summary.read), args.max_docs)
     chunks = _chunks(docs, args.val_fraction, args.split_by)
@@ -353,10 +356,23 @@ def _write_dataset(
                       rows=sum(w.rows for w in writers.values()))  # fmt: skip
 
     initargs = (splitter, icfg, args.min_doc_tokens, args.seed)
-    if num_proc <= 1:
+    if num_proc <= 1 and threads == 1:
         _init_worker(*initargs)
         for chunk in chunks:
             consume(_process_chunk(*chunk))
+    elif num_proc <= 1:
+        # One process: the tokenizer encodes each chunk on all cores (its Rust threads, without the GIL) in a
+        # helper thread, while this thread reads the next chunk and writes the last one's rows.
+        _init_worker(*initargs)
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        with ThreadPoolExecutor(1) as helper:
+            ahead: deque[Future] = deque()
+            for chunk in chunks:
+                ahead.append(helper.submit(_process_chunk, *chunk))
+                if len(ahead) >= 2:
+                    consume(ahead.popleft().result())
+            while ahead:
+                consume(ahead.popleft().result())
     else:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers are the parallelism; set before forking
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -413,7 +429,7 @@ def _write_dataset(
     summary.seconds = time.perf_counter() - t0
     pass_seconds = time.perf_counter() - t_pass
     index = _make_index(
-        args, out, writers, shards, summary, pass_seconds, num_proc, source, specials, vocab_size
+        args, out, writers, shards, summary, pass_seconds, num_proc, threads, source, specials, vocab_size
     )
     if args.objective == "clm":  # the stream's end that did not fill a row
         index["prepare"]["stats"]["tail_tokens_dropped"] = {s: packers[s].pending for s in SPLITS}
@@ -422,7 +438,7 @@ def _write_dataset(
 
 
 def _make_index(args, out: Path, writers: dict[str, ShardWriter], shards: dict, summary: Summary,
-                pass_seconds: float, num_proc: int, source: str, specials: dict[str, int],
+                pass_seconds: float, num_proc: int, threads: int, source: str, specials: dict[str, int],
                 vocab_size: int) -> dict[str, Any]:  # fmt: skip
     """The ``index.json`` content (schema: data_pipeline/README.md)."""
     dtype = token_dtype_for(vocab_size)
@@ -464,6 +480,7 @@ def _make_index(args, out: Path, writers: dict[str, ShardWriter], shards: dict, 
                 "tokenize_seconds": round(pass_seconds, 3),
                 "tokens_per_second": round(summary.tokens / max(pass_seconds, 1e-9)),
                 "num_proc": num_proc,
+                "tokenizer_threads": threads,
             },
         },
     }
