@@ -364,15 +364,22 @@ def _write_dataset(
         # One process: the tokenizer encodes each chunk on all cores (its Rust threads, without the GIL) in a
         # helper thread, while this thread reads the next chunk and writes the last one's rows.
         _init_worker(*initargs)
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
         os.environ["TOKENIZERS_PARALLELISM"] = "true"
-        with ThreadPoolExecutor(1) as helper:
-            ahead: deque[Future] = deque()
-            for chunk in chunks:
-                ahead.append(helper.submit(_process_chunk, *chunk))
-                if len(ahead) >= 2:
+        try:
+            with ThreadPoolExecutor(1) as helper:
+                ahead: deque[Future] = deque()
+                for chunk in chunks:
+                    ahead.append(helper.submit(_process_chunk, *chunk))
+                    if len(ahead) >= 2:
+                        consume(ahead.popleft().result())
+                while ahead:
                     consume(ahead.popleft().result())
-            while ahead:
-                consume(ahead.popleft().result())
+        finally:  # as it was, for whatever else runs in this process (tests, library callers)
+            if before is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
     else:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers are the parallelism; set before forking
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
