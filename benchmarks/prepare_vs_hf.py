@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from sift_common.provenance import provenance
+from sift_common.provenance import load_average, provenance
 
 REPO = Path(__file__).resolve().parents[1]
 CORPUS = REPO.parent / "shared" / "corpus" / "english-reference.parquet"
@@ -110,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     heldout, tokenizer = setup(args.work, args.vocab_size, args.tokenizer_docs)
+    load_before = load_average()
     env = {k: v for k, v in os.environ.items() if k != "TOKENIZERS_PARALLELISM"}  # each path's own default
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     sift = [sys.executable, "-m", "data_pipeline.prepare", str(heldout), "--tokenizer", str(tokenizer),
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     tokens = index["prepare"]["stats"]["tokens"]
     result = provenance("python -m benchmarks.prepare_vs_hf " + shlex.join(sys.argv[1:] if argv is None else argv),
                         where=REPO)
-    result.update(input={"documents": index["prepare"]["stats"]["documents"], "word_pieces": tokens,
+    result.update(load_average_before=load_before, input={"documents": index["prepare"]["stats"]["documents"], "word_pieces": tokens,
                          "seq_len": args.seq_len, "vocab_size": index["vocab_size"]}, variants={})
     hf_cpu = statistics.median(r["cpu_s"] for r in runs["hf"])
     hf_wall = statistics.median(r["wall_s"] for r in runs["hf"])
@@ -153,7 +154,7 @@ def markdown(result: dict) -> str:
     lines = [f"# `sift prepare` vs datasets.map + group_texts ({inp['word_pieces']:,} word pieces, "
              f"{inp['documents']:,} documents, T = {inp['seq_len']}, vocab {inp['vocab_size']:,})", "",
              f"`{result['command']}` at {result['git_commit']}, {result['date']}; {m['cpu']}, {m['cores']} cores; "
-             f"load average before: {result['load_average']}; versions: "
+             f"load average before: {result['load_average_before']}, after: {result['load_average']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v), "",
              "Medians of each variant's runs (whole child processes, imports included). CPU: user + system "
              "seconds of every thread and child; wall moves with the machine's load.", "",
