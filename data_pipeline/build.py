@@ -417,8 +417,8 @@ def _write_dataset(
     if args.train_tokenizer and vocab_size < args.vocab_size / 2:  # the merges ran out of repeated pairs
         raise DataError(
             f"the input is too small for --vocab-size {args.vocab_size}: the tokenizer trained on it has only "
-            f"{vocab_size} tokens (no pair of symbols occurs --min-frequency {args.min_frequency} times more); add "
-            "input, or lower --vocab-size")
+            f"{vocab_size} tokens (no pair of symbols was left that occurs --min-frequency {args.min_frequency} "
+            "times); add input, or lower --vocab-size")
     shards = {s: w.close() for s, w in writers.items()}
     if not shards["train"]:
         short = (f"the train split's {packers['train'].pending} tokens do not fill one row of --seq-len "

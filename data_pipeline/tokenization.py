@@ -95,8 +95,8 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_fr
     are broken by those numbers, so two runs learned different vocabularies (huggingface/tokenizers#1794).
     Every continuation symbol the text can produce is therefore registered up front, in code point order,
     as a trainer special token (which the trainer numbers first, in the order given), and demoted to an
-    ordinary vocabulary entry after training. The symbols are learned anyway; one a character never forms
-    in this corpus (one seen only at word starts) stays in the vocabulary and lets such words encode.
+    ordinary vocabulary entry after training. A symbol training would not have made (for a character seen
+    only at word starts) is one extra entry; it lets that character continue a word when encoding.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
@@ -241,12 +241,12 @@ def load_tokenizer(name_or_path: str):
     local = Path(name_or_path).expanduser()
     if local.is_dir() and (saved := SavedTokenizer.open(local)) is not None:
         return saved
-    from transformers import AutoTokenizer
-
     if local.exists() and not local.is_dir():
         raise DataError(
             f"--tokenizer {name_or_path}: expected a tokenizer directory or a hub name, got a file"
         )
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path)
     except Exception as e:  # transformers/hub raise OSError, ValueError, HTTP errors...
