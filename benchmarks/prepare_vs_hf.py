@@ -7,7 +7,8 @@ The Hugging Face path is transformers' run_mlm.py recipe: ``datasets.load_datase
 batched ``map`` of the tokenizer (``return_special_tokens_mask=True``, the tokenizer's own threads) and
 one batched ``map`` that concatenates every column and cuts it into rows of ``--seq-len`` tokens
 (``group_texts``). ``sift prepare`` runs with ``--objective mlm_packed`` and the same seq_len and
-tokenizer, at ``--num-proc 1`` and at its default. Each variant is one whole child process (start-up and
+tokenizer, at ``--num-proc 1`` (one process, one tokenizer thread), ``--num-proc 2`` (two worker processes)
+and at its default (up to 4 cores: one process, the tokenizer's threads on every core). Each variant is one whole child process (start-up and
 imports included), the variants alternating run by run; its CPU time is its user + system seconds with
 every thread and reaped descendant (``os.wait4``), which other load on the machine barely moves; wall
 time does move with load, so the result file records the load average.
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "hf": lambda i: [sys.executable, "-m", "benchmarks.prepare_vs_hf", "--hf-child", str(heldout), str(tokenizer),
                          str(args.seq_len), str(args.work / f"hf-cache-{i}")],
         "sift_num_proc_1": lambda i: [*sift, "--out", str(args.work / "sift-1"), "--num-proc", "1"],
+        "sift_num_proc_2": lambda i: [*sift, "--out", str(args.work / "sift-2"), "--num-proc", "2"],
         "sift_default": lambda i: [*sift, "--out", str(args.work / "sift-default")],
     }
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in variants}
