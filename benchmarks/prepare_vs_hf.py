@@ -159,9 +159,12 @@ def markdown(result: dict) -> str:
              f"load average before: {result['load_average_before']}, after: {result['load_average']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in result["versions"].items() if v), "",
              "Medians of each variant's runs (whole child processes, imports included). CPU: user + system "
-             "seconds of every thread and child; wall moves with the machine's load.", "",
-             "| | tokens per CPU-second | x HF | wall (s) | x HF (speed) | CPU s (runs) |",
-             "|---|---|---|---|---|---|"]
+             "seconds of every thread and child; wall moves with the machine's load.", ""]
+    if max(result["load_average_before"] or [0]) > m["cores"]:
+        lines += ["**Measured on a busy machine (load average above its core count): wall times are slower and "
+                  "noisier than on a quiet one, and CPU times somewhat inflated; rerun quiet before quoting a "
+                  "figure.**", ""]
+    lines += ["| | tokens per CPU-second | x HF | wall (s) | x HF (speed) | CPU s (runs) |", "|---|---|---|---|---|---|"]
     for name, v in result["variants"].items():
         wall = statistics.median(v["wall_s"])
         lines.append(f"| {name} | {v['tokens_per_cpu_s']:,} | {v['per_cpu_s_x_hf']:.2f} | {wall:.2f} | "
