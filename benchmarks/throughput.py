@@ -37,10 +37,10 @@ from benchmarks import vcas_rows
 from benchmarks.synthetic import PAD, batch_pool, cycle, real_token_fraction
 from engine.models.base import FlopCounts
 from engine.scoring import CRITERIA
+from sift_common.errors import run_command
 from sift_common.logs import setup_logging
 from sift_common.provenance import machine, provenance
 
-REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("vanilla", "serial", "pipelined")
 """The default variants; ``--variants`` also takes the VCAS kinds (benchmarks/vcas_rows.py)."""
 PHASES = ("data", "scoring", "forward", "backward", "optimizer")
@@ -201,17 +201,14 @@ def sync(cuda: bool) -> None:
 
 
 def ensure_distributed() -> torch.device:
-    """A one-rank process group (DeepSpeed needs one), found as `sift train` finds its rank; returns this
-    process's device."""
+    """A one-rank process group (DeepSpeed needs one); returns this process's device. Under `sift bench`
+    (launcher/bench.py) the launcher's variables are already exported."""
     import torch.distributed as dist
 
     from engine import ds
-    from launcher.dist_env import LaunchError, prepare_process
 
     if not (dist.is_available() and dist.is_initialized()):
-        world = prepare_process(os.environ).world_size
-        if world != 1:
-            raise LaunchError(f"it measures one device in one process, but the launcher started {world}")
+        ds.one_process_env(os.environ)
         ds.init_distributed(None)
     return ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -599,6 +596,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from launcher.cli import main as sift
-
-    sys.exit(sift(["bench", *sys.argv[1:]]))
+    sys.exit(run_command("benchmarks.throughput", main, sys.argv[1:]))

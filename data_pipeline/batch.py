@@ -40,6 +40,8 @@ boundaries (GPT-2's and GPT-3's packing); the end-of-text token between document
 sees of a boundary.
 
 Rows are independent: selecting rows ``idx`` from every tensor (``select_rows``) yields a valid batch.
+A weighted selection (engine/selection.py ``Kept``) adds ``row_weights`` (K,) float32 to the kept rows
+(``weighted_rows``); the loader never does, and the model adapters weigh each row's loss terms by it.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ BATCH_KEYS = (
 """The keys of a BERT batch (``nsp_pairs``, ``mlm_packed``), in the collator's order."""
 CLM_KEYS = ("input_ids", "attention_mask", "labels", "sample_ids")
 """The keys of a causal-LM batch (``clm``), in the collator's order."""
+ROW_WEIGHTS = "row_weights"
+"""The optional key of a kept batch that carries each row's weight in the loss."""
 
 Batch = dict[str, torch.Tensor]
 
@@ -74,6 +78,11 @@ def max_predictions(seq_len: int, mask_prob: float) -> int:
 def select_rows(batch: Batch, index: torch.Tensor) -> Batch:
     """Rows ``index`` (K,) of every tensor; stays on the batch's device (no host sync)."""
     return {k: v.index_select(0, index) for k, v in batch.items()}
+
+
+def weighted_rows(batch: Batch, index: torch.Tensor, weights: torch.Tensor) -> Batch:
+    """Rows ``index`` of every tensor, plus their ``row_weights``."""
+    return select_rows(batch, index) | {ROW_WEIGHTS: weights}
 
 
 def batch_rows(batch: Batch) -> int:

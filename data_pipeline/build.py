@@ -10,8 +10,10 @@ last; on any failure, what this run built is removed and an old dataset there is
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import logging
+import math
 import multiprocessing as mp
 import os
 import shutil
@@ -19,7 +21,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
@@ -51,6 +53,9 @@ SPLITS = ("train", "validation")
 TOKENIZER_DIR = "tokenizer"
 SHARD_TARGET_BYTES = 32 << 20
 CHUNK_DOCS, CHUNK_CHARS = 256, 2 << 20
+THREADED_MAX_CORES = 4
+"""Up to this many cores, the default ``--num-proc`` is one process using the tokenizer's own threads (faster
+than processes, and cheaper per token, on 2 cores: benchmarks/prepare_vs_hf.py); above, one process per core."""
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -229,26 +234,33 @@ class Progress:
             log.info("%s: %s so far (%.0f s)", self.phase, done, now - self.t0)
 
 
-def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
-    stats = ReadStats(warn=False)
-    progress = Progress("tokenizer training, reading")
-    chars = 0
+class _TrainingTexts:
+    """The texts tokenizer training reads: the inputs' documents (up to ``--max-docs`` and
+    ``--tokenizer-train-docs``), streamed anew on every ``iter()`` (the WordPiece trainer reads twice)."""
 
-    def texts() -> Iterator[str]:
-        nonlocal chars
-        docs = islice(iter_documents(resolved, opts, stats), args.max_docs)
-        for doc in islice(docs, args.tokenizer_train_docs):
+    def __init__(self, args: argparse.Namespace, resolved, opts: SourceOptions):
+        self.args, self.resolved, self.opts = args, resolved, opts
+        self.stats = ReadStats(warn=False)
+
+    def __iter__(self) -> Iterator[str]:
+        self.stats = stats = ReadStats(warn=False)
+        progress, chars = Progress("tokenizer training, reading"), 0
+        docs = islice(iter_documents(self.resolved, self.opts, stats), self.args.max_docs)
+        for doc in islice(docs, self.args.tokenizer_train_docs):
             chars += len(doc.text)
             progress.tick(documents=stats.documents, characters=chars)
             yield doc.text
 
+
+def _train_tokenizer(args: argparse.Namespace, resolved, opts: SourceOptions, out_dir: Path):
     clm = args.objective == "clm"
     log.info("training %s tokenizer (vocab %d) on the input", "a byte-level BPE" if clm else "an uncased WordPiece",
              args.vocab_size)
     long_words = LongWords()
     train = train_bytelevel_bpe if clm else train_wordpiece
-    tok = train(texts(), args.vocab_size, out_dir, min_frequency=args.min_frequency, long_words=long_words)
-    if stats.documents == 0:
+    texts = _TrainingTexts(args, resolved, opts)
+    tok = train(texts, args.vocab_size, out_dir, min_frequency=args.min_frequency, long_words=long_words)
+    if texts.stats.documents == 0:
         raise DataError(f"empty input: no documents in {', '.join(loc for _, loc in resolved)}")
     if long_words.count:
         log.warning("left %d word(s) longer than %d characters out of tokenizer training (they encode as %s; "
@@ -264,6 +276,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     opts = SourceOptions(args.text_field, args.id_field, args.txt_mode, args.hf_config, args.hf_split,
                          max_undecodable=args.max_undecodable)  # fmt: skip
     resolved = resolve_inputs(args.inputs)
+    created = [d for d in (out, *out.parents) if not d.exists()]  # removed again if this run fails
     build_dir = prepare_output(out, args.overwrite)
     tok = None
     args.train_tokenizer = not args.tokenizer  # the offline default; recorded as such in index.json
@@ -282,8 +295,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         install(build_dir, out)
         return index
     except BaseException:
-        # The old dataset (if any) is as it was; what this run built goes.
+        # The old dataset (if any) is as it was; what this run built goes, directories it created included.
         shutil.rmtree(build_dir, ignore_errors=True)
+        for d in created:
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only if empty
         raise
 
 
@@ -314,9 +330,9 @@ def _write_dataset(
     writers = {s: ShardWriter(out, s, args.seq_len, dtype, rows_per_shard) for s in SPLITS}
     packers = {s: TokenPacker(args.seq_len, dtype.name) for s in SPLITS}  # clm only
     summary = Summary()
-    num_proc = args.num_proc or (
-        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    )
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    num_proc = args.num_proc or (1 if cores <= THREADED_MAX_CORES else cores)
+    threads = cores if args.num_proc is None and num_proc == 1 else 1  # the tokenizer's own threads
     t_pass = time.perf_counter()
     docs = islice(iter_documents(resolved, opts, summary.read), args.max_docs)
     chunks = _chunks(docs, args.val_fraction, args.split_by)
@@ -340,10 +356,30 @@ def _write_dataset(
                       rows=sum(w.rows for w in writers.values()))  # fmt: skip
 
     initargs = (splitter, icfg, args.min_doc_tokens, args.seed)
-    if num_proc <= 1:
+    if num_proc <= 1 and threads == 1:
         _init_worker(*initargs)
         for chunk in chunks:
             consume(_process_chunk(*chunk))
+    elif num_proc <= 1:
+        # One process: the tokenizer encodes each chunk on all cores (its Rust threads, without the GIL) in a
+        # helper thread, while this thread reads the next chunk and writes the last one's rows.
+        _init_worker(*initargs)
+        before = os.environ.get("TOKENIZERS_PARALLELISM")
+        os.environ["TOKENIZERS_PARALLELISM"] = "true"
+        try:
+            with ThreadPoolExecutor(1) as helper:
+                ahead: deque[Future] = deque()
+                for chunk in chunks:
+                    ahead.append(helper.submit(_process_chunk, *chunk))
+                    if len(ahead) >= 2:
+                        consume(ahead.popleft().result())
+                while ahead:
+                    consume(ahead.popleft().result())
+        finally:  # as it was, for whatever else runs in this process (tests, library callers)
+            if before is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = before
     else:
         os.environ["TOKENIZERS_PARALLELISM"] = "false"  # workers are the parallelism; set before forking
         ctx = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn")
@@ -378,6 +414,11 @@ def _write_dataset(
             f"no usable documents: all {total_docs} are shorter than --min-doc-tokens={args.min_doc_tokens} "
             f"word pieces (e.g. {summary.first_short}); lower --min-doc-tokens if that is intended"
         )
+    if args.train_tokenizer and vocab_size < args.vocab_size / 2:  # the merges ran out of repeated pairs
+        raise DataError(
+            f"the input is too small for --vocab-size {args.vocab_size}: the tokenizer trained on it has only "
+            f"{vocab_size} tokens (no pair of symbols was left that occurs --min-frequency {args.min_frequency} "
+            "times); add input, or lower --vocab-size")
     shards = {s: w.close() for s, w in writers.items()}
     if not shards["train"]:
         short = (f"the train split's {packers['train'].pending} tokens do not fill one row of --seq-len "
@@ -388,11 +429,14 @@ def _write_dataset(
                f"{args.seq_len}" if args.objective == "clm" and summary.docs["validation"]
                else f"no document was assigned to it (--val-fraction {args.val_fraction:.4g} on {total_docs} "
                     "documents)")
-        log.warning("no validation rows: %s; the dataset has a train split only", why)
+        raise DataError(
+            f"no validation rows: {why}; sift train evaluates on the validation split: add input (about "
+            f"{math.ceil(1 / args.val_fraction)} documents or more), raise --val-fraction, or pass --val-fraction 0 "
+            "for a train-only dataset (then train with data.eval_split=train)")
     summary.seconds = time.perf_counter() - t0
     pass_seconds = time.perf_counter() - t_pass
     index = _make_index(
-        args, out, writers, shards, summary, pass_seconds, num_proc, source, specials, vocab_size
+        args, out, writers, shards, summary, pass_seconds, num_proc, threads, source, specials, vocab_size
     )
     if args.objective == "clm":  # the stream's end that did not fill a row
         index["prepare"]["stats"]["tail_tokens_dropped"] = {s: packers[s].pending for s in SPLITS}
@@ -401,7 +445,7 @@ def _write_dataset(
 
 
 def _make_index(args, out: Path, writers: dict[str, ShardWriter], shards: dict, summary: Summary,
-                pass_seconds: float, num_proc: int, source: str, specials: dict[str, int],
+                pass_seconds: float, num_proc: int, threads: int, source: str, specials: dict[str, int],
                 vocab_size: int) -> dict[str, Any]:  # fmt: skip
     """The ``index.json`` content (schema: data_pipeline/README.md)."""
     dtype = token_dtype_for(vocab_size)
@@ -443,6 +487,7 @@ def _make_index(args, out: Path, writers: dict[str, ShardWriter], shards: dict, 
                 "tokenize_seconds": round(pass_seconds, 3),
                 "tokens_per_second": round(summary.tokens / max(pass_seconds, 1e-9)),
                 "num_proc": num_proc,
+                "tokenizer_threads": threads,
             },
         },
     }

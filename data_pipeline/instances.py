@@ -174,7 +174,10 @@ def nsp_pairs(docs: list[Doc], cfg: InstanceConfig, rng: np.random.Generator) ->
 
 
 def mlm_packed(docs: list[Doc], cfg: InstanceConfig) -> Rows:
-    """``[CLS] s1 s2 ... [SEP]`` rows of whole sentences across documents; NSP label -1."""
+    """``[CLS] s1 s2 ... [SEP]`` rows of whole sentences across documents; NSP label -1.
+
+    The sentences of a document are contiguous in its ids, so a row is a few slices (one per document it
+    holds, [SEP] between them): the loop over sentences only decides where rows end."""
     cap = cfg.seq_len - 2
     out = _RowBuffer(cfg, capacity=max(64, sum(len(ids) for ids, _ in docs) // cap + 8))
     sep = np.array([cfg.sep_id], dtype=np.uint32)
@@ -182,17 +185,24 @@ def mlm_packed(docs: list[Doc], cfg: InstanceConfig) -> Rows:
     used = 0
     for ids, lens in docs:
         boundary = bool(parts)  # a [SEP] goes between this document and the previous one
-        for start, end in sentence_pieces(lens, max(8, cap // 4)).tolist():  # see the module docstring
-            need = end - start + (1 if boundary else 0)
+        first = None  # where this document's slice in the current row starts
+        pieces = sentence_pieces(lens, max(8, cap // 4))  # see the module docstring
+        for start, end in zip(pieces[:, 0].tolist(), pieces[:, 1].tolist(), strict=True):
+            need = end - start + boundary
             if used + need > cap:
+                if first is not None:
+                    parts.append(ids[first:start])
                 out.add(parts, segment_b=None, nsp=-1)
-                parts, used, boundary = [], 0, False
+                parts, used, boundary, first = [], 0, False, None
                 need = end - start
             if boundary:
                 parts.append(sep)
                 boundary = False
-            parts.append(ids[start:end])
+            if first is None:
+                first = start
             used += need
+        if first is not None:
+            parts.append(ids[first : int(pieces[-1, 1])])
     if parts:
         out.add(parts, segment_b=None, nsp=-1)
     return out.rows()

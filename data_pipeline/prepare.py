@@ -181,6 +181,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from launcher.cli import main as sift
+    from sift_common.errors import run_command
 
-    sys.exit(sift(["prepare", *sys.argv[1:]]))
+    sys.exit(run_command("sift prepare", main, sys.argv[1:]))

@@ -8,9 +8,11 @@ records a hash of exactly those files. Workers get the Rust tokenizer as its JSO
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
+import shutil
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -25,9 +27,11 @@ log = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = {"pad": "[PAD]", "unk": "[UNK]", "cls": "[CLS]", "sep": "[SEP]", "mask": "[MASK]"}
 # Sentence ends: terminal punctuation (optionally closed by a quote or bracket) before whitespace, or a
-# blank line. Cheap and language-agnostic enough for packing; it is not a linguistic segmenter.
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n\s*\n")
-_LINE_END = re.compile(r"\s*\n\s*")
+# blank line. Cheap and language-agnostic enough for packing; it is not a linguistic segmenter. Every match
+# starts with whitespace: the leading (?=\s) says so to the regex engine, which then skips to whitespace
+# instead of trying each alternative at every character (same matches, about twice as fast).
+_SENTENCE_END = re.compile(r"(?=\s)(?:(?<=[.!?])\s+|(?<=[.!?][\"')\]])\s+|\n\s*\n)")
+_LINE_END = re.compile(r"(?=\s)\s*\n\s*")
 
 
 MAX_WORD_CHARS = 100
@@ -66,34 +70,66 @@ def drop_long_words(text: str, normalizer, pre_tokenizer, seen: LongWords) -> st
     return _LONG_RUN.sub(short_words, text)
 
 
+def _continuation_symbols(chars: Iterable[str], normalizer, pre_tokenizer, prefix: str) -> list[str]:
+    """``prefix + c`` for every character ``c`` that can continue a word made of the text's characters
+    ``chars``: the ones the tokenizer's normalizer and pre-tokenizer keep inside a word after a letter
+    (not whitespace, punctuation or CJK), in code point order."""
+    out = set()
+    for raw in chars:
+        words = pre_tokenizer.pre_tokenize_str(normalizer.normalize_str("a" + raw))
+        out.update(c for word, _ in words for c in word[1:])
+    return sorted(prefix + c for c in out)
+
+
 def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_frequency: int = 2,
                     long_words: LongWords | None = None):  # fmt: skip
-    """Train an uncased BERT WordPiece tokenizer on ``texts`` (streamed) and save it to ``out_dir``.
+    """Train an uncased BERT WordPiece tokenizer on ``texts`` and save it to ``out_dir``.
 
-    Words longer than ``MAX_WORD_CHARS`` are left out (counted in ``long_words``). Returns the
-    ``transformers`` tokenizer (a fast BERT tokenizer, as ``AutoTokenizer`` loads it back).
+    ``texts`` is read twice (a list, or an iterable whose ``iter()`` restarts the stream, never a
+    generator): once for its characters, then to train. Words longer than ``MAX_WORD_CHARS`` are left
+    out (counted in ``long_words``). Returns the ``transformers`` tokenizer (a fast BERT tokenizer, as
+    ``AutoTokenizer`` loads it back).
+
+    Deterministic: the same texts give the same files. ``tokenizers``' trainer numbers the word-continuing
+    symbols (``##e``) in the order of a randomly seeded hash map, and ties between equally frequent merges
+    are broken by those numbers, so two runs learned different vocabularies (huggingface/tokenizers#1794).
+    Every continuation symbol the text can produce is therefore registered up front, in code point order,
+    as a trainer special token (which the trainer numbers first, in the order given), and demoted to an
+    ordinary vocabulary entry after training. A symbol training would not have made (for a character seen
+    only at word starts) is one extra entry; it lets that character continue a word when encoding.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
 
     if vocab_size < 64:
         raise DataError(f"--vocab-size {vocab_size} is too small for a WordPiece vocabulary (use >= 64)")
+    if iter(texts) is texts:
+        raise TypeError("train_wordpiece reads texts twice: pass a list or a re-iterable, not an iterator")
+
     def normalizer():
         return normalizers.BertNormalizer(clean_text=True, handle_chinese_chars=True, lowercase=True)
 
+    chars: set[str] = set()
+    for t in texts:
+        chars.update(t)
+    continuation = _continuation_symbols(chars, normalizer(), pre_tokenizers.BertPreTokenizer(), "##")
     tok = Tokenizer(models.WordPiece(unk_token=SPECIAL_TOKENS["unk"], max_input_chars_per_word=MAX_WORD_CHARS))
     tok.normalizer = normalizer()
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     trainer = trainers.WordPieceTrainer(
         vocab_size=vocab_size,
         min_frequency=min_frequency,
-        special_tokens=list(SPECIAL_TOKENS.values()),
+        special_tokens=[*SPECIAL_TOKENS.values(), *continuation],
         continuing_subword_prefix="##",
         show_progress=sys.stderr.isatty(),  # the merge phase after reading can take minutes on a large corpus
     )
     seen = long_words if long_words is not None else LongWords()
     split = normalizer(), pre_tokenizers.BertPreTokenizer()
     tok.train_from_iterator((drop_long_words(t, *split, seen) for t in texts), trainer=trainer)
+    state = json.loads(tok.to_str())  # demote the continuation symbols to ordinary vocabulary entries
+    specials = set(SPECIAL_TOKENS.values())
+    state["added_tokens"] = [t for t in state["added_tokens"] if t["content"] in specials]
+    tok = Tokenizer.from_str(json.dumps(state))
     cls_id, sep_id = tok.token_to_id(SPECIAL_TOKENS["cls"]), tok.token_to_id(SPECIAL_TOKENS["sep"])
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
@@ -144,15 +180,73 @@ def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, mi
     return hf
 
 
-def load_tokenizer(name_or_path: str):
-    """``AutoTokenizer.from_pretrained`` with errors a user can act on (``DataError``, no traceback)."""
-    from transformers import AutoTokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+"""What a tokenizer directory written by ``sift prepare`` holds (``transformers``' ``save_pretrained``)."""
+_PLAIN_CLASSES = ("BertTokenizer", "BertTokenizerFast", "PreTrainedTokenizerFast", "TokenizersBackend")
+"""Tokenizer classes whose special tokens are exactly those named in ``tokenizer_config.json``."""
 
+
+class SavedTokenizer:
+    """A tokenizer directory of exactly ``TOKENIZER_FILES``, read with ``tokenizers`` alone: the part of a
+    ``transformers`` tokenizer that prepare uses (``len``, ``backend_tokenizer``, ``<name>_token_id``,
+    ``save_pretrained``), without importing ``transformers`` and torch (about 2 s of CPU per run)."""
+
+    def __init__(self, directory: Path, backend, config: dict):
+        self.directory, self.backend_tokenizer, self.config = directory, backend, config
+
+    @classmethod
+    def open(cls, directory: Path) -> SavedTokenizer | None:
+        """The tokenizer in ``directory``, or None where only ``transformers`` can load it faithfully (other
+        files, another tokenizer class, a special token named in the config but absent from the vocabulary)."""
+        from tokenizers import Tokenizer
+
+        if sorted(p.name for p in directory.iterdir()) != sorted(TOKENIZER_FILES):
+            return None
+        try:
+            config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+            backend = Tokenizer.from_file(str(directory / "tokenizer.json"))
+        except Exception:  # let transformers report it in its own words
+            return None
+        if not isinstance(config, dict) or config.get("tokenizer_class") not in _PLAIN_CLASSES:
+            return None
+        if config["tokenizer_class"].startswith("Bert") and any(f"{k}_token" not in config for k in SPECIAL_TOKENS):
+            return None  # BertTokenizer has defaults for the ones not named
+        tok = cls(directory, backend, config)
+        names = [k.removesuffix("_token") for k in config if k.endswith("_token")]
+        if any(getattr(tok, f"{n}_token_id") is None for n in names if config[f"{n}_token"] is not None):
+            return None
+        return tok
+
+    def __len__(self) -> int:
+        return self.backend_tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def __getattr__(self, name: str):
+        if not name.endswith("_token_id"):
+            raise AttributeError(name)
+        token = self.__dict__["config"].get(name.removesuffix("_id"))
+        content = token.get("content") if isinstance(token, dict) else token
+        return None if content is None else self.__dict__["backend_tokenizer"].token_to_id(content)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        """The files as they are (``transformers`` writes the same tokenizer.json; its tokenizer_config.json
+        adds bookkeeping keys, ``is_local``, to a directory it did not write itself)."""
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            shutil.copyfile(self.directory / name, Path(out_dir) / name)
+
+
+def load_tokenizer(name_or_path: str):
+    """A directory in the form prepare writes through ``SavedTokenizer``, anything else through
+    ``AutoTokenizer.from_pretrained``; errors a user can act on (``DataError``, no traceback)."""
     local = Path(name_or_path).expanduser()
+    if local.is_dir() and (saved := SavedTokenizer.open(local)) is not None:
+        return saved
     if local.exists() and not local.is_dir():
         raise DataError(
             f"--tokenizer {name_or_path}: expected a tokenizer directory or a hub name, got a file"
         )
+    from transformers import AutoTokenizer
+
     try:
         tok = AutoTokenizer.from_pretrained(str(local) if local.is_dir() else name_or_path)
     except Exception as e:  # transformers/hub raise OSError, ValueError, HTTP errors...

@@ -48,7 +48,7 @@ LATEST = "latest"
 HASH = "sha256"
 """SHA-256, as the shards use: about 1.6 GB/s per core where the CPU has SHA instructions (recent x86,
 Graviton), 0.4 GB/s where it has not (p4d's Cascade Lake, where BLAKE2b would do 0.74 GB/s): see
-benchmarks/integrity.py. The manifest names the algorithm per file, so it can change without a new format."""
+benchmarks/probes/integrity.py. The manifest names the algorithm per file, so it can change without a new format."""
 DIVERGED_PREFIX = "diverged-"
 _TAG = re.compile(r"^step(\d{8,})$")
 _CHUNK = 8 << 20

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from engine.methods.registry import METHODS, check_method, selects
+from engine.methods.sift_config import SiftConfig
+from engine.methods.vcas.config import VcasConfig, check_vcas
 from engine.models.presets import FAMILY_PRESETS
 from sift_common.errors import SiftError
 
@@ -73,78 +76,6 @@ class ModelConfig:
     """Decoders: run the LM head and the loss over this many positions at a time, recomputed in the
     backward (activation checkpointing), so the (B x T, V) logits and their fp32 buffers never exist at
     once, for large vocabularies and long rows; costs one more LM-head forward per step. 0: all at once."""
-
-
-@dataclass(kw_only=True, slots=True)
-class SiftConfig:
-    policy: str = "topk"
-    """topk: keep the highest-scoring B of G (SIFT); random: keep a random B of G (control).
-    none: the same as ``method: none`` (vanilla), kept for configs written before ``method`` existed."""
-    criterion: str = "loss"
-    """loss: mean token cross-entropy at the exit (BERT: the masked tokens; decoders: the next tokens);
-    entropy: mean predictive entropy there; reducible: the loss minus ``reference``'s loss on the same
-    tokens (RHO-LOSS's reducible loss at exit_layer = L)."""
-    exit_layer: int = 1
-    """Score with the embeddings + the first j blocks + the model's own output head (j = L: exact loss)."""
-    keep: float = 0.5
-    """B / G: the fraction of the gross micro-batch that is back-propagated."""
-    warmup_steps: int = 0
-    """No selection (draw B, like vanilla) for the first N optimizer steps (the paper: 20K of 800K);
-    counted in draws / gradient-accumulation steps, so a skipped non-finite micro-batch counts too."""
-    stop_fraction: float | None = None
-    """No selection after this fraction of train.steps (greedy selection can hurt asymptotically)."""
-    schedule: str = "serial"
-    """serial: score, then train (the reference). pipelined: score the next gross batch while this
-    one trains (a side CUDA stream on GPU); its scores are one optimizer step stale. No effect without
-    a selecting method, which scores nothing."""
-    fidelity_every: int = 0
-    """Every K steps, also compute exact full-model losses on the gross batch and log the Spearman
-    correlation and top-B overlap with the early-exit scores (0 = never)."""
-    score_positions: int = 0
-    """Score each row on this many of its target positions, drawn at random per row and draw (0 = all):
-    the output head and the criterion then run on G x this many positions. For decoder LMs every
-    position is a target (T - 1 per row) and the LM head dominates an early exit's cost; the fidelity
-    cost shows in the ``spearman`` and ``topk_overlap`` that ``fidelity_every`` logs."""
-    reference: str | None = None
-    """criterion reducible: the reference model, a SIFT-Train run directory or a local Hugging Face
-    checkpoint with the data's tokenizer, trained on other data (`sift reference`); engine/reference.py."""
-    reference_losses: str | None = None
-    """Decoders: the reference's per-token losses on the training split, precomputed by `sift reference
-    --sidecar` (no reference forward per step). None: the reference runs on each gross batch (BERT must)."""
-
-
-@dataclass(kw_only=True, slots=True)
-class VcasConfig:
-    """VCAS (``method: vcas`` or ``sift+vcas``): sampling inside the backward pass, see docs/vcas.md."""
-
-    adaptive: bool = True
-    """true: the controller sets the ratios (exact training until its first calibration); false: the
-    fixed ratios ``rho`` and ``nu`` below, no calibration (for benchmarks)."""
-    rho: float = 1.0
-    """Fixed mode: fraction of the rows whose activation gradient each block back-propagates."""
-    nu: float = 1.0
-    """Fixed mode: fraction of the tokens (of the kept rows) each Linear's weight gradient is sampled from."""
-    tau_act: float = 0.025
-    """Accepted activation-sampling variance, relative to the SGD variance."""
-    tau_w: float = 0.025
-    """Accepted weight-sampling variance of each Linear, relative to its SGD variance."""
-    alpha: float = 0.01
-    """Step of s, the share of the gradient-norm mass the kept rows hold, per calibration."""
-    beta: float = 0.95
-    """Multiplier of a weight ratio per calibration (nu * beta, or nu / beta)."""
-    nu_min: float = 0.05
-    """Floor of the weight ratios (the reference has none; see docs/vcas.md)."""
-    rho_decay: float = 0.6
-    """The new activation ratios are decay x old + (1 - decay) x target (the reference's smoothing)."""
-    calib_every: int = 100
-    """F: calibrate after every F optimizer steps."""
-    calib_batches: int = 2
-    """M: micro-batches per calibration (the last M trained on), and sampled passes per batch."""
-    var_fraction: float = 0.01
-    """Share of each weight's entries the SGD and activation variances are estimated on (at least 1024)."""
-    live_positions: bool = True
-    """In the last block, back-propagate the position-wise Linears only where the loss reads the output
-    (BERT: the masked positions and [CLS]); exact, a saving at no variance cost."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -240,23 +171,18 @@ class RunConfig:
     @property
     def selecting(self) -> bool:
         """Does one of the methods select rows (draw G = B / sift.keep, train on B)?"""
-        from engine.methods import METHODS
-
-        names = [] if self.effective_method == "none" else self.effective_method.split("+")
-        return any(getattr(METHODS.get(n.strip()), "selects", False) for n in names)
+        return selects(self.effective_method)
 
     @property
     def gross_batch_size(self) -> int:
         """G = B / keep when a method selects rows; B otherwise."""
-        if not self.selecting:
-            return self.train.micro_batch_size
-        return round(self.train.micro_batch_size / self.sift.keep)
+        B = self.train.micro_batch_size
+        return self.sift.gross_batch(B) if self.selecting else B
 
 
 def choices() -> dict[str, tuple[str, ...]]:
     """Allowed values of the enumerated keys; the registries decide, so a plugin's additions count."""
-    from engine.methods import METHODS
-    from engine.models import FAMILIES
+    from engine.models.registry import FAMILIES
     from engine.scoring import CRITERIA
     from engine.selection import POLICIES
 
@@ -285,47 +211,11 @@ def load_plugins(modules: list[str]) -> list[str]:
     return problems
 
 
-def _check_method(spec: str, allowed: tuple[str, ...]) -> list[str]:
-    from engine.methods import METHODS
-
-    if spec == "none":
-        return []
-    names = [n.strip() for n in spec.split("+")]
-    bad = [n for n in names if n not in allowed or n == "none"]
-    if bad:
-        return [f"method: {spec!r}: {', '.join(map(repr, bad))} not one of {', '.join(allowed)} "
-                "(several may be joined with '+')"]
-    if len(set(names)) != len(names):
-        return [f"method: {spec!r} names a method twice"]
-    selecting = [n for n in names if getattr(METHODS[n], "selects", False)]
-    if len(selecting) > 1:
-        return [f"method: {spec!r}: at most one method may select rows, got {', '.join(selecting)}"]
-    return []
-
-
-def _check_vcas(v: VcasConfig) -> list[str]:
-    p = [f"vcas.{k}: must be in (0, 1], got {x}" for k, x in
-         {"rho": v.rho, "nu": v.nu, "nu_min": v.nu_min, "var_fraction": v.var_fraction}.items() if not 0.0 < x <= 1.0]
-    p += [f"vcas.{k}: must be in (0, 1), got {x}" for k, x in {"alpha": v.alpha, "beta": v.beta}.items()
-          if not 0.0 < x < 1.0]
-    p += [f"vcas.{k}: must be >= 0, got {x}" for k, x in {"tau_act": v.tau_act, "tau_w": v.tau_w}.items() if x < 0]
-    if not 0.0 <= v.rho_decay < 1.0:
-        p.append(f"vcas.rho_decay: must be in [0, 1), got {v.rho_decay}")
-    if v.calib_every < 1:
-        p.append(f"vcas.calib_every: must be >= 1, got {v.calib_every}")
-    if v.calib_batches < 2:
-        p.append(f"vcas.calib_batches: must be >= 2 (a variance needs two batches), got {v.calib_batches}")
-    if v.adaptive and (v.rho != 1.0 or v.nu != 1.0):
-        p.append(f"vcas.rho={v.rho}, vcas.nu={v.nu}: fixed ratios need vcas.adaptive=false (the controller "
-                 "starts from 1)")
-    return p
-
-
 def validate(cfg: RunConfig) -> list[str]:
     """Cross-field checks; returns every problem (empty when the config is usable)."""
     p: list[str] = load_plugins(cfg.train.plugins)
     allowed_values = choices()
-    p += _check_method(cfg.method, allowed_values.pop("method"))
+    p += check_method(cfg.method, allowed_values.pop("method"))
     for key, allowed in allowed_values.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -353,11 +243,21 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append(f"sift.keep: must be in (0, 1], got {s.keep}")
     elif cfg.selecting:
         gross = t.micro_batch_size / s.keep
-        if abs(gross - round(gross)) > 1e-6:
+        if abs(gross - s.gross_batch(t.micro_batch_size)) > 1e-6:
             p.append(
                 f"sift.keep={s.keep} with train.micro_batch_size={t.micro_batch_size}: the gross batch "
                 f"B / keep = {gross:g} must be a whole number"
             )
+    if s.threshold_quantile is not None and not 0.0 < s.threshold_quantile < 1.0:
+        p.append(f"sift.threshold_quantile: must be in (0, 1) or null, got {s.threshold_quantile}")
+    elif s.policy == "stratified" and s.threshold_quantile is not None and 1.0 - s.threshold_quantile >= s.keep:
+        p.append(f"sift.threshold_quantile={s.threshold_quantile} with sift.keep={s.keep}: about "
+                 f"{1 - s.threshold_quantile:g} of the rows score above the threshold, which fills B; use a "
+                 f"quantile above 1 - keep = {1 - s.keep:g}")
+    if s.temperature <= 0:
+        p.append(f"sift.temperature: must be > 0, got {s.temperature}")
+    if not 0.0 < s.uniform_mix <= 1.0:
+        p.append(f"sift.uniform_mix: must be in (0, 1] (every row needs a chance to be drawn), got {s.uniform_mix}")
     if s.stop_fraction is not None and not 0.0 < s.stop_fraction <= 1.0:
         p.append(f"sift.stop_fraction: must be in (0, 1] or null, got {s.stop_fraction}")
     if s.criterion == "reducible" and cfg.selecting and s.reference is None:
@@ -383,7 +283,7 @@ def validate(cfg: RunConfig) -> list[str]:
         p.append("model.loss_chunk: decoders only (BERT's MLM head already runs on the masked positions only)")
     if not 0.0 <= cfg.model.dropout < 1.0:
         p.append(f"model.dropout: must be in [0, 1), got {cfg.model.dropout}")
-    p += _check_vcas(cfg.vcas)
+    p += check_vcas(cfg.vcas)
     if cfg.deepspeed.zero_stage is not None and cfg.deepspeed.zero_stage not in (0, 1, 2, 3):
         p.append(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {cfg.deepspeed.zero_stage}")
     return p
@@ -519,6 +419,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError(["the top level must be a mapping of sections"], source)
     for key, value in parse_overrides(overrides or []):
         _set_dotted(tree, key, value)
+    return from_tree(tree, source)
+
+
+def from_tree(tree: dict[str, Any], source: str = "config") -> RunConfig:
+    """A config tree (YAML's, or ``to_dict``'s as a checkpoint records it) -> a validated RunConfig, or one
+    ConfigError."""
     problems: list[str] = []
     cfg = _build(RunConfig, tree, "", problems)
     # Value checks run even after key/type errors: one message lists every problem. A key whose type

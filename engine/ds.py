@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+import socket
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -34,6 +35,22 @@ def device_for(local_rank: int) -> torch.device:
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank)
     return torch.device("cpu")
+
+
+def one_process_env(env: MutableMapping[str, str]) -> None:
+    """The variables `init_distributed` reads, for a process that is its own one-rank world (a benchmark, a
+    study's probe) and was started by no launcher; a free port, so that such processes never collide.
+    Multi-process launches go through launcher/dist_env.py instead."""
+    if env.get("WORLD_SIZE", "1") != "1":
+        raise DistributedInitError(f"this process runs alone, but WORLD_SIZE={env['WORLD_SIZE']}")
+    if "RANK" in env:
+        return
+    if "MASTER_PORT" not in env:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            env["MASTER_PORT"] = str(s.getsockname()[1])
+    env.update({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                "MASTER_ADDR": env.get("MASTER_ADDR", "").strip() or "127.0.0.1"})
 
 
 def init_distributed(backend: str | None, timeout_s: float = 600.0) -> None:

@@ -14,12 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine import checkpoint as ckpt
-from sift_common.errors import SiftError
-
-
-class ExportError(SiftError, RuntimeError):
-    pass
+from engine.run_model import consolidated_state, latest_checkpoint
 
 
 def model_spec(record: dict[str, Any]) -> dict[str, Any]:
@@ -34,20 +29,11 @@ def model_spec(record: dict[str, Any]) -> dict[str, Any]:
 def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
     from transformers import AutoTokenizer
 
-    from engine import ds
     from engine.models import family
 
-    root = run_dir / "checkpoints"
-    tag = tag or ckpt.find_latest(root)
-    if tag is None:
-        raise ExportError(f"no complete checkpoint under {root}")
-    record = ckpt.verify(root, tag)
-    try:
-        state = ds.consolidated_state_dict(root, tag)
-    except Exception as e:
-        raise ExportError(f"cannot consolidate checkpoint {root / tag}: {e.__class__.__name__}: {e}") from e
+    root, tag, record = latest_checkpoint(run_dir, tag)
     spec = model_spec(record)
-    model = family(spec["family"]).from_state(state, spec)
+    model = family(spec["family"]).from_state(consolidated_state(root, tag), spec)
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(record["tokenizer"]).save_pretrained(out)
@@ -66,6 +52,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from launcher.cli import main as sift
+    from sift_common.errors import run_command
 
-    sys.exit(sift(["export", *sys.argv[1:]]))
+    sys.exit(run_command("sift export", main, sys.argv[1:]))

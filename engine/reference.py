@@ -35,35 +35,12 @@ from engine.scoring import exit_token_values
 from sift_common.atomic import atomic_open
 from sift_common.errors import SiftError
 
-ADAPTERS = {"bert": "SiftBert", "gpt2": "SiftGPT2", "llama": "SiftLlama"}
-"""Family -> the adapter class (in the family's module) that wraps its stock Hugging Face model."""
-
 
 class ReferenceModelError(SiftError, ValueError):
     """A reference model or sidecar that cannot be used with this run."""
 
 
 # ----------------------------------------------------------------------------- loading
-
-
-def load_run_model(run_dir: Path) -> tuple[SiftModel, dict[str, Any]]:
-    """The model of a SIFT-Train run's latest complete checkpoint (any ZeRO stage) and its record.
-
-    Thin on purpose: the same steps as `sift export` (engine/export.py), wrapped in the family's adapter.
-    """
-    from engine import checkpoint as ckpt
-    from engine import ds
-    from engine.export import model_spec
-
-    root = run_dir / "checkpoints"
-    tag = ckpt.find_latest(root)
-    if tag is None:
-        raise ReferenceModelError(f"sift.reference: no complete checkpoint under {root}")
-    record = ckpt.verify(root, tag)
-    spec = model_spec(record)
-    module = family(spec["family"])
-    hf = module.from_state(ds.consolidated_state_dict(root, tag), spec)
-    return getattr(module, ADAPTERS[spec["family"]])(hf), record
 
 
 def _vocab(tokenizer: str, what: str) -> dict[str, int]:
@@ -104,12 +81,15 @@ def load_reference(path: str | Path, data: DataFacts, data_path: str | Path, dat
         check_tokenizer(path, str(path), Path(data_path), data_tokenizer)
         model = family(model_type).build(ModelConfig(family=model_type, init_from=str(path), dropout=0.0), data)
     elif (path / "checkpoints").is_dir():
-        model, record = load_run_model(path)
+        from engine.run_model import latest_checkpoint, load_run_model
+
+        record = latest_checkpoint(path)[2]
         if record.get("objective") != data.objective:
             raise ReferenceModelError(
                 f"sift.reference {path} was trained on {record.get('objective')!r} data, the run's "
                 f"data {data_path} is {data.objective!r}")
         check_tokenizer(path, record["tokenizer"], Path(data_path), data_tokenizer)
+        model = load_run_model(path, data=Path(data_path))[1]
     else:
         raise ReferenceModelError(
             f"sift.reference {path} is neither a SIFT-Train run directory (no checkpoints/) nor "

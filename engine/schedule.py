@@ -27,8 +27,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import Batch, batch_rows, select_rows
+from data_pipeline.batch import Batch, batch_rows, select_rows, weighted_rows
 from engine.methods import MethodStack, MicroContext
+from engine.selection import Kept
 from engine.streams import DevicePrefetcher, PhaseTimer, Streams
 
 
@@ -58,14 +59,23 @@ def global_objective(out: dict[str, torch.Tensor]) -> torch.Tensor:
     token count, times the world size: B rows on each of W ranks then train exactly like W x B rows on
     one, whatever each rank's number of target tokens (one scalar all-reduce, no host sync). The
     model's extra terms (``extra_loss``, e.g. NSP) are rank-local means of equal-sized batches already.
+    Weighted rows (``row_weights``): the sums and the count are weighted, and a weighted extra mean
+    counts by the weight behind it (``extra_weight``, all-reduced with the count in one call), so the
+    ranks again train like one rank holding all their rows with their weights.
     """
     world = _world()
     if world == 1:
         return out["loss"]
     count = out["loss_tokens"].detach().to(torch.float32)
-    dist.all_reduce(count)
-    loss = out["loss_sum"] * world / count.clamp(min=1)
-    return loss + out["extra_loss"] if "extra_loss" in out else loss
+    if "extra_weight" not in out:
+        dist.all_reduce(count)
+        loss = out["loss_sum"] * world / count.clamp(min=1)
+        return loss + out["extra_loss"] if "extra_loss" in out else loss
+    weight = out["extra_weight"].detach().to(torch.float32)
+    totals = torch.stack([count, weight])
+    dist.all_reduce(totals)
+    return (out["loss_sum"] * world / totals[0].clamp(min=1)
+            + out["extra_loss"] * (weight * world / totals[1]))
 
 
 def nonfinite_flag(loss: torch.Tensor) -> torch.Tensor:
@@ -121,7 +131,10 @@ class Schedule:
             return self.prefetcher.next()
 
     def _keep(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> Batch:
-        return select_rows(batch, self.methods.select(batch, scores, ctx))
+        kept = self.methods.select(batch, scores, ctx)
+        if isinstance(kept, Kept):
+            return weighted_rows(batch, kept.indices, kept.weights)
+        return select_rows(batch, kept)
 
     def _train(self, kept: Batch, ctx: MicroContext, after_forward: Callable[[], None] | None = None,
                before_step: Callable[[], None] | None = None) -> tuple[dict[str, torch.Tensor], bool, bool]:

@@ -36,6 +36,7 @@ from engine import ds, hooks
 from engine.checkpointer import Checkpointer
 from engine.config import ConfigError, RunConfig, load_config, to_dict
 from engine.evaluate import EvalSet, Evaluator, eval_size
+from engine.methods.registry import method_names
 from engine.metrics import MetricLogger, TrainMetrics
 from engine.models import build_model
 from engine.models.base import DataFacts
@@ -230,7 +231,7 @@ def describe(cfg: RunConfig) -> str:
     s, v = cfg.sift, cfg.vcas
     out = (f"G={cfg.gross_batch_size}, {s.policy} selection, {s.criterion} exit at layer {s.exit_layer}, "
            f"{s.schedule}") if cfg.selecting else "every drawn row trained"
-    if "vcas" in cfg.effective_method.split("+"):
+    if "vcas" in method_names(cfg.effective_method):
         out += (f"; VCAS adaptive (tau {v.tau_act:g}/{v.tau_w:g}, every {v.calib_every} steps on {v.calib_batches} "
                 f"batches)" if v.adaptive else f"; VCAS fixed rho={v.rho:g} nu={v.nu:g}")
     return out

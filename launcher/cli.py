@@ -20,8 +20,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "export": ("engine.export", "write a Hugging Face save_pretrained directory from a checkpoint"),
     "launch": ("launcher.launch", "build (and run) the multi-node command: deepspeed, mpirun, srun, torchrun"),
     "demo": ("launcher.demo", "offline CPU demo: generate a corpus, prepare it, train a tiny BERT with SIFT"),
-    "bench": ("benchmarks.throughput", "throughput: vanilla vs SIFT serial vs SIFT pipelined"),
-    "study": ("benchmarks.study", "time-to-accuracy study: vanilla, random, loss- and entropy-SIFT"),
+    "bench": ("launcher.bench", "throughput: vanilla vs SIFT serial vs SIFT pipelined"),
+    "study": ("study.cli", "time-to-accuracy study: vanilla, random, loss- and entropy-SIFT"),
 }
 
 

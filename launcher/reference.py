@@ -140,11 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 def _add_flops(records: list[dict[str, Any]], data_path: str) -> None:
     """Training FLOPs of each reference: back-propagated rows x the model's training FLOPs per row."""
     from data_pipeline.index import read_index
-    from engine.reference import load_run_model
+    from engine.run_model import load_run_model
 
     seq_len = read_index(data_path)[0].seq_len
     for r in records:
-        model, _ = load_run_model(Path(r["path"]))
+        model = load_run_model(Path(r["path"]), data=Path(data_path))[1]
         r["flops"] = r["backprop_samples"] * model.flops(seq_len).train()
 
 

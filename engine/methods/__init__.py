@@ -3,22 +3,19 @@ combinations joined with ``+`` (``sift+vcas``). A plugin (``train.plugins``) may
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from engine.config import RunConfig
 from engine.methods.base import Method, MethodStack, MicroContext, RunContext
+from engine.methods.registry import METHODS, method_names
 from engine.methods.sift import Sift
 from engine.methods.vcas import Vcas
 
-METHODS: dict[str, Callable[[RunConfig], Method]] = {"sift": Sift, "vcas": Vcas}
-"""Name -> factory taking the run config."""
+if TYPE_CHECKING:
+    from engine.config import RunConfig
+
+METHODS.update(sift=Sift, vcas=Vcas)
 
 __all__ = ["METHODS", "Method", "MethodStack", "MicroContext", "RunContext", "build_methods", "method_names"]
-
-
-def method_names(spec: str) -> list[str]:
-    """``"sift+vcas"`` -> ``["sift", "vcas"]``; ``"none"`` -> ``[]``."""
-    return [] if spec == "none" else [n.strip() for n in spec.split("+")]
 
 
 def build_methods(cfg: RunConfig) -> MethodStack:

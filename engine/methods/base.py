@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import torch
 
 from engine.models.base import Batch, SiftModel
+from engine.selection import Kept
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,8 +93,9 @@ class Method:
         in flight on another stream; a method that scores from its own copy of the weights says False."""
         return True
 
-    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
-        """(B,) ascending indices of the rows to train on, on the batch's device, without a host sync."""
+    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor | Kept:
+        """(B,) ascending indices of the rows to train on, on the batch's device, without a host sync; or
+        a ``Kept``: those indices and the weight of each row in the loss (engine/models/base.py)."""
         raise NotImplementedError
 
     def before_forward(self, batch: Batch, ctx: MicroContext) -> None:
@@ -157,7 +159,7 @@ class MethodStack:
     def scoring_reads_live_weights(self) -> bool:
         return self.selector is not None and self.selector.scoring_reads_live_weights
 
-    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
+    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor | Kept:
         assert self.selector is not None, "select() without a selecting method"
         return self.selector.select(batch, scores, ctx)
 

@@ -2,12 +2,13 @@
 
 Each selecting micro-step draws G = B / keep rows; ``score`` runs the embeddings, blocks 1..j and the
 model's own output head (the early exit of the model adapter) and reduces each row to one score
-(``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, or B at random as the
-control). ``sift.score_positions`` scores each row on a random subset of its target positions (fewer
-logits through the head: the early exit of a large-vocabulary decoder spends most of its FLOPs there),
-drawn from a generator keyed on (seed, draw, rank). ``sift.criterion: reducible`` subtracts a reference
-model's per-token losses (engine/reference.py) at the same positions. The first ``sift.warmup_steps``
-optimizer steps (and those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
+(``sift.criterion``); ``select`` keeps B rows (``sift.policy``: the top B, B at random as the
+control, or a weighted, unbiased draw, ``stratified`` or ``importance``, whose weights the loss
+applies; engine/selection.py). ``sift.score_positions`` scores each row on a random subset of its
+target positions (fewer logits through the head: the early exit of a large-vocabulary decoder spends
+most of its FLOPs there), drawn from a generator keyed on (seed, draw, rank). ``sift.criterion: reducible`` subtracts a
+reference model's per-token losses (engine/reference.py) at the same positions. The first ``sift.warmup_steps`` optimizer steps (and
+those after ``sift.stop_fraction``) draw only B rows and select nothing. When the scoring runs (before the step, or overlapped with the previous
 one) is the schedule's business (engine/schedule.py).
 """
 
@@ -15,16 +16,18 @@ from __future__ import annotations
 
 import time
 from contextlib import nullcontext
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.config import RunConfig
 from engine.methods.base import Method, MicroContext, RunContext
 from engine.models.base import Batch, ExitPath, SiftModel
 from engine.scoring import REFERENCED, exit_scores, per_sequence_mean
 from engine.selection import (
     POLICIES,
+    Kept,
+    Policy,
     kept_dropped_means,
     position_generator,
     selection_active,
@@ -32,6 +35,10 @@ from engine.selection import (
     spearman,
     topk_overlap,
 )
+
+if TYPE_CHECKING:
+    from engine.config import RunConfig
+    from engine.methods.sift_config import SiftConfig
 
 
 class Scorer:
@@ -83,6 +90,15 @@ class Scorer:
                            generator=generator, reference=reference)
 
 
+def configured_policy(s: SiftConfig) -> Policy:
+    """``sift.policy`` with its knobs bound."""
+    if s.policy == "stratified":
+        return partial(POLICIES["stratified"], quantile=s.threshold_quantile)
+    if s.policy == "importance":
+        return partial(POLICIES["importance"], temperature=s.temperature, uniform_mix=s.uniform_mix)
+    return POLICIES[s.policy]
+
+
 class Sift(Method):
     name = "sift"
     selects = True
@@ -90,9 +106,9 @@ class Sift(Method):
     def __init__(self, cfg: RunConfig):
         s, t = cfg.sift, cfg.train
         self.cfg, self.data = s, cfg.data
-        self.B, self.G, self.ga = t.micro_batch_size, round(t.micro_batch_size / s.keep), t.grad_accum
+        self.B, self.G, self.ga = t.micro_batch_size, s.gross_batch(t.micro_batch_size), t.grad_accum
         self.seed, self.total_steps = t.seed, t.steps
-        self.policy = POLICIES[s.policy]
+        self.policy = configured_policy(s)
         self.scorer: Scorer | None = None
         self._run: RunContext | None = None
         self.reference: Any = None
@@ -150,11 +166,12 @@ class Sift(Method):
     def scoring_reads_live_weights(self) -> bool:
         return self.scorer.reads_live_weights
 
-    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor:
-        gen = selection_generator(self.seed, ctx.draw, ctx.rank) if self.cfg.policy == "random" else None
+    def select(self, batch: Batch, scores: torch.Tensor, ctx: MicroContext) -> torch.Tensor | Kept:
+        gen = None if self.cfg.policy == "topk" else selection_generator(self.seed, ctx.draw, ctx.rank)
         kept = self.policy(scores, self.B, gen)
-        kept_mean, dropped_mean = kept_dropped_means(scores, kept)
-        self._stats = {"kept_score": kept_mean, "dropped_score": dropped_mean}
+        weighted = isinstance(kept, Kept)
+        kept_mean, dropped_mean = kept_dropped_means(scores, kept.indices if weighted else kept)
+        self._stats = {"kept_score": kept_mean, "dropped_score": dropped_mean, **(kept.stats if weighted else {})}
         every = self.cfg.fidelity_every
         if every and ctx.first_micro and ctx.step % every == 0:
             exact = self._run.exact_losses(batch)

@@ -12,23 +12,15 @@ A plugin (``train.plugins``) can add a family by adding an entry here.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
 from typing import TYPE_CHECKING
 
-from engine.models.errors import ModelError
+from engine.models.registry import FAMILIES, family
 
 if TYPE_CHECKING:
     from engine.config import ModelConfig
     from engine.models.base import DataFacts, SiftModel
 
-FAMILIES: dict[str, str] = {"bert": "engine.models.bert", "gpt2": "engine.models.gpt2", "llama": "engine.models.llama"}
-
-
-def family(name: str) -> ModuleType:
-    if name not in FAMILIES:
-        raise ModelError(f"model.family {name!r} is not one of {', '.join(FAMILIES)}")
-    return importlib.import_module(FAMILIES[name])
+__all__ = ["FAMILIES", "build_model", "family"]
 
 
 def build_model(cfg: ModelConfig, data: DataFacts) -> SiftModel:

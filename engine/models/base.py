@@ -13,10 +13,18 @@ key                shape    meaning
 ``loss_tokens``    ()       number of those tokens (int)
 ``extra_loss``     ()       the extra terms of ``loss`` (e.g. BERT's NSP), absent when there are none
 ``per_seq_loss``   (G,)     detached mean token loss of each row (exact losses, for fidelity)
+``extra_weight``   ()       the weight behind ``extra_loss``'s mean (weighted batches with extra terms)
 =================  =======  ==========================================================================
 
-plus any detached statistics the family names in ``metrics()``. `engine/objective.py` builds the
-cross-rank objective from ``loss_sum``, ``loss_tokens`` and ``extra_loss`` alone.
+plus any detached statistics the family names in ``metrics()``. `engine/schedule.py:global_objective`
+builds the cross-rank objective from ``loss_sum``, ``loss_tokens``, ``extra_loss`` and ``extra_weight``
+alone.
+
+Weighted rows: a batch may carry ``row_weights`` (G,) (data_pipeline/batch.py; a weighted selection
+adds it). Then every summed term counts row i w_i times: ``loss_sum`` = sum_i w_i loss_sum_i,
+``loss_tokens`` = sum_i w_i tokens_i (a float), the counts of the metrics likewise, and the extra terms
+become weighted means (BERT's NSP: sum_i w_i nsp_i / sum_i w_i, that sum being ``extra_weight``).
+``per_seq_loss`` stays unweighted. Without ``row_weights`` nothing of this runs.
 """
 
 from __future__ import annotations
@@ -29,6 +37,17 @@ import torch
 from torch import nn
 
 Batch = dict[str, torch.Tensor]
+
+
+def token_sums(ce: torch.Tensor, valid: torch.Tensor, hits: torch.Tensor,
+               row_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``loss_sum``, ``loss_tokens`` and ``correct`` of (G, P) token losses (0 where not ``valid``) and
+    hits: plain sums, or each row's terms times its weight (weights all 1 give the same values bitwise,
+    with ``loss_tokens`` a float)."""
+    if row_weights is None:
+        return ce.sum(), valid.sum(), (hits & valid).sum()
+    w = row_weights.to(ce.dtype)[:, None]
+    return (ce * w).sum(), (valid * w).sum(), ((hits & valid) * w).sum()
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,17 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertLayer, BertLMPredictionHead
 
 from engine.config import ModelConfig
-from engine.models.base import Batch, BlockLinear, DataFacts, FlopCounts, Mean, Metric, Ratio, SiftModel
+from engine.models.base import (
+    Batch,
+    BlockLinear,
+    DataFacts,
+    FlopCounts,
+    Mean,
+    Metric,
+    Ratio,
+    SiftModel,
+    token_sums,
+)
 from engine.models.compat import first_tensor
 from engine.models.errors import ModelError
 from engine.models.presets import size as preset_size
@@ -206,10 +216,12 @@ class SiftBert(SiftModel):
         mlm_labels: torch.Tensor,
         nsp_labels: torch.Tensor,
         sample_ids: torch.Tensor | None = None,
+        row_weights: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Training loss = token-mean MLM cross-entropy (+ mean NSP cross-entropy for pairs), on this
-        device's rows; the loss contract of engine/models/base.py, plus ``correct`` (masked tokens
-        predicted right) and, for pairs, ``nsp_loss``, ``nsp_correct``, ``nsp_count``."""
+        device's rows, weighted by ``row_weights`` when given; the loss contract of engine/models/base.py,
+        plus ``correct`` (masked tokens predicted right) and, for pairs, ``nsp_loss``, ``nsp_correct``,
+        ``nsp_count``."""
         if self.config._attn_implementation == "sdpa":  # 4-D masks pass through transformers as they are
             attention_mask = attention_mask_for(self.config, attention_mask, None)
         out = self.hf.bert(
@@ -218,22 +230,29 @@ class SiftBert(SiftModel):
         logits = self.hf.cls.predictions(_gather_positions(out.last_hidden_state, mlm_positions))
         ce = token_cross_entropy(logits, mlm_labels)  # (G, P), 0 at unused slots
         valid = mlm_labels >= 0
-        count = valid.sum()
-        loss_sum = ce.sum()
+        loss_sum, count, correct = token_sums(ce, valid, logits.detach().argmax(-1) == mlm_labels, row_weights)
         result = {
             "loss_sum": loss_sum,
             "loss_tokens": count,
             "per_seq_loss": per_sequence_mean(ce.detach(), valid),
-            "correct": ((logits.detach().argmax(-1) == mlm_labels) & valid).sum(),
+            "correct": correct,
         }
         loss = loss_sum / count.clamp(min=1)
         if self.use_nsp:
             nsp_logits = self.hf.cls.seq_relationship(out.pooler_output)
-            nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=-100)
+            nsp_hits = nsp_logits.detach().argmax(-1) == nsp_labels
+            if row_weights is None:
+                nsp_loss = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=-100)
+                result["nsp_correct"] = nsp_hits.sum()
+                result["nsp_count"] = (nsp_labels >= 0).sum()
+            else:  # the weighted mean over the rows that have a label
+                per_row = F.cross_entropy(nsp_logits.float(), nsp_labels, ignore_index=-100, reduction="none")
+                weight = (row_weights * (nsp_labels >= 0)).sum()
+                nsp_loss = (per_row * row_weights).sum() / weight
+                result["nsp_correct"] = (nsp_hits * row_weights).sum()
+                result["nsp_count"] = result["extra_weight"] = weight
             loss = loss + nsp_loss
             result["extra_loss"] = result["nsp_loss"] = nsp_loss
-            result["nsp_correct"] = (nsp_logits.detach().argmax(-1) == nsp_labels).sum()
-            result["nsp_count"] = (nsp_labels >= 0).sum()
         result["loss"] = loss
         return result
 

@@ -25,7 +25,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from transformers.masking_utils import create_causal_mask
 
 from engine.config import ModelConfig
-from engine.models.base import Batch, DataFacts, Exp, FlopCounts, Metric, Ratio, SiftModel
+from engine.models.base import Batch, DataFacts, Exp, FlopCounts, Metric, Ratio, SiftModel, token_sums
 from engine.models.errors import ModelError
 from engine.scoring import per_sequence_mean, token_cross_entropy
 
@@ -186,10 +186,11 @@ class SiftDecoder(SiftModel):
         return {"family": self.family, "class": type(self.hf).__name__, "config": self.config.to_dict()}
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                sample_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """Token-mean next-token cross-entropy over this device's rows (the loss contract of
-        engine/models/base.py) plus ``correct`` (next tokens predicted right). ``attention_mask`` is all
-        ones for packed rows and is not read (no host sync)."""
+                sample_ids: torch.Tensor | None = None, row_weights: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Token-mean next-token cross-entropy over this device's rows, weighted by ``row_weights`` when
+        given (the loss contract of engine/models/base.py) plus ``correct`` (next tokens predicted right).
+        ``attention_mask`` is all ones for packed rows and is not read (no host sync)."""
         path = self.exit_path(self.num_layers)
         hidden = path.run(input_ids)
         if self.loss_chunk:  # model.loss_chunk: the (G, T, V) logits never exist at once
@@ -199,14 +200,13 @@ class SiftDecoder(SiftModel):
             ce = token_cross_entropy(logits, labels)  # (G, T) fp32, 0 where labels are -100
             hits = logits.detach().argmax(-1) == labels
         valid = labels >= 0
-        count = valid.sum()
-        loss_sum = ce.sum()
+        loss_sum, count, correct = token_sums(ce, valid, hits, row_weights)
         return {
             "loss": loss_sum / count.clamp(min=1),
             "loss_sum": loss_sum,
             "loss_tokens": count,
             "per_seq_loss": per_sequence_mean(ce.detach(), valid),
-            "correct": (hits & valid).sum(),
+            "correct": correct,
         }
 
 

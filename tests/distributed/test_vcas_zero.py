@@ -1,9 +1,11 @@
 """2-rank SIFT + VCAS on CPU (gloo) under ZeRO 0-3: the controller's ratios agree across ranks, a killed
 ZeRO-3 run resumes exactly (controller, SIFT's scorer replica, VCAS's saved batches), and its export
-loads in transformers."""
+loads in transformers. The ZeRO-2 run selects with the importance policy, so its weighted objective
+(MLM and NSP weights all-reduced together) runs across real ranks."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -20,6 +22,8 @@ ARGS = ["method=sift+vcas", "vcas.calib_every=2", "vcas.tau_act=1e9", "vcas.tau_
 
 def launch(tiny_data, out, stage: int, env: dict[str, str] | None = None, check: bool = True):
     extra = ["train.plugins=[tests.faults]"] if env else []
+    if stage == 2:
+        extra.append("sift.policy=importance")
     return run_ranks([str(REPO / "launcher" / "train.py"), "--config", str(TINY_RUN), f"data.path={tiny_data}",
                       f"train.out_dir={out}", f"deepspeed.config=ds_configs/zero{stage}.json", *ARGS, *extra],
                      world=2, cwd=REPO, timeout=300, env=env, check=check)
@@ -45,6 +49,10 @@ def test_ratios_agree_across_ranks(runs, stage):
     assert final["s"] < 1 and min(final["nu"]) < 1
     got = losses(runs[stage])
     assert len(got) == 6 and all(math.isfinite(x) for x in got)
+    records = [json.loads(x) for x in (runs[stage] / "metrics.jsonl").read_text().splitlines()]
+    weighted = [r for r in records if "importance_max_weight" in r]
+    assert len(weighted) == (4 if stage == 2 else 0)  # the selecting steps after the 2 warm-up ones
+    assert all(r["importance_max_weight"] > 1 for r in weighted)
 
 
 def test_zero3_resumes_exactly_and_exports(runs, tiny_data, tmp_path):

@@ -15,8 +15,8 @@ import pytest
 import torch
 import yaml
 
-from benchmarks.study_jobs import dropout_seed
 from engine.optim import lr_factor
+from study.jobs import dropout_seed
 from tests.distributed.common import REPO, single_env
 from tests.runs import TINY_RUN, evals
 

@@ -53,14 +53,24 @@ def test_training_learns_and_reports(run_a):
     assert summary["steps"] == 20 and summary["final_eval"]["val_mlm_acc"] == ev[1]["val_mlm_acc"]
 
 
-def test_resume_after_kill_is_bitwise_identical(run_a, tiny_data, tmp_path):
-    killed = train(tmp_path, tiny_data, env={"SIFT_FAULT": "after_save:10"}, check=False)
+@pytest.mark.parametrize("policy", ["topk", "importance"])
+def test_resume_after_kill_is_bitwise_identical(run_a, tiny_data, tmp_path, policy):
+    """Also for a weighted policy, whose draws are keyed on (seed, draw, rank) (pipelined: the resumed run
+    selects with the scores the killed one had computed)."""
+    extra = () if policy == "topk" else (f"sift.policy={policy}",)
+    run = tmp_path / "run"
+    kill = lambda: train(run, tiny_data, *extra, env={"SIFT_FAULT": "after_save:10"}, check=False)  # noqa: E731
+    if extra:
+        ref = tmp_path / "ref"
+        _, killed = concurrently(lambda: train(ref, tiny_data, *extra), kill)
+    else:
+        ref, killed = run_a, kill()
     assert killed.returncode == -9, killed.stderr[-2000:]
-    assert ckpt.find_latest(tmp_path / "checkpoints") == "step00000010"
-    resumed = train(tmp_path, tiny_data)
+    assert ckpt.find_latest(run / "checkpoints") == "step00000010"
+    resumed = train(run, tiny_data, *extra)
     assert "resumed from" in resumed.stderr
-    assert losses(tmp_path) == losses(run_a)  # every step, bitwise
-    assert evals(tmp_path)[-1]["val_mlm_loss"] == evals(run_a)[-1]["val_mlm_loss"]
+    assert losses(run) == losses(ref)  # every step, bitwise
+    assert evals(run)[-1]["val_mlm_loss"] == evals(ref)[-1]["val_mlm_loss"]
 
 
 def test_checkpoint_killed_mid_write_is_never_latest(run_a, tiny_data, tmp_path):

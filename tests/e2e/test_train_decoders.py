@@ -120,11 +120,11 @@ def test_export_generates_text_in_transformers(which, gpt2_run, llama_run, tmp_p
 
 
 def test_score_positions_benchmark_reads_a_trained_run(gpt2_run, tmp_path):
-    """benchmarks/score_positions.py on the tiny run: every position equals the full exit exactly; a subset
+    """benchmarks/probes/score_positions.py on the tiny run: every position equals the full exit exactly; a subset
     is a different, still positively related ranking; the report names its run and step."""
     import torch
 
-    from benchmarks import score_positions
+    from benchmarks.probes import score_positions
 
     threads = torch.get_num_threads()  # the benchmark pins its own; later tests keep theirs
     try:
@@ -139,3 +139,23 @@ def test_score_positions_benchmark_reads_a_trained_run(gpt2_run, tmp_path):
     assert sub["positions"] == 8 and sub["head_fraction"] == pytest.approx(8 / 63)
     assert -1 <= sub["spearman"] <= 1 and sub["spearman_vs_all_positions"] < 1
     assert result["meta"]["step"] == 20 and "step 20" in (tmp_path / "sp.md").read_text()
+
+
+def test_load_run_model_rebuilds_the_trained_decoder(gpt2_run, tiny_clm_data):
+    """engine/run_model.py on a GPT-2 run: every weight of the checkpoint (the tied head included), and the
+    study's held-out evaluation in the model's own metric names."""
+    import torch
+
+    from engine.export import model_spec
+    from engine.models import family
+    from engine.run_model import consolidated_state, latest_checkpoint, load_run_model
+    from study.sources import batches, source_accuracy
+
+    cfg, model = load_run_model(gpt2_run)
+    root, tag, record = latest_checkpoint(gpt2_run)
+    stock = family("gpt2").from_state(consolidated_state(root, tag), model_spec(record))
+    ours = model.hf.state_dict()
+    assert cfg.model.family == "gpt2" and not model.training and set(stock.state_dict()) == set(ours)
+    assert all(torch.equal(v, ours[k]) for k, v in stock.state_dict().items())
+    acc = source_accuracy(model, {"val": batches(tiny_clm_data, "validation", 16, batch_size=8)})["val"]
+    assert set(acc) == {"val_lm_acc", "val_lm_loss", "tokens"} and 0 <= acc["val_lm_acc"] <= 1 and acc["tokens"] > 0

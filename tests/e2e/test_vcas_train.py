@@ -1,5 +1,5 @@
 """`sift train` with VCAS on CPU: at ratio 1 it is vanilla training; adaptive SIFT + VCAS logs its
-controller and resumes exactly."""
+controller and resumes exactly, and trains with a weighted selection policy under ZeRO-3 as under ZeRO-1."""
 
 from __future__ import annotations
 
@@ -48,3 +48,21 @@ def test_adaptive_sift_vcas_resumes_exactly(adaptive_run, tiny_data, tmp_path):
     train(tmp_path, tiny_data, *ADAPTIVE)
     assert losses(tmp_path) == losses(adaptive_run)
     assert evals(tmp_path)[-1]["val_mlm_loss"] == evals(adaptive_run)[-1]["val_mlm_loss"]
+
+
+def test_weighted_sift_vcas_under_zero3_trains_like_zero1(tiny_data, tmp_path):
+    """sift+vcas with the stratified policy (weights in the sampled backward and in VCAS's calibration
+    passes): ZeRO-3, whose scorer reads a gathered replica, trains like ZeRO-1 and logs the policy's stats."""
+    args = ("method=sift+vcas", "sift.policy=stratified", "sift.threshold_quantile=0.75", "vcas.calib_every=2",
+            "vcas.tau_act=1e9", "vcas.tau_w=1e9", "model.dropout=0", "sift.fidelity_every=0", *SHORT)
+    concurrently(lambda: train(tmp_path / "z1", tiny_data, *args),
+                 lambda: train(tmp_path / "z3", tiny_data, *args, "deepspeed.zero_stage=3"))
+    assert losses(tmp_path / "z3") == pytest.approx(losses(tmp_path / "z1"), rel=1e-3)
+    steps = [r for r in map(json.loads, (tmp_path / "z3" / "metrics.jsonl").read_text().splitlines())
+             if "event" not in r]
+    selecting = [r for r in steps if "stratified_overflow" in r]
+    # 2 warm-up steps, then 4 selecting ones: 2 of 8 rows above the 0.75 quantile, 2 of the other 6 drawn
+    # (weight 3), never an overflow
+    assert len(selecting) == 4 and all(r["stratified_overflow"] == 0 for r in selecting)
+    assert all(r["stratified_above"] == 0.25 for r in selecting)
+    assert any("vcas_var_sgd" in r for r in steps)

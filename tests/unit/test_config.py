@@ -38,7 +38,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     assert "optim.lr: expected float, got 'fast'" in msg
     # bad values in the same config are reported in the same message
     assert "train.micro_batch_size: must be >= 1, got 0" in msg
-    assert "sift.policy: 'greedy' is not one of topk, random, none" in msg
+    assert "sift.policy: 'greedy' is not one of topk, random, stratified, importance, none" in msg
     assert len(e.value.problems) == 5
     # a value of the wrong type is reported once, not again by the value checks (which see its default)
     with pytest.raises(ConfigError) as e:
@@ -51,7 +51,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "train:\n  micro_batch_size: 0\nsift:\n  policy: greedy\n  keep: 1.5\n"))
     msg = str(e.value)
-    assert "sift.policy: 'greedy' is not one of topk, random, none" in msg
+    assert "sift.policy: 'greedy' is not one of topk, random, stratified, importance, none" in msg
     assert "train.micro_batch_size: must be >= 1" in msg and "sift.keep: must be in (0, 1]" in msg
     with pytest.raises(ConfigError, match="model.preset: 'huge' is not one of tiny"):
         load_config(None, ["model.preset=huge"])
@@ -60,6 +60,14 @@ def test_every_problem_is_reported_at_once(tmp_path):
 def test_inconsistent_values(tmp_path):
     with pytest.raises(ConfigError, match="B / keep = 13.3333 must be a whole number"):
         load_config(None, ["train.micro_batch_size=4", "sift.keep=0.3"])
+    with pytest.raises(ConfigError) as e:
+        load_config(None, ["sift.threshold_quantile=1.5", "sift.temperature=0", "sift.uniform_mix=0"])
+    assert e.value.problems == ["sift.threshold_quantile: must be in (0, 1) or null, got 1.5",
+                                "sift.temperature: must be > 0, got 0.0",
+                                "sift.uniform_mix: must be in (0, 1] (every row needs a chance to be drawn), got 0.0"]
+    with pytest.raises(ConfigError, match=r"use a quantile above 1 - keep = 0.5"):
+        load_config(None, ["sift.policy=stratified", "sift.threshold_quantile=0.4"])
+    assert load_config(None, ["sift.policy=stratified", "sift.threshold_quantile=0.75"]).sift.threshold_quantile == 0.75
 
 
 def test_reducible_needs_a_reference_and_the_reference_knobs_are_checked():

@@ -218,9 +218,11 @@ def test_prepare_output_does_not_depend_on_process_count(corpus, nsp_dir, tmp_pa
               "--val-fraction", "0.1", "--log-level", "WARNING"]  # fmt: skip
     assert prepare.main([*common, "--out", str(tmp_path / "one"), "--num-proc", "1"]) == 0
     assert prepare.main([*common, "--out", str(tmp_path / "two"), "--num-proc", "2"]) == 0
+    assert prepare.main([*common, "--out", str(tmp_path / "default")]) == 0  # <= 4 cores: the tokenizer's threads
     a, b = read_index(tmp_path / "one")[1], read_index(tmp_path / "two")[1]
     digests = {s: [x.sha256 for x in v] for s, v in a.items()}
     assert digests == {s: [x.sha256 for x in v] for s, v in b.items()}
+    assert digests == {s: [x.sha256 for x in v] for s, v in read_index(tmp_path / "default")[1].items()}
     assert digests == {s: [x.sha256 for x in v] for s, v in read_index(nsp_dir)[1].items()}
 
 

@@ -126,7 +126,7 @@ def read_only_install(tmp_path):
     """A copy of what the image installs in its working directory, with the modes a root-owned
     COPY gives it as seen by another user: nothing writable."""
     install = tmp_path / "sift-train"
-    for part in ("launcher", "engine", "data_pipeline", "benchmarks", "sift_common", "configs", "ds_configs", "docker"):
+    for part in ("launcher", "engine", "data_pipeline", "study", "benchmarks", "sift_common", "configs", "ds_configs", "docker"):
         shutil.copytree(REPO / part, install / part, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(REPO / "pyproject.toml", install)
     for p in [install, *install.rglob("*")]:

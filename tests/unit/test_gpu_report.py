@@ -1,10 +1,10 @@
-"""benchmarks/gpu_report.py on CPU: the environment report and the summary of a (fabricated) run directory."""
+"""benchmarks/gpu/gpu_report.py on CPU: the environment report and the summary of a (fabricated) run directory."""
 
 from __future__ import annotations
 
 import json
 
-from benchmarks import gpu_report
+from benchmarks.gpu import gpu_report
 from tests.distributed.common import REPO
 
 

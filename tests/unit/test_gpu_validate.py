@@ -1,4 +1,4 @@
-"""benchmarks/gpu_validate.sh, checked on CPU before any device time is spent: its syntax, its time budget,
+"""benchmarks/gpu/gpu_validate.sh, checked on CPU before any device time is spent: its syntax, its time budget,
 and that every command it runs accepts its flags and run-config overrides.
 
 The script's dry run prints each stage's command exactly as it would run it (`printf %q`, variables
@@ -15,13 +15,15 @@ import sys
 
 import pytest
 
-from benchmarks import gpu_report, sync_audit, throughput
+from benchmarks import throughput
+from benchmarks.gpu import gpu_report
+from benchmarks.probes import sync_audit
 from data_pipeline.prepare import build_parser as prepare_parser
 from engine.config import load_config
 from engine.ds_config import RunFacts, fill, load_json
 from tests.distributed.common import REPO, base_env
 
-SCRIPT = REPO / "benchmarks" / "gpu_validate.sh"
+SCRIPT = REPO / "benchmarks" / "gpu" / "gpu_validate.sh"
 DEVICE_CALL_S = 8 * 60
 
 
@@ -114,12 +116,12 @@ def test_every_command_accepts_its_flags(part, request):
         module, args = module_args(argv)
         if module == "benchmarks.throughput":
             check_bench(args)
-        elif module == "benchmarks.sync_audit":
+        elif module == "benchmarks.probes.sync_audit":
             ns = sync_audit.parse_args(args)
             preset, variants = sync_audit.variants_of(ns, cuda=True)
             for v in variants:
                 load_config(None, v.overrides(preset, list(ns.overrides)))
-        elif module == "benchmarks.gpu_report":
+        elif module == "benchmarks.gpu.gpu_report":
             gpu_report.parse_args(args)
         elif module == "launcher.cli" and args[0] == "prepare":
             ns = prepare_parser().parse_args(args[1:])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.study_jobs import (
+from study.jobs import (
     CPU_FILE,
     PROBE_FILE,
     CpuTrace,
@@ -17,7 +17,7 @@ from benchmarks.study_jobs import (
     read_cpu_trace,
     run_state,
 )
-from benchmarks.study_spec import VANILLA
+from study.spec import VANILLA
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads /proc")
 

@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pytest
 
-from benchmarks.study_regimes import (
+from data_pipeline.build import split_of
+from data_pipeline.sources import Document
+from study.regimes import (
     Doc,
     RegimeConfig,
     _insert,
@@ -18,9 +20,7 @@ from benchmarks.study_regimes import (
     shuffled_words,
     validation_side,
 )
-from benchmarks.study_spec import StudyError
-from data_pipeline.build import split_of
-from data_pipeline.sources import Document
+from study.spec import StudyError
 
 WORD = re.compile(r"\S+")
 

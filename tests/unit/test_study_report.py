@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from benchmarks.study_markdown import markdown_targets
-from benchmarks.study_report import (
+from study.markdown import markdown_targets
+from study.report import (
     RunCurves,
     auto_targets,
     fidelity_table,
@@ -170,8 +170,8 @@ def test_axes_count_from_the_branch_point():
 
 
 def test_paired_comparisons_against_a_direct_computation():
-    from benchmarks.study_report import comparisons, paired_at_end, paired_at_equal
-    from benchmarks.study_stats import mean_ci
+    from study.report import comparisons, paired_at_end, paired_at_equal
+    from study.stats import mean_ci
 
     # vanilla: 10 CPU s per 10 steps; sift: 20 CPU s per 10 steps (scoring), better per sample
     van = [cont("vanilla", s, [(110, 0.6, 0.20 + d, 0), (120, 0.7, 0.30 + d, 0)], [10.0, 20.0]) for s, d in
@@ -199,7 +199,7 @@ def test_paired_comparisons_against_a_direct_computation():
 
 
 def test_continuation_targets_and_the_kept_and_cost_tables():
-    from benchmarks.study_report import continuation_targets, cost_table, kept_table
+    from study.report import continuation_targets, cost_table, kept_table
 
     assert continuation_targets([0.10, 0.12], [0.15, 0.17]) == [0.135, 0.16]
     assert continuation_targets([0.2], [0.19]) == []
@@ -221,7 +221,7 @@ def test_continuation_targets_and_the_kept_and_cost_tables():
 
 
 def test_load_run_joins_the_start_evaluation_branch_point_and_cpu_trace(tmp_path):
-    from benchmarks.study_report import load_run
+    from study.report import load_run
 
     start_dir, run_dir = tmp_path / "start", tmp_path / "run"
     for d in (start_dir, run_dir):
@@ -252,7 +252,7 @@ def test_load_run_joins_the_start_evaluation_branch_point_and_cpu_trace(tmp_path
 
 
 def test_verdict_lines_sort_arms_by_what_their_interval_says():
-    from benchmarks.study_markdown import verdict_lines
+    from study.markdown import verdict_lines
 
     rows = [{"arm": a, "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": n, "mean": m,
              "lo": m - 0.001, "hi": m + 0.001, "verdict": v} for a, n, m, v in
@@ -265,7 +265,7 @@ def test_verdict_lines_sort_arms_by_what_their_interval_says():
 
 
 def test_holm_line_names_what_survives_the_correction():
-    from benchmarks.study_markdown import holm_lines
+    from study.markdown import holm_lines
 
     def row(arm, mean, p_holm, p=0.01):
         return {"arm": arm, "ref": "vanilla", "metric": "val_mlm_acc", "axis": "backprop_samples", "n": 5,
@@ -283,8 +283,8 @@ def test_holm_line_names_what_survives_the_correction():
 
 def test_decoder_runs_are_read_by_their_own_metric_names():
     """A decoder's evals say val_lm_acc / val_lm_loss (summary token_loss "lm"); tables follow."""
-    from benchmarks.study_markdown import markdown_final
-    from benchmarks.study_report import metric_keys, target_table, token_name
+    from study.markdown import markdown_final
+    from study.report import metric_keys, target_table, token_name
 
     def as_lm(r: RunCurves) -> RunCurves:
         evals = [{k.replace("_mlm_", "_lm_"): v for k, v in e.items()} for e in r.evals]
@@ -302,7 +302,7 @@ def test_decoder_runs_are_read_by_their_own_metric_names():
 
 
 def test_incomplete_runs_are_listed_once_per_arm():
-    from benchmarks.study_output import _by_arm
+    from study.output import _by_arm
 
     keys = ["noisy/loss-2/seed0", "noisy/loss-2/seed1", "noisy/vcas/seed3", "vanilla/seed2"]
     assert _by_arm(keys) == "noisy/loss-2 (seeds 0, 1); noisy/vcas (seed 3); vanilla (seed 2)"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from benchmarks.study_sources import kept_shares
+from study.sources import kept_shares
 
 
 def test_a_source_that_always_scores_higher_fills_the_kept_rows():

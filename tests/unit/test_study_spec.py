@@ -7,8 +7,9 @@ import json
 import pytest
 import yaml
 
-from benchmarks import study
-from benchmarks.study_spec import (
+from engine.config import load_config
+from study import cli as study
+from study.spec import (
     RANDOM,
     VANILLA,
     StudyError,
@@ -18,7 +19,6 @@ from benchmarks.study_spec import (
     parse_arm,
     parse_arms,
 )
-from engine.config import load_config
 from tests.distributed.common import REPO
 
 
@@ -230,10 +230,11 @@ def test_dry_run_lists_every_run(tmp_path, capsys):
     assert lines[0].split()[0] == "vanilla/seed0" and lines[6].split()[0] == "vanilla/seed1"
 
 
-def test_portable_arg_strips_machine_paths():
+def test_portable_arg_strips_machine_paths(monkeypatch):
+    monkeypatch.chdir(REPO)  # paths under the working directory (here the checkout) become relative
     assert study.portable_arg("--seeds") == "--seeds"
     assert study.portable_arg("/scratch/me/english-128") == ".../english-128"
-    assert study.portable_arg(str(study.REPO / "configs" / "x.yaml")) == "configs/x.yaml"
+    assert study.portable_arg(str(REPO / "configs" / "x.yaml")) == "configs/x.yaml"
     assert study.portable_arg("data.path=/a/b/c") == "data.path=.../c"
 
 

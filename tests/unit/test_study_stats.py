@@ -9,7 +9,7 @@ import statistics
 import numpy as np
 import pytest
 
-from benchmarks.study_stats import betainc, holm, mean_ci, t_cdf, t_quantile, t_test_p, verdict
+from study.stats import betainc, holm, mean_ci, t_cdf, t_quantile, t_test_p, verdict
 
 # Student's t, two-sided 95% (the 0.975 quantile), from the standard table
 TABLE = {1: 12.7062047, 2: 4.3026527, 3: 3.1824463, 4: 2.7764451, 5: 2.5705818, 9: 2.2621572, 29: 2.0452296}

@@ -1,4 +1,4 @@
-"""benchmarks/sync_audit.py: its bookkeeping (with the CUDA hooks faked), and a CPU run-through."""
+"""benchmarks/probes/sync_audit.py: its bookkeeping (with the CUDA hooks faked), and a CPU run-through."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import warnings
 
 import torch
 
-from benchmarks import sync_audit
+from benchmarks.probes import sync_audit
 from tests.distributed.common import REPO, single_env
 
 
@@ -40,7 +40,7 @@ def test_recording_counts_flagged_operations_and_synchronize_calls_with_their_ca
 def test_cpu_run_through_reports_no_cuda(tmp_path):
     out = tmp_path / "audit.json"
     env = single_env()
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.sync_audit", "--preset", "cpu-tiny", "--warmup", "1",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.probes.sync_audit", "--preset", "cpu-tiny", "--warmup", "1",
                            "--steps", "1", "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]

@@ -43,7 +43,7 @@ def test_vcas_backward_runs_end_to_end(tmp_path):
     import subprocess
     import sys
 
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.vcas_backward", "--preset", "tiny", "--seq-lens", "32",
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.probes.vcas_backward", "--preset", "tiny", "--seq-lens", "32",
                            "--micro-batch", "4", "--steps", "1", "--warmup", "0", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

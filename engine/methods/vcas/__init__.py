@@ -16,18 +16,20 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
-from engine.config import RunConfig
 from engine.methods.base import Method, MicroContext, RunContext
 from engine.methods.vcas import ops
 from engine.methods.vcas.controller import Estimates, Ratios, Tally, down_nu, update
 from engine.methods.vcas.flops import VcasFlops
 from engine.methods.vcas.layers import PROJECTIONS, Pass, Recorder, Shared, Site, install
 from engine.models.base import Batch, SiftModel
+
+if TYPE_CHECKING:
+    from engine.config import RunConfig
 
 log = logging.getLogger(__name__)
 

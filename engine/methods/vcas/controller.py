@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.config import VcasConfig
 from engine.methods.vcas import ops
+from engine.methods.vcas.config import VcasConfig
 
 
 @dataclass(slots=True)
