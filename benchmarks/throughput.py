@@ -467,7 +467,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                    help="train.compile: torch.compile the encoder layers (both: run each variant twice)")
     p.add_argument("--threads", type=int, help="torch intra-op threads (cpu-tiny: 1)")
     p.add_argument("--peak-tflops", type=float, help="peak for MFU (default: the GPU's bf16 dense peak)")
-    p.add_argument("--out", default="benchmarks/results", help="output directory (default: benchmarks/results)")
+    p.add_argument("--out", default="runs/bench", help="output directory (default: runs/bench; the committed results "
+                        "were written with --out benchmarks/results)")
     p.add_argument("--name", help="output file stem (default throughput-<preset>)")
     p.add_argument("--no-chart", action="store_true", help="skip the PNG")
     p.add_argument("--profile-dir", help="also write a torch.profiler trace and top-op table per variant here")

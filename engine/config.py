@@ -102,6 +102,10 @@ class OptimConfig:
 class TrainConfig:
     steps: int = 200
     """Optimizer steps."""
+    time_budget_s: float = 0.0
+    """Stop early once this session has trained this many seconds (checked every step, or every log_every
+    steps with several ranks; 0: no limit): evaluate, checkpoint and summarise as at the end. Running the
+    same command again resumes."""
     micro_batch_size: int = 16
     """B: back-propagated sequences per rank per micro-step (DeepSpeed's train_micro_batch_size_per_gpu)."""
     grad_accum: int = 1
@@ -237,6 +241,7 @@ def validate(cfg: RunConfig) -> list[str]:
               "sift.warmup_steps": s.warmup_steps, "sift.fidelity_every": s.fidelity_every,
               "sift.score_positions": s.score_positions,
               "data.num_workers": cfg.data.num_workers, "optim.grad_clip": o.grad_clip,
+              "train.time_budget_s": t.time_budget_s,
               "optim.weight_decay": o.weight_decay}
     p += [f"{k}: must be >= 0, got {v}" for k, v in nonneg.items() if v < 0]
     if not 0.0 < s.keep <= 1.0:
@@ -417,7 +422,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             raise ConfigError([f"not valid YAML: {e}"], source) from None
         if not isinstance(tree, dict):
             raise ConfigError(["the top level must be a mapping of sections"], source)
-    for key, value in parse_overrides(overrides or []):
+    parsed = parse_overrides(overrides or [])
+    given = {key: item for (key, _), item in zip(parsed, overrides or [])}
+    for key, value in parsed:
         _set_dotted(tree, key, value)
     return from_tree(tree, source)
 
@@ -432,8 +439,17 @@ def from_tree(tree: dict[str, Any], source: str = "config") -> RunConfig:
     mistyped = {p.split(":", 1)[0] for p in problems if ": unknown key" not in p}
     problems += [p for p in validate(cfg) if not any(key in p for key in mistyped)]
     if problems:
-        raise ConfigError(problems, source)
+        labelled = [_label(p, given) for p in problems]
+        raise ConfigError(labelled, f"{source} with command-line overrides" if labelled != problems else source)
     return cfg
+
+
+def _label(problem: str, given: dict[str, str]) -> str:
+    """A problem with a key the command line set names that override, so that nobody looks for it in the
+    YAML file."""
+    key = problem.split(":", 1)[0]
+    item = next((item for k, item in given.items() if key == k or key.startswith((f"{k}.", f"{k}["))), None)
+    return f"command-line override {item!r}: {problem}" if item else problem
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import os
 import socket
@@ -11,8 +13,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-import deepspeed
 import torch
+
+if "DS_ACCELERATOR" not in os.environ and not torch.cuda.is_available():
+    # The CPU accelerator is what DeepSpeed would pick; naming it spares every command its warning
+    # that it "was unable to detect" a GPU.
+    os.environ["DS_ACCELERATOR"] = "cpu"
+
+import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
@@ -57,16 +65,45 @@ def init_distributed(backend: str | None, timeout_s: float = 600.0) -> None:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by the launcher
     or by launcher/dist_env.py), with a clear error instead of a deep traceback when it fails."""
     backend = backend or ("nccl" if accelerator_name() == "cuda" else "gloo")
+    announce_op_build()
+    said = io.StringIO()
     try:
-        deepspeed.init_distributed(
-            dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
-        )
+        with contextlib.redirect_stdout(said):  # DeepSpeed prints "... built successfully" on every start
+            deepspeed.init_distributed(
+                dist_backend=backend, auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+            )
     except Exception as e:  # the causes are many (network, ports, mismatched world sizes)
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise DistributedInitError(
             f"rank {os.environ.get('RANK', '?')} of {os.environ.get('WORLD_SIZE', '?')} could not join the "
             f"process group at {where} with backend {backend}: {e.__class__.__name__}: {e}"
         ) from e
+    finally:
+        for line in said.getvalue().splitlines():
+            log.debug("deepspeed: %s", line)
+
+
+SHM_OP = "ShareMemCommBuilder"
+"""The op DeepSpeed's CPU accelerator compiles the first time a process group starts on a machine."""
+
+
+def announce_op_build() -> None:
+    """Say so when DeepSpeed is about to compile its CPU communication op (a minute of silence otherwise;
+    once per machine, cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)."""
+    if accelerator_name() != "cpu":
+        return
+    try:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        builder = get_accelerator().create_op_builder(SHM_OP)
+        if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+            return  # DeepSpeed will not build it here
+        built = Path(_get_build_directory(builder.name, verbose=False)) / f"{builder.name}.so"
+    except Exception:  # only a notice: never fail a run over it
+        return
+    if not built.is_file():
+        log.info("DeepSpeed is compiling its CPU communication op (%s), once for this machine: about a minute, "
+                 "cached in %s", builder.name, built.parent)
 
 
 def initialize(
@@ -136,7 +173,12 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
     model_files = sorted((root / tag).glob("*model_states.pt"))
     optim_files = sorted((root / tag).glob("*optim_states.pt"))
     if optim_files:  # ZeRO 1-3: the fp32 master weights live in the optimizer shards
-        return get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        said = io.StringIO()
+        with contextlib.redirect_stdout(said):  # four lines of DeepSpeed's own progress
+            state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=tag)
+        for line in said.getvalue().splitlines():
+            log.debug("deepspeed: %s", line)
+        return state
     if not model_files:
         raise FileNotFoundError(f"no DeepSpeed model states in {root / tag}")
     state = torch.load(model_files[0], map_location="cpu", weights_only=False)

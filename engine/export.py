@@ -4,7 +4,8 @@
     python -c "from transformers import pipeline; print(pipeline('fill-mask', model='runs/demo/hf')('the [MASK] of python'))"
     sift export runs/demo-gpt2/train --out runs/demo-gpt2/hf     # a decoder: pipeline('text-generation')
 
-The model family recorded in the checkpoint (engine/models/) rebuilds its stock Hugging Face model.
+The model family recorded in the checkpoint (engine/models/) rebuilds its stock Hugging Face model; a BERT
+becomes a ``BertForMaskedLM`` (``--nsp-head``: the ``BertForPreTraining`` it trained as, NSP head kept).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from engine.run_model import consolidated_state, latest_checkpoint
+from engine.run_model import RunModelError, consolidated_state, latest_checkpoint
 
 
 def model_spec(record: dict[str, Any]) -> dict[str, Any]:
@@ -26,14 +27,17 @@ def model_spec(record: dict[str, Any]) -> dict[str, Any]:
     return {"family": "bert", "class": cls, "config": record["model_config"]}
 
 
-def export(run_dir: Path, out: Path, tag: str | None = None) -> Path:
+def export(run_dir: Path, out: Path, tag: str | None = None, *, nsp_head: bool = False) -> Path:
     from transformers import AutoTokenizer
 
     from engine.models import family
 
     root, tag, record = latest_checkpoint(run_dir, tag)
     spec = model_spec(record)
-    model = family(spec["family"]).from_state(consolidated_state(root, tag), spec)
+    if nsp_head and spec["family"] != "bert":
+        raise RunModelError(f"--nsp-head: a {spec['family']} model has no NSP head (BERT only)")
+    model = family(spec["family"]).from_state(consolidated_state(root, tag), spec,
+                                              **({"nsp_head": True} if nsp_head else {}))
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(record["tokenizer"]).save_pretrained(out)
@@ -45,8 +49,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run_dir", type=Path, help="train.out_dir of the run")
     p.add_argument("--out", type=Path, required=True, help="directory to write (save_pretrained format)")
     p.add_argument("--tag", help="checkpoint tag (default: the latest complete one)")
+    p.add_argument("--nsp-head", action="store_true",
+                   help="BERT trained on sentence pairs: keep the pooler and NSP head (BertForPreTraining, to continue "
+                        "pre-training with model.init_from); by default a BertForMaskedLM, what fill-mask loads")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    path = export(args.run_dir, args.out, args.tag)
+    path = export(args.run_dir, args.out, args.tag, nsp_head=args.nsp_head)
     print(f"exported {args.run_dir} to {path}")
     return 0
 

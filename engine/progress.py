@@ -48,3 +48,23 @@ class Progress:
         for f in dataclasses.fields(self):
             if not f.name.startswith("_"):
                 setattr(self, f.name, type(getattr(self, f.name))(state[f.name]))
+
+
+def clock(seconds: float) -> str:
+    """h:mm:ss or m:ss."""
+    m, s = divmod(round(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+def eta(step: int, total: int, first_step: int, elapsed_s: float, budget_s: float = 0.0) -> str:
+    """``step/total, m:ss elapsed, about m:ss left`` at this session's pace (steps since ``first_step``),
+    the time budget's end when that comes first."""
+    text = f"{step}/{total}, {clock(elapsed_s)} elapsed"
+    done = step - first_step
+    if done <= 0:
+        return text
+    left = elapsed_s / done * (total - step)
+    if budget_s and budget_s - elapsed_s < left:
+        return f"{text}, about {clock(max(budget_s - elapsed_s, 0.0))} left (train.time_budget_s)"
+    return f"{text}, about {clock(left)} left"

@@ -3,7 +3,7 @@
 One process (CPU, or one GPU):
 
     sift train --config demo-cpu
-    sift train --config configs/demo-cpu.yaml sift.exit_layer=2 train.steps=500
+    sift train --config configs/demo-cpu.yaml sift.exit_layer=2 train.steps=500 train.out_dir=runs/exit2
 
 Many GPUs and nodes (the same entry point, through any launcher; see launcher/README.md):
 
@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,18 +35,18 @@ from data_pipeline.sampler import split_half
 from engine import checkpoint as ckpt
 from engine import ds, hooks
 from engine.checkpointer import Checkpointer
-from engine.config import ConfigError, RunConfig, load_config, to_dict
+from engine.config import ConfigError, RunConfig, to_dict
 from engine.evaluate import EvalSet, Evaluator, eval_size
 from engine.methods.registry import method_names
 from engine.metrics import MetricLogger, TrainMetrics
 from engine.models import build_model
 from engine.models.base import DataFacts
-from engine.progress import Progress
+from engine.preflight import load_run
+from engine.progress import Progress, eta
 from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
 from engine.streams import PhaseTimer, training_stream
 from sift_common.atomic import atomic_write_text
 from sift_common.errors import SiftError
-from sift_common.logs import setup_logging
 
 log = logging.getLogger("sift.train")
 
@@ -166,12 +167,19 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
         record = {"event": "eval", "step": progress.step, "backprop_samples": progress.backprop_samples,
                   "hours": progress.elapsed_hours(), **evaluator()}
         logger.write(record)
-        log.info("step %d: %s", progress.step, ", ".join(f"{k} {v:.4f}" for k, v in record.items()
-                                                         if k.endswith(("_acc", "_loss", "_ppl"))))
+        log.info("step %s: %s", eta(progress.step, t.steps, progress_start, time.time() - started, t.time_budget_s),
+                 ", ".join(f"{k} {v:.4f}" for k, v in record.items() if k.endswith(("_acc", "_loss", "_ppl"))))
         return record
 
+    def out_of_time() -> bool:
+        """The time budget is spent on some rank (every rank then stops at the same step)."""
+        spent = torch.tensor([time.time() - started], dtype=torch.float64, device=device)
+        if world > 1:
+            dist.all_reduce(spent, op=dist.ReduceOp.MAX)
+        return spent.item() >= t.time_budget_s
+
     # ------------------------------------------------------------------ the loop
-    last_eval, streak, draws0 = None, 0, progress.draws
+    last_eval, streak, draws0, stopped_early, started = None, 0, progress.draws, False, time.time()
     checked = progress_start = progress.step  # stop mode: the step of the last non-finite check
     while progress.step < t.steps:
         hooks.fire("micro_step_start", step=progress.step, draw=progress.draws, model=model, engine=engine)
@@ -196,6 +204,9 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
         log_due = step % t.log_every == 0 or step == t.steps
         eval_due = step % t.eval_every == 0 or step == t.steps
         save_due = bool(t.save_every and step % t.save_every == 0) or step == t.steps
+        # one process checks every step; ranks agree at log steps (a collective)
+        if t.time_budget_s and (log_due or world == 1) and step < t.steps and out_of_time():
+            stopped_early = log_due = eval_due = save_due = True
         if not schedule.skip_nonfinite and (log_due or eval_due or save_due):
             found = schedule.take_nonfinite()  # stop mode: the only host read of its non-finite count
             if found:
@@ -213,13 +224,17 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
             last_eval = do_eval()
         if save_due:
             save()
+        if stopped_early:
+            log.info("train.time_budget_s=%g spent at step %d of %d: stopped; the same command continues the run",
+                     t.time_budget_s, step, t.steps)
+            break
 
     if last_eval is None:
         last_eval = do_eval()
     summary = {"steps": progress.step, "backprop_samples": progress.backprop_samples,
                "scored_samples": progress.scored_samples, "nonfinite_skipped": progress.nonfinite_total,
                "hours": progress.elapsed_hours(), "final_eval": last_eval, "out_dir": str(out_dir),
-               "token_loss": model.token_loss_name}
+               "token_loss": model.token_loss_name, "planned_steps": t.steps, "stopped_early": stopped_early}
     if rank == 0:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     logger.close()
@@ -240,26 +255,22 @@ def describe(cfg: RunConfig) -> str:
 # ---------------------------------------------------------------------- command line
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="sift train", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="run config: a YAML path, or the name of a shipped one (e.g. demo-cpu)")
-    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 sift.policy=random")
-    return p.parse_args(argv)
-
-
 def main(argv: list[str] | None = None) -> int:
-    """Entry for launcher/train.py (which resolves ranks first). Raises SiftError for what a user can fix."""
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    setup_logging(rank=int(os.environ.get("RANK", "0")))
-    cfg = load_config(args.config, args.overrides)
+    """Parse, check and run. Raises SiftError for what a user can fix."""
+    return start(*load_run(sys.argv[1:] if argv is None else argv))
+
+
+def start(args: argparse.Namespace, cfg: RunConfig) -> int:
+    """Run a config ``engine.preflight.load_run`` checked (launcher/train.py checks before importing this
+    module, so that a mistake fails before torch and DeepSpeed load)."""
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
     summary = run(cfg)
     if int(os.environ.get("RANK", "0")) == 0:
         ev, name = summary["final_eval"], summary["token_loss"]
-        print(f"done: {summary['steps']} steps, {summary['backprop_samples']} back-propagated samples, "
+        stopped = (f" (train.time_budget_s ran out before step {summary['planned_steps']}; the same command "
+                   "continues)") if summary["stopped_early"] else ""
+        print(f"done: {summary['steps']} steps{stopped}, {summary['backprop_samples']} back-propagated samples, "
               f"val {name.upper()} accuracy {ev[f'val_{name}_acc']:.4f}; results in {summary['out_dir']}")
     return 0

@@ -1,9 +1,10 @@
-"""The end of `sift demo`: what was trained, whether it learned (against the most-frequent-token
-baseline), how selection behaved, and a PNG of the run's loss and accuracy."""
+"""The end of `sift demo`: what was trained, whether it learned (against the best constant prediction),
+how selection behaved, and a PNG of the run's validation loss and accuracy."""
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from collections import Counter
 from dataclasses import dataclass
@@ -16,8 +17,11 @@ class Baseline:
     """The best constant prediction on the validation masks the run evaluates with."""
 
     accuracy: float
+    """Of always predicting the most frequent masked token."""
     token: str
     masked_tokens: int
+    loss: float = math.nan
+    """Cross-entropy (nats) of always predicting the masked tokens' frequencies: their entropy."""
 
 
 def frequent_token_baseline(data: Path, *, seed: int, eval_samples: int, batch_size: int,
@@ -40,6 +44,7 @@ def frequent_token_baseline(data: Path, *, seed: int, eval_samples: int, batch_s
     if not total:
         return Baseline(0.0, "?", 0)
     token_id, hits = counts.most_common(1)[0]
+    entropy = -sum(c / total * math.log(c / total) for c in counts.values())
     token = str(token_id)
     try:
         from transformers import AutoTokenizer
@@ -47,7 +52,7 @@ def frequent_token_baseline(data: Path, *, seed: int, eval_samples: int, batch_s
         token = AutoTokenizer.from_pretrained(dataset.tokenizer_path()).convert_ids_to_tokens(token_id)
     except Exception:  # the id is enough to show when the tokenizer cannot be loaded
         pass
-    return Baseline(hits / total, token, total)
+    return Baseline(hits / total, token, total, entropy)
 
 
 def read_run(run: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
@@ -79,31 +84,39 @@ def selection_stats(steps: list[dict[str, Any]]) -> dict[str, Any]:
 
 def plot(run: Path, steps: list[dict[str, Any]], evals: list[dict[str, Any]], baseline: Baseline,
          title: str, select_from: int | None = None) -> Path:
-    """run/demo.png: training MLM loss (left) and validation MLM accuracy against the baseline (right),
-    the steps from ``select_from`` on shaded as selecting."""
+    """run/demo.png: validation MLM loss (left) and accuracy (right), each against the best constant
+    prediction, with where selection starts (``select_from``) marked.
+
+    Validation metrics, not the training loss: once SIFT selects, the training loss is that of the
+    kept, highest-loss rows, and its jump there would read as a regression."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    xs = [r["step"] for r in steps if "mlm_loss" in r]
-    ax.plot(xs, [r["mlm_loss"] for r in steps if "mlm_loss" in r], color="#2171b5",
-            label="training MLM loss (of the back-propagated rows)")
-    for a in (ax, ax2):
-        if select_from is not None and xs and select_from < max(xs):
-            a.axvspan(select_from, max(xs), color="#fdd0a2", alpha=0.35,
-                      label="selecting: SIFT keeps the highest-loss rows")
+    xs = [e["step"] for e in evals]
+    last = max([r["step"] for r in steps] + xs, default=0)
+    ax.plot(xs, [e["val_mlm_loss"] for e in evals], color="#2171b5", marker="o", label="validation MLM loss")
+    if math.isfinite(baseline.loss):
+        ax.axhline(baseline.loss, color="black", linestyle=":",
+                   label=f"constant: token frequencies ({baseline.loss:.2f})")
+    ax.set_ylabel("validation MLM loss (nats)")
+    accs = [e["val_mlm_acc"] for e in evals]
+    ax2.plot(xs, accs, color="#d94801", marker="o", label="validation MLM accuracy")
+    ax2.axhline(baseline.accuracy, color="black", linestyle=":",
+                label=f"constant: most frequent token ({baseline.accuracy:.3f})")
+    ax2.set_ylim(0, 1.15 * max([*accs, baseline.accuracy], default=1.0) or 1.0)
+    ax2.set_ylabel("validation MLM accuracy")
+    for a, corner in ((ax, "upper right"), (ax2, "lower right")):  # away from a falling loss, a rising accuracy
+        if select_from is not None and select_from < last:
+            a.axvspan(select_from, last, color="#fdd0a2", alpha=0.35)
+            a.axvline(select_from, color="#e6550d", linestyle="--",
+                      label=f"SIFT selects from step {select_from}")
+        a.set_xlim(0, 1.03 * max(last, 1))  # the last point whole
         a.set_xlabel("optimizer step")
         a.grid(alpha=0.3)
-    ax.set_ylabel("MLM loss (nats)")
-    ax.legend(fontsize=8)
-    ax2.plot([e["step"] for e in evals], [e["val_mlm_acc"] for e in evals], color="#d94801", marker="o",
-             label="validation MLM accuracy")
-    ax2.axhline(baseline.accuracy, color="black", linestyle=":",
-                label=f"most-frequent-token baseline ({baseline.accuracy:.3f})")
-    ax2.set_ylabel("validation MLM accuracy")
-    ax2.legend(fontsize=8)
+        a.legend(fontsize=8, loc=corner)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     path = run / "demo.png"
@@ -120,24 +133,31 @@ def summary_text(cfg: Any, run: Path, baseline: Baseline, export: str) -> str:
     sel = selection_stats(steps)
     layers = cfg.model.num_layers or _preset(cfg).num_layers
     hidden = cfg.model.hidden_size or _preset(cfg).hidden_size
-    method = ("vanilla (no selection)" if cfg.sift.policy == "none" else
+    method = ("vanilla (no selection)" if not cfg.selecting else
               f"{cfg.sift.criterion}-SIFT at exit {cfg.sift.exit_layer} ({cfg.sift.policy}: back-propagates "
               f"{cfg.train.micro_batch_size} of {cfg.gross_batch_size} rows per step) from step {cfg.sift.warmup_steps}, "
               f"{cfg.sift.schedule} schedule")
     first, last = evals[0], evals[-1]
     ratio = f", {last['val_mlm_acc'] / baseline.accuracy:.1f}x the baseline" if baseline.accuracy else ""
     path = plot(run, steps, evals, baseline, f"sift demo: {layers}-layer BERT, {method}",
-                select_from=None if cfg.sift.policy == "none" else cfg.sift.warmup_steps)
+                select_from=cfg.sift.warmup_steps if cfg.selecting else None)
+    length = f"{done['steps']:,} steps"
+    if done.get("stopped_early"):
+        length = (f"{done['steps']:,} of {done['planned_steps']:,} steps (train.time_budget_s="
+                  f"{cfg.train.time_budget_s:g} ran out; `sift demo` again continues the run)")
     lines = [
         "", "=" * 100, "sift demo: summary", "=" * 100,
         f"trained    a {layers}-layer BERT (hidden {hidden}) on {meta['splits']['train']['rows']:,} training rows "
-        f"(seq {meta['seq_len']}, {meta['vocab_size']:,} word pieces) for {done['steps']:,} steps, "
+        f"(seq {meta['seq_len']}, {meta['vocab_size']:,} word pieces) for {length}, "
         f"{done['backprop_samples']:,} back-propagated rows, in {done['hours'] * 60:.1f} min",
         f"           with {method}",
         f"learned    validation MLM accuracy {first['val_mlm_acc']:.3f} (step {first['step']}) -> "
-        f"{last['val_mlm_acc']:.3f} (step {last['step']}); best {max(e['val_mlm_acc'] for e in evals):.3f}",
+        f"{last['val_mlm_acc']:.3f} (step {last['step']}); best {max(e['val_mlm_acc'] for e in evals):.3f}; "
+        f"validation MLM loss {first['val_mlm_loss']:.2f} -> {last['val_mlm_loss']:.2f} nats (untrained: about "
+        f"ln {meta['vocab_size']} = {math.log(meta['vocab_size']):.2f})",
         f"baseline   always predicting the most frequent masked token ({baseline.token!r}) scores "
-        f"{baseline.accuracy:.3f} on the same {baseline.masked_tokens:,} masked tokens{ratio}",
+        f"{baseline.accuracy:.3f} on the same {baseline.masked_tokens:,} masked tokens{ratio}; predicting their "
+        f"frequencies, loss {baseline.loss:.2f}",
     ]
     if sel["selecting_intervals"]:
         lines.append(f"selection  kept rows scored {sel['kept_score']:.2f} on average, dropped rows "
@@ -147,8 +167,9 @@ def summary_text(cfg: Any, run: Path, baseline: Baseline, export: str) -> str:
                          f"rows: Spearman {sel['spearman']:.2f}, top-B overlap {sel['topk_overlap']:.2f} "
                          f"(chance {cfg.sift.keep:.2f}; {sel['fidelity_records']} checks)")
     else:
-        lines.append("selection  none in this run (vanilla, or the selection warm-up was not over)")
-    lines += [f"plot       {path} (training loss and validation accuracy)",
+        lines.append(f"selection  none in these steps: it starts at step {cfg.sift.warmup_steps}" if cfg.selecting else
+                     "selection  none (vanilla)")
+    lines += [f"plot       {path} (validation loss and accuracy against the baselines)",
               f"results    {run}/summary.json, metrics.jsonl, checkpoints/; tensorboard --logdir {run}/tb",
               f"export     {export}", "=" * 100]
     return "\n".join(lines)

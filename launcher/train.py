@@ -8,7 +8,8 @@
     python -m launcher.train ...                                         # the same, outside a clone
 
 It works out this process's rank from whichever launcher started it (launcher/dist_env.py), exports the
-standard RANK/WORLD_SIZE/MASTER_* variables, and hands over to engine/train.py. Run as a script, it
+standard RANK/WORLD_SIZE/MASTER_* variables, checks the config and data (engine/preflight.py: before torch
+and DeepSpeed load) and hands over to engine/train.py. Run as a script, it
 needs the package installed (`pip install -e .` in a clone), as every `sift` command does.
 """
 
@@ -24,11 +25,14 @@ MASTER_WAIT_S = float(os.environ.get("SIFT_MASTER_TIMEOUT", "300"))
 
 def main(argv: list[str] | None = None) -> int:
     dist = prepare_process(os.environ)
+    from engine.preflight import load_run
+
+    loaded = load_run(sys.argv[1:] if argv is None else argv)  # config and data mistakes fail here, in seconds
     if dist.rank != 0:
         wait_for_master(dist.master_addr, dist.master_port, MASTER_WAIT_S)
-    from engine.train import main as train_main
+    from engine.train import start
 
-    return train_main(argv)
+    return start(*loaded)
 
 
 if __name__ == "__main__":

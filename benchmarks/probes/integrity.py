@@ -173,7 +173,7 @@ def bench_shards(data: Path, batch: int = 64) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results/integrity-cpu.json"))
+    p.add_argument("--out", type=Path, default=Path("runs/bench/integrity-cpu.json"))
     p.add_argument("--scale", type=float, default=1.0, help="checkpoint size relative to BERT-base")
     p.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temporary one)")
     args = p.parse_args()

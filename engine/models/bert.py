@@ -156,7 +156,7 @@ class SiftBert(SiftModel):
     """BERT pretraining model whose forward takes a batch dict (see data_pipeline/batch.py).
 
     ``hf`` is a stock ``BertForPreTraining`` (pairs with NSP) or ``BertForMaskedLM`` (packed MLM-only
-    data; it has no pooler, so no parameter goes unused), so export is a plain ``save_pretrained``.
+    data; it has no pooler, so no parameter goes unused); export writes a ``BertForMaskedLM`` either way.
     """
 
     family = "bert"
@@ -304,17 +304,34 @@ def build(cfg: ModelConfig, data: DataFacts) -> SiftBert:
                        use_nsp=data.objective == "nsp_pairs")
 
 
-def from_state(state: dict[str, torch.Tensor], spec: dict[str, Any]) -> BertForPreTraining | BertForMaskedLM:
-    """The stock Hugging Face model of ``spec`` (``export_config()``) holding ``state`` (the adapter's
-    parameter names); ModelError naming the mismatch when they do not fit."""
+NSP_ONLY = ("bert.pooler.", "cls.seq_relationship.")
+"""Parameters only next-sentence prediction uses; the exported BertForMaskedLM has neither."""
+
+
+def from_state(state: dict[str, torch.Tensor], spec: dict[str, Any], *,
+               nsp_head: bool = False) -> BertForMaskedLM | BertForPreTraining:
+    """The stock model holding ``state`` (the adapter's parameter names), checked against the class
+    ``spec`` (``export_config()``) trained; ModelError naming the mismatch when they do not fit.
+
+    A ``BertForMaskedLM``: a model trained with NSP loses its pooler and NSP head, which is what
+    ``pipeline("fill-mask")`` and ``AutoModelForMaskedLM`` load, so loading reports no unused weights.
+    ``nsp_head``: the trained class itself (to continue pre-training from it with ``model.init_from``)."""
     state = {k.removeprefix("hf."): v for k, v in state.items()}
     cls = {"BertForPreTraining": BertForPreTraining, "BertForMaskedLM": BertForMaskedLM}.get(spec["class"])
     if cls is None:
         raise ModelError(f"unknown BERT class {spec['class']!r} in the checkpoint record")
-    model = cls(BertConfig.from_dict(spec["config"]))
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or set(missing) - TIED:
-        raise ModelError(f"the checkpoint does not match {spec['class']}: missing {sorted(set(missing) - TIED)}, "
+    config = BertConfig.from_dict(spec["config"])
+    with torch.device("meta"):  # the trained class's parameter names, without allocating it
+        expected = set(cls(config).state_dict())
+    missing, unexpected = expected - set(state) - TIED, set(state) - expected
+    if missing or unexpected:
+        raise ModelError(f"the checkpoint does not match {spec['class']}: missing {sorted(missing)}, "
                          f"unexpected {sorted(unexpected)}")
+    if nsp_head:
+        model = cls(config)
+        model.load_state_dict(state, strict=False)
+    else:
+        model = BertForMaskedLM(config)
+        model.load_state_dict({k: v for k, v in state.items() if not k.startswith(NSP_ONLY)}, strict=False)
     model.tie_weights()
     return model

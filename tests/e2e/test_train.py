@@ -112,6 +112,21 @@ def test_bad_config_lists_every_problem(tiny_data, tmp_path):
     assert second.returncode == 2 and "sift.exit_layer=9 but the model has 2 layers" in second.stderr
 
 
+@pytest.mark.slow
+def test_time_budget_stops_early_and_the_same_command_continues_exactly(run_a, tiny_data, tmp_path):
+    """train.time_budget_s stops at the next log step with an evaluation, a checkpoint and an honest
+    summary; running again resumes, and the run ends as an uninterrupted one did."""
+    first = train(tmp_path, tiny_data, "train.time_budget_s=1e-9")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_early"] and summary["steps"] == 1 and summary["planned_steps"] == 20
+    assert "train.time_budget_s ran out before step 20; the same command continues" in first.stdout
+    assert "step 1/20, 0:" in first.stderr and ckpt.find_latest(tmp_path / "checkpoints") == "step00000001"
+    again = train(tmp_path, tiny_data)
+    assert "resumed from" in again.stderr and not json.loads((tmp_path / "summary.json").read_text())["stopped_early"]
+    assert losses(tmp_path) == losses(run_a)
+    assert "about 0:" in again.stderr  # evaluation lines carry the time left
+
+
 def test_corrupt_latest_checkpoint_falls_back_to_the_previous_one(run_a, tiny_data, tmp_path):
     shutil.copytree(run_a, tmp_path / "run", dirs_exist_ok=True)
     states = next((tmp_path / "run" / "checkpoints" / "step00000020").glob("*model_states.pt"))
@@ -172,14 +187,15 @@ def test_compiled_blocks_train_like_eager(tiny_data, tmp_path):
 
 
 def test_init_from_an_exported_checkpoint(run_a, tmp_path):
-    """model.init_from loads a local Hugging Face directory (here: our own export) instead of random init."""
+    """model.init_from loads a local Hugging Face directory (here: our own export, with the NSP head that
+    sentence-pair training needs) instead of random init."""
     import torch
 
     from engine.config import ModelConfig
     from engine.export import main as export_main
     from engine.models.bert import ModelError, build_model
 
-    assert export_main([str(run_a), "--out", str(tmp_path / "hf")]) == 0
+    assert export_main([str(run_a), "--out", str(tmp_path / "hf"), "--nsp-head"]) == 0
     cfg = ModelConfig(init_from=str(tmp_path / "hf"))
     model = build_model(cfg, vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)
     again = build_model(cfg, vocab_size=512, seq_len=64, pad_id=0, use_nsp=True)

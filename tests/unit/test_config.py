@@ -43,10 +43,10 @@ def test_every_problem_is_reported_at_once(tmp_path):
     # a value of the wrong type is reported once, not again by the value checks (which see its default)
     with pytest.raises(ConfigError) as e:
         load_config(None, ["train.micro_batch_size=four", "sift.keep=0.3", "train.stpes=1", "train.steps=0"])
-    assert e.value.problems == [
-        "train.micro_batch_size: expected int, got 'four'",
-        "train.stpes: unknown key (did you mean 'steps'?)",
-        "train.steps: must be >= 1, got 0",
+    assert e.value.problems == [  # each names the override it came from
+        "command-line override 'train.micro_batch_size=four': train.micro_batch_size: expected int, got 'four'",
+        "command-line override 'train.stpes=1': train.stpes: unknown key (did you mean 'steps'?)",
+        "command-line override 'train.steps=0': train.steps: must be >= 1, got 0",
     ]
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, "train:\n  micro_batch_size: 0\nsift:\n  policy: greedy\n  keep: 1.5\n"))
