@@ -426,7 +426,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     given = {key: item for (key, _), item in zip(parsed, overrides or [])}
     for key, value in parsed:
         _set_dotted(tree, key, value)
-    return from_tree(tree, source)
+    try:
+        return from_tree(tree, source)
+    except ConfigError as e:
+        labelled = [_label(p, given) for p in e.problems]
+        if labelled == e.problems:
+            raise
+        raise ConfigError(labelled, f"{source} with command-line overrides") from None
 
 
 def from_tree(tree: dict[str, Any], source: str = "config") -> RunConfig:
@@ -439,8 +445,7 @@ def from_tree(tree: dict[str, Any], source: str = "config") -> RunConfig:
     mistyped = {p.split(":", 1)[0] for p in problems if ": unknown key" not in p}
     problems += [p for p in validate(cfg) if not any(key in p for key in mistyped)]
     if problems:
-        labelled = [_label(p, given) for p in problems]
-        raise ConfigError(labelled, f"{source} with command-line overrides" if labelled != problems else source)
+        raise ConfigError(problems, source)
     return cfg
 
 
