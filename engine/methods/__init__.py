@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from engine.methods.base import Method, MethodStack, MicroContext, RunContext
+from engine.methods.base import Method, MethodStack, MicroContext, RunContext, TrainShape
 from engine.methods.registry import METHODS, method_names
 from engine.methods.sift import Sift
 from engine.methods.vcas import Vcas
@@ -15,7 +15,8 @@ if TYPE_CHECKING:
 
 METHODS.update(sift=Sift, vcas=Vcas)
 
-__all__ = ["METHODS", "Method", "MethodStack", "MicroContext", "RunContext", "build_methods", "method_names"]
+__all__ = ["METHODS", "Method", "MethodStack", "MicroContext", "RunContext", "TrainShape", "build_methods",
+           "method_names"]
 
 
 def build_methods(cfg: RunConfig) -> MethodStack:

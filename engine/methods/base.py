@@ -14,12 +14,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from engine.models.base import Batch, SiftModel
 from engine.selection import Kept
+
+if TYPE_CHECKING:
+    from engine.config import RunConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +41,26 @@ class MicroContext:
     def first_micro(self) -> bool:
         """The first micro-step of a gradient-accumulation window."""
         return self.draw % self.grad_accum == 0
+
+
+@dataclass(frozen=True, slots=True)
+class TrainShape:
+    """What a method needs to know about the run besides its own settings (so that it can be built
+    without a whole ``RunConfig``, e.g. inside a Hugging Face Trainer: sift_hf)."""
+
+    micro_batch_size: int
+    """B: the rows each micro-step back-propagates."""
+    grad_accum: int
+    seed: int
+    total_steps: int
+    """Optimizer steps of the whole run."""
+    compile: bool = False
+    """Are the blocks compiled (torch.compile)?"""
+
+    @classmethod
+    def of(cls, cfg: RunConfig) -> TrainShape:
+        t = cfg.train
+        return cls(t.micro_batch_size, t.grad_accum, t.seed, t.steps, t.compile)
 
 
 @dataclass(slots=True)

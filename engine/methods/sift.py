@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.methods.base import Method, MicroContext, RunContext
+from engine.methods.base import Method, MicroContext, RunContext, TrainShape
 from engine.models.base import Batch, ExitPath, SiftModel
 from engine.scoring import REFERENCED, exit_scores, per_sequence_mean
 from engine.selection import (
@@ -37,7 +37,7 @@ from engine.selection import (
 )
 
 if TYPE_CHECKING:
-    from engine.config import RunConfig
+    from engine.config import DataConfig, RunConfig
     from engine.methods.sift_config import SiftConfig
 
 
@@ -104,10 +104,20 @@ class Sift(Method):
     selects = True
 
     def __init__(self, cfg: RunConfig):
-        s, t = cfg.sift, cfg.train
-        self.cfg, self.data = s, cfg.data
-        self.B, self.G, self.ga = t.micro_batch_size, s.gross_batch(t.micro_batch_size), t.grad_accum
-        self.seed, self.total_steps = t.seed, t.steps
+        self._setup(cfg.sift, TrainShape.of(cfg), cfg.data)
+
+    @classmethod
+    def from_settings(cls, settings: SiftConfig, shape: TrainShape) -> Sift:
+        """Built from its own settings and the run's shape alone (no ``RunConfig``; so no ``data`` section,
+        which only a reference criterion reads)."""
+        method = cls.__new__(cls)
+        method._setup(settings, shape)
+        return method
+
+    def _setup(self, s: SiftConfig, shape: TrainShape, data: DataConfig | None = None) -> None:
+        self.cfg, self.data = s, data
+        self.B, self.G, self.ga = shape.micro_batch_size, s.gross_batch(shape.micro_batch_size), shape.grad_accum
+        self.seed, self.total_steps = shape.seed, shape.total_steps
         self.policy = configured_policy(s)
         self.scorer: Scorer | None = None
         self._run: RunContext | None = None

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from engine.methods.base import Method, MicroContext, RunContext
+from engine.methods.base import Method, MicroContext, RunContext, TrainShape
 from engine.methods.vcas import ops
 from engine.methods.vcas.controller import Estimates, Ratios, Tally, down_nu, update
 from engine.methods.vcas.flops import VcasFlops
@@ -30,6 +30,7 @@ from engine.models.base import Batch, SiftModel
 
 if TYPE_CHECKING:
     from engine.config import RunConfig
+    from engine.methods.vcas.config import VcasConfig
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,18 @@ class Vcas(Method):
     selects = False
 
     def __init__(self, cfg: RunConfig):
-        self.cfg, self.seed, self.compile = cfg.vcas, cfg.train.seed, cfg.train.compile
-        self.grad_accum = cfg.train.grad_accum
+        self._setup(cfg.vcas, TrainShape.of(cfg))
+
+    @classmethod
+    def from_settings(cls, settings: VcasConfig, shape: TrainShape) -> Vcas:
+        """Built from its own settings and the run's shape alone (no ``RunConfig``)."""
+        method = cls.__new__(cls)
+        method._setup(settings, shape)
+        return method
+
+    def _setup(self, settings: VcasConfig, shape: TrainShape) -> None:
+        self.cfg, self.seed, self.compile = settings, shape.seed, shape.compile
+        self.grad_accum = shape.grad_accum
         self.shared: Shared | None = None
         self.sites: list[Site] = []
         self.ratios: Ratios | None = None

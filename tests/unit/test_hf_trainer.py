@@ -1,0 +1,170 @@
+"""SiftTrainer (sift_hf) against the plain transformers Trainer and the project's scorer, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
+from engine.scoring import exit_scores
+from engine.selection import topk_indices
+from sift_hf import SiftArguments, SiftTrainer, UnsupportedError, with_sift
+from sift_hf.models import adapter_batch, adapter_for
+from sift_hf.trainer import check_trainer_hooks
+from tests.hf_helpers import FAMILIES, InOrder, Rows, hf_model, losses, quiet, rows, training_args, weights
+
+quiet()
+
+
+class Recording(SiftTrainer):
+    """Records, per accumulation window, the weights at its start, the gross batches, the kept batches and
+    the token count the Trainer normalises by; and every micro-batch a training step trains on."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.windows, self.trained = [], []
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        start, gross = weights(self.model), []
+
+        def tap():
+            for b in epoch_iterator:
+                gross.append(b)
+                yield b
+
+        kept, items = super().get_batch_samples(tap(), num_batches, device)
+        self.windows.append((start, gross, kept, items))
+        return kept, items
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.trained.append({k: v.clone() for k, v in inputs.items()})
+        return super().training_step(model, inputs, num_items_in_batch)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_keep_one_is_the_plain_trainer_bitwise(tmp_path, family):
+    data = rows(family)
+    plain = Trainer(model=hf_model(family), args=training_args(tmp_path / "a"), train_dataset=data)
+    plain.train()
+    sift = SiftTrainer(model=hf_model(family), args=training_args(tmp_path / "b"), train_dataset=data,
+                       sift=SiftArguments(keep=1.0))
+    sift.train()
+    assert losses(sift) == losses(plain)
+    for (k, a), b in zip(weights(plain.model).items(), weights(sift.model).values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_random_policy_is_a_plain_trainer_fed_the_kept_rows(tmp_path, family):
+    data = rows(family)
+    sift = Recording(model=hf_model(family), args=training_args(tmp_path / "s"), train_dataset=data,
+                     sift=SiftArguments(keep=0.5, policy="random"))
+    sift.train()
+    assert len(sift.trained) == 6 and all(len(b["input_ids"]) == 4 for b in sift.trained)
+    kept = Rows({k: torch.cat([b[k] for b in sift.trained]) for k in sift.trained[0]})
+    plain = InOrder(model=hf_model(family), args=training_args(tmp_path / "p"), train_dataset=kept)
+    plain.train()
+    assert losses(sift) == losses(plain)
+    for (k, a), b in zip(weights(plain.model).items(), weights(sift.model).values()):
+        assert torch.equal(a, b), k
+
+
+def _independent_scores(family: str, start: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean exit-1 token loss per row from the stock model truncated to one block (no sift_hf code)."""
+    model = hf_model(family, layers=1)
+    model.load_state_dict(start, strict=False)  # the blocks beyond the first are left out
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"]
+    if family != "bert":  # next-token targets
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    ce = F.cross_entropy(logits.transpose(1, 2), labels, reduction="none", ignore_index=-100)
+    valid = labels != -100
+    return (ce * valid).sum(1) / valid.sum(1)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topk_keeps_what_the_scorer_ranks_highest_and_counts_kept_tokens(tmp_path, family):
+    B = 4
+    sift = Recording(model=hf_model(family), args=training_args(tmp_path, B=B, steps=2), train_dataset=rows(family),
+                     sift=SiftArguments(keep=0.5, criterion="loss", exit_layer=1))
+    sift.train()
+    assert len(sift.windows) == 2
+    for start, gross, kept, items in sift.windows:
+        live = hf_model(family)
+        live.load_state_dict(start)
+        adapter = adapter_for(live)
+        expected_tokens = gross_tokens = 0
+        for g, k in zip(gross, kept):
+            assert len(g["input_ids"]) == 2 * B
+            scores = exit_scores(adapter.exit_path(1), adapter_batch(g, family), "loss")
+            torch.testing.assert_close(scores, _independent_scores(family, start, g), rtol=1e-5, atol=1e-5)
+            top = topk_indices(scores, B)
+            for key in g:
+                assert torch.equal(k[key], g[key][top]), key
+            shift = 1 if sift._loss_shifts_labels else 0  # the Trainer's own counting rule for this model
+            expected_tokens += int((g["labels"][top][:, shift:] != -100).sum())
+            gross_tokens += int((g["labels"][:, shift:] != -100).sum())
+        assert int(items) == expected_tokens < gross_tokens  # normalised by the kept rows' tokens only
+
+
+def test_trainer_hook_canary(tmp_path):
+    """Fails loudly if a transformers release moves or reshapes the hook selection relies on: the
+    micro-batches of a window must be pulled by get_batch_samples, counted by _get_num_items_in_batch
+    and handed, as returned, to training_step with that count."""
+    check_trainer_hooks(Trainer)
+    seen = {"windows": [], "steps": []}
+
+    class Probe(Trainer):
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            batches, items = super().get_batch_samples(epoch_iterator, num_batches, device)
+            seen["windows"].append(([id(b) for b in batches], items))
+            return batches, items
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            seen["steps"].append((id(inputs), num_items_in_batch))
+            return super().training_step(model, inputs, num_items_in_batch)
+
+    Probe(model=hf_model("gpt2"), args=training_args(tmp_path, steps=2), train_dataset=rows("gpt2")).train()
+    assert len(seen["windows"]) == 2 and len(seen["steps"]) == 4
+    for w, (ids, items) in enumerate(seen["windows"]):
+        assert items is not None, "the Trainer no longer counts label tokens for a causal LM"
+        for i, (step_id, step_items) in enumerate(seen["steps"][2 * w:2 * w + 2]):
+            assert step_id == ids[i] and step_items is items
+
+
+def test_a_trainer_without_the_hook_is_refused():
+    class Moved(Trainer):
+        get_batch_samples = None
+
+    with pytest.raises(UnsupportedError, match="get_batch_samples is missing"):
+        with_sift(Moved)
+
+
+def test_arguments_list_every_problem():
+    from engine.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        SiftArguments(method="sift+vcas", keep=1.5, criterion="nope", kepp=1, schedule="pipelined", vcas={"rho": 2})
+    text = str(e.value)
+    for part in ("sift.kepp: unknown key (did you mean 'keep'?)", "sift.keep: must be in (0, 1]", "sift.criterion",
+                 "sift.schedule: 'pipelined'", "vcas.rho: must be in (0, 1]"):
+        assert part in text
+    with pytest.raises(ConfigError, match="B / keep = 10.6667 must be a whole number"):
+        SiftTrainer(model=hf_model("gpt2"), args=training_args("unused", B=4), sift=SiftArguments(keep=0.375))
+
+
+def test_unsupported_models_and_batches_are_refused(tmp_path):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    with pytest.raises(UnsupportedError, match="must be a GPT2LMHeadModel"):
+        SiftTrainer(model=GPT2ForSequenceClassification(GPT2Config(n_layer=1, n_embd=32, n_head=2)),
+                    args=training_args(tmp_path))
+    batch = rows("gpt2")[:]
+    left = dict(batch, attention_mask=batch["attention_mask"].flip(1))
+    with pytest.raises(UnsupportedError, match="left-padded"):
+        adapter_batch(left, "gpt2")
+    with pytest.raises(UnsupportedError, match="padding-free / flattened"):
+        adapter_batch(dict(batch, position_ids=torch.arange(T_ := batch["input_ids"].shape[1]).expand(64, T_)), "gpt2")
