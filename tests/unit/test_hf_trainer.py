@@ -168,3 +168,42 @@ def test_unsupported_models_and_batches_are_refused(tmp_path):
         adapter_batch(left, "gpt2")
     with pytest.raises(UnsupportedError, match="padding-free / flattened"):
         adapter_batch(dict(batch, position_ids=torch.arange(T_ := batch["input_ids"].shape[1]).expand(64, T_)), "gpt2")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "bert"])
+def test_vcas_at_ratio_one_is_the_plain_trainer_bitwise(tmp_path, family):
+    """(BERT without the last block's live-position saving, which is exact only up to summation order.)"""
+    data = rows(family)
+    plain = Trainer(model=hf_model(family), args=training_args(tmp_path / "a", steps=2), train_dataset=data)
+    plain.train()
+    vcas = SiftTrainer(model=hf_model(family), args=training_args(tmp_path / "b", steps=2), train_dataset=data,
+                       sift=SiftArguments(method="vcas", vcas={"adaptive": False, "rho": 1.0, "nu": 1.0,
+                                                             "live_positions": False}))
+    assert type(vcas.model.base_model.encoder.layer[0].intermediate.dense if family == "bert"
+                else vcas.model.transformer.h[0].mlp.c_fc).__name__.startswith("Vcas")  # swapped
+    vcas.train()
+    assert losses(vcas) == losses(plain)
+    for (k, a), b in zip(weights(plain.model).items(), weights(vcas.model).values()):
+        assert torch.equal(a, b), k
+
+
+@pytest.mark.slow
+def test_resume_with_method_state_equals_an_uninterrupted_run(tmp_path):
+    """SIFT + adaptive VCAS (calibrating after every step, so its controller state matters): stopping
+    after step 2 and resuming from that checkpoint gives the uninterrupted run's losses and weights."""
+    sift = SiftArguments(method="sift+vcas", keep=0.5, vcas={"calib_every": 1, "calib_batches": 2})
+
+    def trainer(out):
+        return SiftTrainer(model=hf_model("gpt2"), args=training_args(out, steps=4, save_strategy="steps", save_steps=2),
+                           train_dataset=rows("gpt2"), sift=sift)
+
+    whole = trainer(tmp_path / "whole")
+    whole.train()
+    state = torch.load(tmp_path / "whole" / "checkpoint-2" / "sift_state_rank0.pt", weights_only=False)
+    assert state["methods"]["vcas"]["calibrations"] == 2
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "whole" / "checkpoint-2"))
+    assert losses(resumed) == losses(whole)  # steps 1-2 from the checkpoint's log history, 3-4 rerun
+    assert resumed._sift_loop.methods.methods[1].ratios == whole._sift_loop.methods.methods[1].ratios
+    for (k, a), b in zip(weights(whole.model).items(), weights(resumed.model).values()):
+        assert torch.equal(a, b), k
