@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.distributed.common import REPO
 
 LAYERS = ["sift_common", "data_pipeline", "engine", "sift_hf", "study", "benchmarks", "launcher"]
-"""Lowest first; sift_hf (a planned package: above engine, below launcher) counts only where present."""
+"""Lowest first."""
 PACKAGES = [p for p in LAYERS if (REPO / p / "__init__.py").exists()]
 
 
