@@ -82,6 +82,9 @@ def with_sift(base: type[Trainer]) -> type[Trainer]:
                                 "number of rows); set TrainingArguments(torch_compile=False)")
             if self.sift.sift.stop_fraction is not None and a.max_steps <= 0:
                 problems.append("sift.stop_fraction needs TrainingArguments.max_steps > 0 (the run's length)")
+            if a.auto_find_batch_size:
+                problems.append("auto_find_batch_size: not supported with SIFT (per_device_train_batch_size is the "
+                                "back-propagated B the methods are built for)")
             if a.n_gpu > 1:
                 problems.append(f"{a.n_gpu} GPUs in one process (DataParallel): run one process per GPU "
                                 "(torchrun / accelerate launch)")
@@ -92,6 +95,7 @@ def with_sift(base: type[Trainer]) -> type[Trainer]:
             self._sift_loop = MethodLoop(self.sift, self.model, shape)
             self._sift_pending: deque[tuple[MicroContext, Any]] = deque()
             self._sift_resume: str | None = None
+            self._sift_last: MicroContext | None = None
             self.add_callback(_AfterStep(self))
 
         @property

@@ -95,3 +95,20 @@ def test_stateless_method_refuses_foreign_state():
     stack.load_state_dict({"plain": {}, "other": {"x": 1}})  # another method's state is not ours
     with pytest.raises(ValueError, match="has no state"):
         stack.load_state_dict({"plain": {"x": torch.ones(1)}})
+
+
+def test_methods_build_from_their_own_settings_as_from_the_run_config():
+    """``from_settings(settings, TrainShape)`` (no RunConfig: sift_hf) builds what the registry builds."""
+    from engine.methods import TrainShape
+    from engine.methods.sift import Sift
+    from engine.methods.vcas import Vcas
+
+    cfg = load_config(None, ["method=sift+vcas", "train.micro_batch_size=6", "sift.keep=0.25", "train.grad_accum=3",
+                             "train.seed=7", "train.steps=50", "sift.stop_fraction=0.5"])
+    shape = TrainShape(micro_batch_size=6, grad_accum=3, seed=7, total_steps=50)
+    assert TrainShape.of(cfg) == shape
+    a, b = Sift(cfg), Sift.from_settings(cfg.sift, shape)
+    assert (a.B, a.G, a.ga, a.seed, a.total_steps) == (b.B, b.G, b.ga, b.seed, b.total_steps) == (6, 24, 3, 7, 50)
+    assert [a.rows_for_draw(d) for d in range(0, 90, 3)] == [b.rows_for_draw(d) for d in range(0, 90, 3)]
+    v, w = Vcas(cfg), Vcas.from_settings(cfg.vcas, shape)
+    assert (v.cfg, v.seed, v.grad_accum, v.compile) == (w.cfg, w.seed, w.grad_accum, w.compile)
