@@ -107,10 +107,16 @@ def hf_child(arm: str, data: Path, steps: int, out: Path) -> None:
 # ----------------------------------------------------------------------------- the arms (parent)
 
 
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if result.returncode:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... exited {result.returncode}:\n{result.stderr[-3000:]}")
+
+
 def run_hf(arm: str, data: Path, steps: int, out: Path) -> list[float]:
     cmd = [sys.executable, "-m", "benchmarks.hf_side_by_side", "--child", arm, "--data", str(data),
            "--steps", str(steps), "--out", str(out)]
-    subprocess.run(cmd, cwd=REPO, env=child_env(), check=True, capture_output=True, text=True)
+    _run(cmd, child_env())
     ends = json.loads((out / f"{arm}.ends.json").read_text())
     return [b - a for a, b in itertools.pairwise(ends)]
 
@@ -118,15 +124,14 @@ def run_hf(arm: str, data: Path, steps: int, out: Path) -> list[float]:
 def run_sift(arm: str, data: Path, steps: int, out: Path) -> list[float]:
     run_dir = out / f"{arm}.run"
     overrides = [f"data.path={data}", f"train.out_dir={run_dir}", f"train.steps={steps}", f"train.micro_batch_size={B}",
-                 f"train.grad_accum={GA}", "train.log_every=1", f"train.eval_every={steps * 10}", "train.save_every=0",
+                 f"train.grad_accum={GA}", "train.log_every=1", f"train.eval_every={steps * 10}", "train.eval_samples=64", "train.save_every=0",
                  "train.resume=false", "train.tensorboard=false", "train.progress=false", "data.num_workers=0",
                  "optim.lr=1e-3", "deepspeed.config=zero1.json", "deepspeed.precision=fp32", "sift.schedule=serial",
                  "sift.warmup_steps=0", "sift.fidelity_every=0", f"sift.keep={KEEP}",
                  f"method={'sift' if arm == 'sift-sift' else 'none'}", *(f"model.{k}={v}" for k, v in MODEL.items())]
     env = {k: v for k, v in child_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                              "MASTER_PORT", "MASTER_ADDR")}
-    subprocess.run([sys.executable, str(REPO / "launcher" / "train.py"), *overrides], cwd=REPO, env=env, check=True,
-                   capture_output=True, text=True)
+    _run([sys.executable, str(REPO / "launcher" / "train.py"), *overrides], env)
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [B * GA / r["backprop_seq_per_s"] for r in records if "event" not in r and "backprop_seq_per_s" in r]
 
