@@ -5,9 +5,9 @@ Supported: transformers >= 5.0, < 6; accelerate >= 1.1; BERT masked LM, GPT-2 an
 The engine never imports this package.
 """
 
-from sift_hf.accelerate import SiftSelector
 from sift_hf.arguments import SiftArguments
 from sift_hf.models import UnsupportedError
+from sift_hf.selector import SiftSelector
 from sift_hf.trainer import SiftTrainer, with_sift
 
 __all__ = ["SiftArguments", "SiftSelector", "SiftTrainer", "UnsupportedError", "with_sift"]
