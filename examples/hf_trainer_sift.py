@@ -53,7 +53,8 @@ def dataset(tokenizer, docs: list[str]) -> Dataset:
 
 def train(name: str, model, tokenizer, data: Dataset, collator, out: Path, steps: int) -> None:
     args = TrainingArguments(output_dir=str(out / name), per_device_train_batch_size=8, gradient_accumulation_steps=2,
-                             max_steps=steps, learning_rate=1e-3, warmup_steps=5, logging_steps=10, save_strategy="no",
+                             max_steps=steps, learning_rate=1e-3, warmup_steps=5, logging_steps=max(1, steps // 3),
+                             save_strategy="no",
                              report_to=[], use_cpu=True, seed=0, disable_tqdm=True, dataloader_num_workers=0)
     sift = SiftArguments(keep=0.5, criterion="loss", exit_layer=1, warmup_steps=5)
     trainer = SiftTrainer(model=model, args=args, train_dataset=data, data_collator=collator, sift=sift)
