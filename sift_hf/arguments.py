@@ -9,6 +9,7 @@ from engine.config import ConfigError, RunConfig, TrainConfig, _build, validate
 from engine.methods import METHODS, Method, MethodStack, TrainShape, method_names
 from engine.methods.sift_config import SiftConfig
 from engine.methods.vcas.config import VcasConfig
+from engine.scoring import REFERENCED
 
 SOURCE = "SiftArguments"
 UNWEIGHTED = ("topk", "random", "none")
@@ -53,6 +54,9 @@ class SiftArguments:
             problems.append(f"sift.policy: {self.sift.policy!r} is not available inside a Trainer or an accelerate "
                             "loop (a weighted policy needs per-row loss weights the stock model's loss cannot "
                             f"apply); use one of {', '.join(UNWEIGHTED)}")
+        if self.sift.criterion in REFERENCED:
+            problems.append(f"sift.criterion: {self.sift.criterion!r} is not available inside a Trainer or an "
+                            "accelerate loop (its reference model reads the project's prepared data)")
         if self.sift.schedule != "serial":
             problems.append(f"sift.schedule: {self.sift.schedule!r} is not available inside a Trainer or an "
                             "accelerate loop (no side stream there); use 'serial'")
