@@ -10,6 +10,7 @@ compactly, see ``wire.py``). Workers hold no per-sample state, only the memory-m
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -163,6 +164,11 @@ def _as_is(batch: Batch) -> Batch:
 def _worker_init(_: int) -> None:
     # Each worker is one process doing numpy/torch work on small arrays: intra-op threads only contend.
     torch.set_num_threads(1)
+    # SLURM, Kubernetes and Ctrl-C signal every process of the job; the training process decides when
+    # to stop (it saves first), and its workers end with it. A worker dying now would end it at once.
+    for name in ("SIGINT", "SIGTERM", "SIGUSR1", "SIGUSR2"):
+        if hasattr(signal, name):
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
 def build_loader(

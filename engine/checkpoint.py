@@ -22,6 +22,7 @@ directories you trust, as with any pickle.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -160,6 +161,45 @@ def mark_complete(root: Path, tag: str, state: dict[str, Any], keep_last: int) -
     for stale in _all_tags(root):  # incomplete leftovers older than the newest complete one
         if stale not in complete_tags(root) and _step(stale) < _step(tag):
             shutil.rmtree(root / stale, ignore_errors=True)
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system of ``path`` (or of its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def kept(root: Path) -> str:
+    """Where a resume would start, in a sentence (for messages)."""
+    good = last_good(root)
+    return (f"The last complete checkpoint, {root / good}, is intact (a resume starts there)." if good else
+            "There is no complete checkpoint yet (a resume starts from scratch).")
+
+
+def save_failure(root: Path, tag: str, error: BaseException | None) -> str:
+    """The message of a failed save: its cause (a full disk named as such), the free space, what is kept."""
+    chain, e = [], error
+    while e is not None:
+        chain.append(e)
+        e = e.__cause__ or e.__context__
+    full = any(isinstance(x, OSError) and x.errno == errno.ENOSPC for x in chain) or any(
+        s in str(x) for x in chain for s in ("No space left", "unexpected pos"))  # torch.save's short write
+    if error is None:
+        cause = "it failed on another rank (see that rank's message)"
+    elif full:
+        cause = "no space left on device"
+    else:
+        cause = f"{error.__class__.__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    return (f"saving checkpoint {root / tag} failed: {cause} ({free_bytes(root)} bytes free on the file system of "
+            f"{root}); its partial files were removed. {kept(root)} Free space (or move train.out_dir) and run the "
+            "same command again.")
+
+
+def size_of(root: Path, tag: str) -> int:
+    """Bytes of a complete checkpoint's files, from its manifest."""
+    _, manifest = _record(root, tag)
+    return sum(int(v["bytes"]) for v in manifest.values()) + (root / tag / STATE_FILE).stat().st_size
 
 
 # ---------------------------------------------------------------------------------------------- reading

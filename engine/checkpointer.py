@@ -10,6 +10,7 @@ everything that might draw from them.
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +25,13 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, root: Path, engine: Any, *, rank: int, world_size: int, keep_last: int, cuda: bool,
-                 description: dict[str, Any]):
+                 description: dict[str, Any], check_free_space: bool = True):
         """``description``: what rank 0 records with every checkpoint besides the counters (config,
-        model, data), for `sift export` and for people."""
+        model, data), for `sift export` and for people. ``check_free_space``: refuse to start a save
+        with less free space than the last checkpoint took."""
         self.root, self.engine, self.rank, self.world = root, engine, rank, world_size
         self.keep_last, self.cuda, self.description = keep_last, cuda, description
+        self.check_free_space, self._last_bytes = check_free_space, None
 
     def latest(self, resume: bool) -> str | None:
         """The tag to resume from; a ConfigError when resuming is off but checkpoints exist."""
@@ -70,20 +73,54 @@ class Checkpointer:
     def save(self, progress: Progress, parts: dict[str, Any], tag: str | None = None) -> str:
         """Write a complete checkpoint of the current state; ``parts``: this rank's stateful parts
         (tensors and plain data), returned by ``resume`` next time. ``tag``: another name than the step's
-        (a diverged state, engine/checkpoint.py ``diverged_tag``). Every rank must call it."""
+        (a diverged state, engine/checkpoint.py ``diverged_tag``). Every rank must call it.
+
+        A save that fails on any rank (a full disk, most often) removes its partial directory, keeps the
+        previous checkpoints, and raises a ``CheckpointError`` naming the cause on every rank."""
         tag = tag or ckpt.tag_for(progress.step)
-        ds.save_checkpoint(self.engine, self.root, tag)
-        hooks.fire("checkpoint_files_written", step=progress.step, tag=tag, rank=self.rank)
-        ckpt.save_rank_state(self.root, tag, self.rank, {
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None,
-            **parts,
-        })
-        ds.barrier()
+        if self.check_free_space:
+            self._check_room(tag)
+        try:
+            ds.save_checkpoint(self.engine, self.root, tag)
+            hooks.fire("checkpoint_files_written", step=progress.step, tag=tag, rank=self.rank)
+            ckpt.save_rank_state(self.root, tag, self.rank, {
+                "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state() if self.cuda else None,
+                **parts,
+            })
+            failure = None
+        except Exception as e:  # DeepSpeed's torch.save reports a full disk as a RuntimeError
+            failure = e
+        self._agree(tag, failure)
         if self.rank == 0:
             state = {**progress.state_dict(), "world_size": self.world, **self.description}
-            ckpt.mark_complete(self.root, tag, state, self.keep_last)
-        ds.barrier()
+            try:
+                ckpt.mark_complete(self.root, tag, state, self.keep_last)
+            except OSError as e:
+                failure = e
+        self._agree(tag, failure)
+        self._last_bytes = ckpt.size_of(self.root, tag)
         log.info("saved checkpoint %s", self.root / tag)
         hooks.fire("checkpoint_complete", step=progress.step, tag=tag, rank=self.rank)
         return tag
+
+    def _agree(self, tag: str, failure: BaseException | None) -> None:
+        """Collective: when the save failed on any rank, remove its directory and raise everywhere."""
+        if not ds.any_rank(failure is not None):
+            return
+        if self.rank == 0:
+            shutil.rmtree(self.root / tag, ignore_errors=True)
+        ds.barrier()
+        raise ckpt.CheckpointError(ckpt.save_failure(self.root, tag, failure)) from failure
+
+    def _check_room(self, tag: str) -> None:
+        """Collective: refuse to start a save with less free space than the last checkpoint took."""
+        if self._last_bytes is None:
+            last = ckpt.last_good(self.root)
+            self._last_bytes = ckpt.size_of(self.root, last) if last else 0
+        free = ckpt.free_bytes(self.root)
+        if ds.any_rank(free < self._last_bytes):
+            raise ckpt.CheckpointError(
+                f"not saving checkpoint {self.root / tag}: {free} bytes free on the file system of {self.root} "
+                f"(on this rank or another), and the last checkpoint took {self._last_bytes}. {ckpt.kept(self.root)} "
+                "Free space, or set train.check_free_space=false to try anyway.")

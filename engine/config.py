@@ -140,6 +140,13 @@ class TrainConfig:
     progress: bool | None = None
     """Progress bar; None: when stderr is a terminal."""
     tensorboard: bool = True
+    stop_signals: list[str] = field(default_factory=lambda: ["SIGTERM", "SIGINT", "SIGUSR1"])
+    """Signals that stop the run after the current optimizer step, with a checkpoint and exit status 75
+    (engine/stopping.py): what SLURM and Kubernetes send before SIGKILL, Ctrl-C, and SLURM's early
+    warning (``--signal=USR1@120``). [] keeps Python's default handling."""
+    check_free_space: bool = True
+    """Before each save, refuse to start it when the file system holds less free space than the last
+    checkpoint took (the run ends with a clear error; the previous checkpoint stays intact)."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -244,6 +251,10 @@ def validate(cfg: RunConfig) -> list[str]:
               "train.time_budget_s": t.time_budget_s,
               "optim.weight_decay": o.weight_decay}
     p += [f"{k}: must be >= 0, got {v}" for k, v in nonneg.items() if v < 0]
+    from engine.stopping import signal_number
+
+    p += [f"train.stop_signals: {n!r} is not a signal of this platform (e.g. SIGTERM, SIGUSR1)"
+          for n in t.stop_signals if signal_number(n) is None]
     if not 0.0 < s.keep <= 1.0:
         p.append(f"sift.keep: must be in (0, 1], got {s.keep}")
     elif cfg.selecting:

@@ -24,6 +24,7 @@ import deepspeed
 import torch.distributed as dist
 from deepspeed.accelerator import get_accelerator
 
+from engine import build_lock
 from sift_common.errors import SiftError
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,7 @@ def init_distributed(backend: str | None, timeout_s: float = 600.0) -> None:
     """Join the process group described by RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (set by the launcher
     or by launcher/dist_env.py), with a clear error instead of a deep traceback when it fails."""
     backend = backend or ("nccl" if accelerator_name() == "cuda" else "gloo")
+    build_lock.check()  # DeepSpeed may JIT-build an op now (CPU: its shm collective) and would wait on a stale lock
     announce_op_build()
     said = io.StringIO()
     try:
@@ -183,6 +185,35 @@ def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no DeepSpeed model states in {root / tag}")
     state = torch.load(model_files[0], map_location="cpu", weights_only=False)
     return {k: v.float() for k, v in state["module"].items()}
+
+
+_HOST_GROUP: list[Any] = []
+
+
+def host_group() -> Any:
+    """A process group for small CPU tensors (stop flags, sample ids): the default group under gloo,
+    else a gloo group made once (every rank must make the first call at the same point)."""
+    if not _HOST_GROUP:
+        _HOST_GROUP.append(None if dist.get_backend() == "gloo" else dist.new_group(backend="gloo"))
+    return _HOST_GROUP[0]
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any (one all-reduce over the host group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
+    return bool(t.item())
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank (a small picklable value, over the host group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=host_group())
+    return box[0]
 
 
 def barrier() -> None:

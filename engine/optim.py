@@ -53,3 +53,13 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, total_steps: int, cuda: 
         optimizer, lambda s: lr_factor(s, total_steps=total_steps, warmup=warm, decay=cfg.decay)
     )
     return optimizer, schedule
+
+
+def set_peak_lr(scheduler: torch.optim.lr_scheduler.LambdaLR, lr: float) -> None:
+    """After loading a checkpoint: the peak lr is ``lr`` (the config's; the checkpoint restored its own)
+    and the current one its schedule's value at the restored step (the factors come from the config)."""
+    scheduler.base_lrs = [lr] * len(scheduler.base_lrs)
+    values = [lr * factor(scheduler.last_epoch) for factor in scheduler.lr_lambdas]
+    for group, value in zip(scheduler.optimizer.param_groups, values, strict=True):
+        group["lr"] = value
+    scheduler._last_lr = values

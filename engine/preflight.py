@@ -22,9 +22,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sift train", description=DESCRIPTION)
     p.add_argument("--config", help="run config: a YAML path, or the name of a shipped one (e.g. demo-cpu)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--allow-change", action="append", default=[], metavar="KEY",
+                   help="resume although KEY differs from the run recorded in train.out_dir (repeatable)")
+    p.add_argument("--branch-from", metavar="CHECKPOINT",
+                   help="start a new run in train.out_dir from this checkpoint (a checkpoint directory, or a run "
+                        "directory: its latest), with this command's config")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed adds it
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=100 sift.policy=random")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def check_data(cfg: RunConfig, world_size: int = 1) -> None:

@@ -33,7 +33,8 @@ from data_pipeline.loader import build_loader
 from data_pipeline.reader import ShardDataset
 from data_pipeline.sampler import split_half
 from engine import checkpoint as ckpt
-from engine import ds, hooks
+from engine import ds, hooks, identity
+from engine.audit import DrawAudit
 from engine.checkpointer import Checkpointer
 from engine.config import ConfigError, RunConfig, to_dict
 from engine.evaluate import EvalSet, Evaluator, eval_size
@@ -41,9 +42,11 @@ from engine.methods.registry import method_names
 from engine.metrics import MetricLogger, TrainMetrics
 from engine.models import build_model
 from engine.models.base import DataFacts
+from engine.optim import set_peak_lr
 from engine.preflight import load_run
 from engine.progress import Progress, eta
 from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
+from engine.stopping import PREEMPTED_EXIT, StopRequests
 from engine.streams import PhaseTimer, training_stream
 from sift_common.atomic import atomic_write_text
 from sift_common.errors import SiftError
@@ -99,15 +102,45 @@ def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[
     return sets
 
 
-def run(cfg: RunConfig) -> dict[str, Any]:
+def claim_out_dir(cfg: RunConfig, allowed: list[str], branch_from: str | None) -> identity.RunLock | None:
+    """Rank 0 locks train.out_dir (identity.RunLock), branches it when asked and checks the run's identity;
+    every rank raises what it found (one collective). Returns rank 0's lock, to hold for the run's life."""
+    out_dir, lock, error = Path(cfg.train.out_dir), None, None
+    if dist.get_rank() == 0:
+        try:
+            lock = identity.RunLock(out_dir)
+            if branch_from is not None:
+                identity.branch(out_dir, Path(branch_from))
+            ident = identity.identity(to_dict(cfg), dist.get_world_size())
+            for line in identity.check(out_dir, ident, set(allowed)):
+                log.warning("resumed with a changed setting (applied): %s", line)
+        except SiftError as e:
+            error = e
+            if lock is not None:
+                lock.release()
+    error = ds.broadcast_object(error)
+    if error is not None:
+        raise error
+    return lock
+
+
+def run(cfg: RunConfig, allowed: list[str] = (), branch_from: str | None = None) -> dict[str, Any]:
     progress = Progress()
     ds.init_distributed(cfg.deepspeed.dist_backend)
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
-    with training_stream(device):  # CUDA: training outranks the scoring and copy streams, from the build on
-        return train(cfg, progress, device)
+    lock = claim_out_dir(cfg, list(allowed), branch_from)
+    # Handlers from the start: a signal during the build stops the run at its first step boundary.
+    stop = StopRequests(cfg.train.stop_signals)
+    try:
+        with training_stream(device):  # CUDA: training outranks the scoring and copy streams, from the build on
+            return train(cfg, progress, device, stop)
+    finally:
+        stop.close()
+        if lock is not None:
+            lock.release()
 
 
-def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str, Any]:
+def train(cfg: RunConfig, progress: Progress, device: torch.device, stop: StopRequests) -> dict[str, Any]:
     rank, world = dist.get_rank(), dist.get_world_size()
     cuda = device.type == "cuda"
     out_dir, t = Path(cfg.train.out_dir), cfg.train
@@ -132,9 +165,12 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
     checkpointer = Checkpointer(out_dir / "checkpoints", engine, rank=rank, world_size=world, keep_last=t.keep_last,
                                 cuda=cuda, description={"config": to_dict(cfg), "model": model.export_config(),
                                                         "objective": meta.objective,
-                                                        "tokenizer": train_set.tokenizer_path()})
+                                                        "tokenizer": train_set.tokenizer_path()},
+                                check_free_space=t.check_free_space)
     tag = checkpointer.latest(t.resume)
     saved = checkpointer.resume(tag, progress) if tag is not None else None
+    if tag is not None:
+        set_peak_lr(engine.lr_scheduler, cfg.optim.lr)  # the config's, not the checkpoint's (--allow-change)
     # After the weights are final: a method may copy them (SIFT's scorer replica under ZeRO-3).
     attach_methods(methods, model, engine, stage=stage, device=device, rank=rank, world_size=world)
     methods.load_state_dict((saved or {}).get("methods", {}))
@@ -147,7 +183,8 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
                           rows=None if half is None else split_half(len(train_set), half),
                           num_workers=cfg.data.num_workers, mask_prob=cfg.data.mask_prob,
                           pin_memory=cuda if cfg.data.pin_memory is None else cfg.data.pin_memory)
-    schedule = build_schedule(cfg, engine, methods, batches=iter(loader), device=device, rank=rank, world_size=world,
+    audit = DrawAudit(iter(loader), progress.draws, group=ds.host_group())
+    schedule = build_schedule(cfg, engine, methods, batches=audit, device=device, rank=rank, world_size=world,
                               timer=timer)
     if saved is not None and saved.get("pending_scores") is not None:
         schedule.set_pending_scores(saved["pending_scores"].to(device))
@@ -179,7 +216,7 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
         return spent.item() >= t.time_budget_s
 
     # ------------------------------------------------------------------ the loop
-    last_eval, streak, draws0, stopped_early, started = None, 0, progress.draws, False, time.time()
+    last_eval, streak, draws0, stopped_early, started, stopped = None, 0, progress.draws, False, time.time(), None
     checked = progress_start = progress.step  # stop mode: the step of the last non-finite check
     while progress.step < t.steps:
         hooks.fire("micro_step_start", step=progress.step, draw=progress.draws, model=model, engine=engine)
@@ -201,9 +238,10 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
         if not mo.stepped:
             continue
         step = progress.step
-        log_due = step % t.log_every == 0 or step == t.steps
+        stopping = stop.agreed() and step < t.steps  # collective: every rank stops after the same step
+        log_due = step % t.log_every == 0 or step == t.steps or stopping
         eval_due = step % t.eval_every == 0 or step == t.steps
-        save_due = bool(t.save_every and step % t.save_every == 0) or step == t.steps
+        save_due = bool(t.save_every and step % t.save_every == 0) or step == t.steps or stopping
         # one process checks every step; ranks agree at log steps (a collective)
         if t.time_budget_s and (log_due or world == 1) and step < t.steps and out_of_time():
             stopped_early = log_due = eval_due = save_due = True
@@ -217,24 +255,31 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device) -> dict[str,
             checked = step
         if log_due:
             record = train_metrics.flush(step=step, lr=engine.get_lr()[0], progress=progress,
-                                         selecting=rows > t.micro_batch_size)
+                                         selecting=rows > t.micro_batch_size) | audit.take(progress.draws)
             logger.write(record)
             logger.progress(step, {"loss": record.get("loss", float("nan")), "seq/s": record["backprop_seq_per_s"]})
         if eval_due:
             last_eval = do_eval()
         if save_due:
-            save()
+            tag = save()
         if stopped_early:
             log.info("train.time_budget_s=%g spent at step %d of %d: stopped; the same command continues the run",
                      t.time_budget_s, step, t.steps)
             break
+        if stopping:
+            stopped = {"signal": stop.requested, "step": step, "checkpoint": str(checkpointer.root / tag)}
+            logger.write({"event": "stopped", **stopped, "exit_status": PREEMPTED_EXIT})
+            log.warning("stopped by %s after step %d of %d; saved %s; the same command resumes there (exit "
+                        "status %d)", stop.requested, step, t.steps, stopped["checkpoint"], PREEMPTED_EXIT)
+            break
 
-    if last_eval is None:
+    if last_eval is None and stopped is None:
         last_eval = do_eval()
     summary = {"steps": progress.step, "backprop_samples": progress.backprop_samples,
                "scored_samples": progress.scored_samples, "nonfinite_skipped": progress.nonfinite_total,
                "hours": progress.elapsed_hours(), "final_eval": last_eval, "out_dir": str(out_dir),
-               "token_loss": model.token_loss_name, "planned_steps": t.steps, "stopped_early": stopped_early}
+               "token_loss": model.token_loss_name, "planned_steps": t.steps, "stopped_early": stopped_early,
+               "stopped": stopped}
     if rank == 0:
         atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=1))
     logger.close()
@@ -266,7 +311,9 @@ def start(args: argparse.Namespace, cfg: RunConfig) -> int:
     if args.print_config:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
-    summary = run(cfg)
+    summary = run(cfg, args.allow_change, args.branch_from)
+    if summary["stopped"] is not None:
+        return PREEMPTED_EXIT
     if int(os.environ.get("RANK", "0")) == 0:
         ev, name = summary["final_eval"], summary["token_loss"]
         stopped = (f" (train.time_budget_s ran out before step {summary['planned_steps']}; the same command "

@@ -101,6 +101,7 @@ def branch_from(warm_dir: Path, run_dir: Path, seed: int) -> str:
     import torch
 
     from engine import checkpoint as ckpt
+    from engine import identity
 
     tag = warm_tag(warm_dir)
     src, root = warm_dir / "checkpoints" / tag, run_dir / "checkpoints"
@@ -122,6 +123,7 @@ def branch_from(warm_dir: Path, run_dir: Path, seed: int) -> str:
     ckpt.mark_complete(root, tag, kept, keep_last=1)  # the manifest now lists the re-seeded file
     point = {k: record.get(k) for k in ("step", "backprop_samples", "consumed_samples", "hours")}
     (run_dir / BRANCH_FILE).write_text(json.dumps({"tag": tag, **point, "dropout_seed": dropout_seed(seed)}) + "\n")
+    identity.declare_branch(run_dir, src)  # a new run with its own settings (method, seed), not a resume of warm
     return tag
 
 

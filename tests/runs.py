@@ -16,15 +16,27 @@ TINY_RUN = REPO / "tests" / "assets" / "tiny-run.yaml"
 T = TypeVar("T")
 
 
-def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None,
-          check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python launcher/train.py --config tests/assets/tiny-run.yaml ...` as one process."""
+def command(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None) -> list[str]:
+    """`python launcher/train.py --config tests/assets/tiny-run.yaml ...` as one process (options such as
+    --allow-change may come among the overrides)."""
     cmd = [sys.executable, str(REPO / "launcher" / "train.py"), "--config", str(TINY_RUN),
            f"data.path={data}", f"train.out_dir={out_dir}", *overrides]
     if env and "SIFT_FAULT" in env:  # the fault injector is a plugin the run must load
         cmd.append("train.plugins=[tests.faults]")
-    run_env = single_env(env)
-    result = subprocess.run(cmd, cwd=REPO, env=run_env, capture_output=True, text=True, timeout=timeout)
+    return cmd
+
+
+def start(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """``train`` in the background: the caller signals it and reads ``communicate()``."""
+    return subprocess.Popen(command(out_dir, data, *overrides, env=env), cwd=REPO, env=single_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def train(out_dir: Path, data: Path, *overrides: str, env: dict[str, str] | None = None,
+          check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python launcher/train.py --config tests/assets/tiny-run.yaml ...` as one process."""
+    cmd = command(out_dir, data, *overrides, env=env)
+    result = subprocess.run(cmd, cwd=REPO, env=single_env(env), capture_output=True, text=True, timeout=timeout)
     if check and result.returncode != 0:
         raise AssertionError(f"sift train exited {result.returncode}:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     return result

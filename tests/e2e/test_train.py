@@ -16,14 +16,6 @@ from tests.runs import concurrently, evals, losses, train
 GOLDEN = REPO / "tests" / "assets" / "golden" / "tiny-run-losses.json"
 
 
-@pytest.fixture(scope="module")
-def run_a(tiny_data, tmp_path_factory):
-    """The reference: 20 uninterrupted steps, checkpoints at 10 and 20."""
-    out = tmp_path_factory.mktemp("run-a")
-    train(out, tiny_data)
-    return out
-
-
 def test_golden_loss_curve(run_a):
     """The tiny run's 20-step loss curve; regenerate only on purpose with SIFT_UPDATE_GOLDEN=1."""
     got = losses(run_a)
