@@ -48,6 +48,12 @@ class Checkpointer:
         """Load ``tag`` into the engine and ``progress``; returns this rank's saved state (RNG, parts), or
         None when it cannot be used (resumed at another world size: fresh dropout streams)."""
         record = ckpt.verify(self.root, tag)
+        saved_world, stage = record.get("world_size"), ds.zero_stage(self.engine)
+        if saved_world != self.world and stage > 0:
+            raise ckpt.CheckpointError(
+                f"checkpoint {self.root / tag} was saved by {saved_world} ranks under ZeRO-{stage}, whose optimizer "
+                f"shards load only at that world size (this run has {self.world}): resume on {saved_world} ranks "
+                "(resharding through DeepSpeed's universal checkpoint is not implemented)")
         try:
             ds.load_checkpoint(self.engine, self.root, tag)
         except Exception as e:

@@ -4,7 +4,8 @@
 Points: ``during_save`` (SIGKILL after DeepSpeed's files of the checkpoint at that step are written,
 before it is complete), ``after_save`` (SIGKILL right after it is complete), ``poison_weights`` (from
 that step on, every loss is NaN: the diverged-run path), ``sigterm`` (SIGTERM to itself before that step's
-first micro-step, and again while each later checkpoint is written: a second signal during the save),
+first micro-step, and again while each later checkpoint is written: a second signal during the save; only
+rank ``SIFT_FAULT_RANK`` when set),
 ``enospc`` (the checkpoint of that step meets a full disk: each ``torch.save`` into it writes a few bytes,
 then fails with ENOSPC, as a write to a full file system does).
 """
@@ -43,7 +44,8 @@ _signalled = []
 
 
 def _sigterm(step: int, **_) -> None:
-    if _at("sigterm", step) and not _signalled:
+    mine = os.environ.get("SIFT_FAULT_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0")
+    if _at("sigterm", step) and mine and not _signalled:
         _signalled.append(step)
         os.kill(os.getpid(), signal.SIGTERM)
 
