@@ -198,13 +198,18 @@ def host_group() -> Any:
     return _HOST_GROUP[0]
 
 
-def any_rank(flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any (one all-reduce over the host group)."""
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (one all-reduce over the host group)."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([int(flag)], dtype=torch.int32)
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=host_group())
-    return bool(t.item())
+    return int(t.item())
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any."""
+    return bool(max_over_ranks(int(flag)))
 
 
 def broadcast_object(obj: Any) -> Any:

@@ -51,10 +51,10 @@ class StopRequests:
         """Did any rank get a stop signal? Every rank must call it at the same step."""
         from engine import ds  # not at import: the config's checks use signal_number without deepspeed
 
-        if ds.any_rank(self.requested is not None):
-            self.requested = self.requested or "another rank's signal"
-            return True
-        return False
+        num = ds.max_over_ranks(int(signal.Signals[self.requested]) if self.requested else 0)
+        if num and self.requested is None:
+            self.requested = signal.Signals(num).name  # another rank's: named alike in every rank's record
+        return num > 0
 
     def close(self) -> None:
         for num, previous in self._previous.items():
