@@ -111,3 +111,9 @@ def test_stream_digest_does_not_depend_on_the_world_size():
     want = stream_digest([np.concatenate(one)], [2 * size] * 3)
     assert stream_digest([np.concatenate(r) for r in two], [size] * 3) == want
     assert stream_digest([np.concatenate(two[1]), np.concatenate(two[0])], [size] * 3) != want  # order counts
+
+
+def test_a_time_budget_may_change_on_resume(tmp_path):
+    # `sift demo` resumes its run with train.time_budget_s, `sift train --config demo-cpu` without it.
+    identity.check(tmp_path, ident("train.time_budget_s=300"), set())
+    assert identity.check(tmp_path, ident(), set()) == ["train.time_budget_s: 300.0 -> 0.0"]
