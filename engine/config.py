@@ -123,6 +123,9 @@ class TrainConfig:
     keep_last: int = 2
     resume: bool = True
     """Continue from the latest complete checkpoint in out_dir when there is one."""
+    collective_timeout_s: float = 600.0
+    """How long a rank may wait to join the process group or in one collective before it fails: the
+    bound on how long the survivors of a silently lost node wait (a killed peer fails them at once)."""
     nonfinite: str = "skip"
     """What a non-finite loss does. skip: every micro-step reads one flag to the host and skips a
     micro-batch whose loss is non-finite on any rank (no backward, no step). stop: no per-step host read
@@ -255,6 +258,8 @@ def validate(cfg: RunConfig) -> list[str]:
 
     p += [f"train.stop_signals: {n!r} is not a signal of this platform (e.g. SIGTERM, SIGUSR1)"
           for n in t.stop_signals if signal_number(n) is None]
+    if not t.collective_timeout_s > 0:
+        p.append(f"train.collective_timeout_s: must be > 0, got {t.collective_timeout_s}")
     if not 0.0 < s.keep <= 1.0:
         p.append(f"sift.keep: must be in (0, 1], got {s.keep}")
     elif cfg.selecting:

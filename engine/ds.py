@@ -6,6 +6,7 @@ import contextlib
 import io
 import logging
 import os
+import re
 import socket
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -32,6 +33,17 @@ log = logging.getLogger(__name__)
 
 class DistributedInitError(SiftError, RuntimeError):
     pass
+
+
+class PeerLost(SiftError, RuntimeError):
+    """A collective failed because another rank died or stopped answering (a node lost mid-run)."""
+
+    exit_code = 3
+
+
+HOST_ADDR_VAR = "SIFT_HOST_ADDR"
+"""The address this rank's peers reach it at (launcher/dist_env.py sets it); names a lost host's ranks."""
+_hosts: list[str] = []  # every rank's host, gathered once by init_distributed
 
 
 def accelerator_name() -> str:
@@ -83,6 +95,8 @@ def init_distributed(backend: str | None, timeout_s: float = 600.0) -> None:
     finally:
         for line in said.getvalue().splitlines():
             log.debug("deepspeed: %s", line)
+    _hosts[:] = [""] * dist.get_world_size()
+    dist.all_gather_object(_hosts, os.environ.get(HOST_ADDR_VAR) or socket.gethostname())
 
 
 SHM_OP = "ShareMemCommBuilder"
@@ -106,6 +120,29 @@ def announce_op_build() -> None:
     if not built.is_file():
         log.info("DeepSpeed is compiling its CPU communication op (%s), once for this machine: about a minute, "
                  "cached in %s", builder.name, built.parent)
+
+
+
+def peer_lost(exc: BaseException, step: int) -> PeerLost | None:
+    """The one-line error for a collective that failed because a peer went away; None for other errors.
+
+    gloo reports a peer whose process died as `Connection closed by peer [ADDR]:PORT` (or a reset) at
+    once, and a peer that went silent as `Timed out waiting Nms` after train.collective_timeout_s.
+    """
+    text = str(exc)
+    me = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
+    again = "relaunch the same command to resume from the latest complete checkpoint"
+    closed = re.search(r"(?:closed|reset) by peer(?: \[([^\]]+)\])?", text)
+    if closed:
+        addr = closed.group(1)
+        ranks = [str(r) for r, h in enumerate(_hosts) if addr and h == addr]
+        who = (f"host {addr} (rank {', '.join(ranks)})" if ranks else f"host {addr}") if addr else "a peer"
+        return PeerLost(f"{me} lost {who} at step {step}: its connection closed (the process or node died); {again}")
+    timed_out = re.search(r"Timed out waiting (\d+)ms", text)
+    if timed_out:
+        return PeerLost(f"{me}: no answer from the other ranks within {int(timed_out.group(1)) / 1000:g} s "
+                        f"(train.collective_timeout_s) at step {step}: a rank or its node stopped responding; {again}")
+    return None
 
 
 def initialize(

@@ -126,7 +126,7 @@ def claim_out_dir(cfg: RunConfig, allowed: list[str], branch_from: str | None) -
 
 def run(cfg: RunConfig, allowed: list[str] = (), branch_from: str | None = None) -> dict[str, Any]:
     progress = Progress()
-    ds.init_distributed(cfg.deepspeed.dist_backend)
+    ds.init_distributed(cfg.deepspeed.dist_backend, cfg.train.collective_timeout_s)
     device = ds.device_for(int(os.environ.get("LOCAL_RANK", "0")))
     lock = claim_out_dir(cfg, list(allowed), branch_from)
     # Handlers from the start: a signal during the build stops the run at its first step boundary.
@@ -134,6 +134,11 @@ def run(cfg: RunConfig, allowed: list[str] = (), branch_from: str | None = None)
     try:
         with training_stream(device):  # CUDA: training outranks the scoring and copy streams, from the build on
             return train(cfg, progress, device, stop)
+    except RuntimeError as e:  # a collective whose peer died or went silent: one line, not a deep traceback
+        lost = ds.peer_lost(e, progress.step)
+        if lost is None:
+            raise
+        raise lost from e
     finally:
         stop.close()
         if lock is not None:

@@ -28,9 +28,11 @@ from launcher.errors import LaunchError
 from launcher.hostlist import expand_hostlist, expand_tasks_per_node
 
 DEFAULT_MASTER_PORT = 29500  # torch.distributed's and DeepSpeed's default
+HOST_ADDR_VAR = "SIFT_HOST_ADDR"  # this rank's address on the master's network (engine/ds.py names lost hosts by it)
 LOCALHOST = "127.0.0.1"
 
-__all__ = ["DistEnv", "LaunchError", "export", "mpi_master_addr", "pick_address", "resolve", "wait_for_master"]
+__all__ = ["DistEnv", "LaunchError", "export", "interface_of", "mpi_master_addr", "pick_address", "resolve",
+           "wait_for_master"]
 
 
 @dataclass(frozen=True)
@@ -254,12 +256,39 @@ def free_port() -> int:
 
 def prepare_process(env: MutableMapping[str, str]) -> DistEnv:
     """``resolve`` and ``export`` this process's rank; a lone process without MASTER_PORT gets a free
-    port, so that two one-process runs on one machine do not collide."""
+    port, so that two one-process runs on one machine do not collide. With a master on another address
+    than loopback, gloo is told to use the interface on the route to it (GLOO_SOCKET_IFNAME, unless set)."""
     dist = resolve(env)
     if dist.source == "single" and "MASTER_PORT" not in env:
         dist = replace(dist, master_port=free_port())
     export(dist, env)
+    if dist.world_size > 1:
+        local = route_source(dist.master_addr, dist.master_port)
+        if local and not local.startswith("127."):
+            env.setdefault(HOST_ADDR_VAR, local)
+            iface = interface_of(local, _interface_addresses())
+            if iface:
+                env.setdefault("GLOO_SOCKET_IFNAME", iface)
     return dist
+
+
+def route_source(addr: str, port: int) -> str | None:
+    """The local address this host sends from to reach `addr` (a UDP connect: no packet is sent)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, port))
+            return s.getsockname()[0]
+    except OSError:  # unresolvable or no route: leave the choice to gloo
+        return None
+
+
+def interface_of(local: str, interfaces: Sequence[tuple[str, str]]) -> str | None:
+    """The interface holding address `local`, for GLOO_SOCKET_IFNAME.
+
+    Without it gloo advertises the address its host name resolves to, which on many machines (and in
+    containers) is 127.0.x.1 from /etc/hosts: every rank on another host then fails to connect to it.
+    """
+    return next((name for name, a in interfaces if a == local), None)
 
 
 def wait_for_master(addr: str, port: int, timeout_s: float) -> None:

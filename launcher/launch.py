@@ -26,9 +26,11 @@ from launcher.commands import (
     DEFAULT_SCRIPT,
     DS_LAUNCHERS,
     INSTALLED_MODULE,
+    LOCAL_HOSTS,
     LaunchPlan,
     build_command,
     is_local,
+    master_addr,
 )
 from launcher.dist_env import DEFAULT_MASTER_PORT
 from launcher.envvars import (
@@ -46,6 +48,7 @@ from launcher.envvars import (
 from launcher.errors import LaunchError
 from launcher.hostfile import apply_filters, read_hostfile, render_hostfile
 from launcher.hostlist import expand_hostlist
+from launcher.preflight import check_hosts, check_port_free
 
 GENERATED_HOSTFILE = "sift.hostfile"
 # What the deepspeed runner checks for before a multi-node launch (its backend_exists()).
@@ -94,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--script", default=DEFAULT_SCRIPT, help=f"training entry point (default: {DEFAULT_SCRIPT})")
     p.add_argument("--module", action="store_true", help="--script is a module name, run with python -m")
     p.add_argument("--rdzv-id", default="sift", help="torchrun: rendezvous id shared by the nodes of one job")
+    p.add_argument("--no-preflight", action="store_true",
+                   help="skip the checks before starting: hosts answer ssh, slots <= GPUs, the master port is free")
     p.add_argument("--dry-run", action="store_true", help="print what would be written and run; do neither")
     return p
 
@@ -136,6 +141,8 @@ class Prepared:
     files: dict[str, str]  # file name (in the current directory) -> content
     notes: list[str]
     multi_node: bool  # the command reaches other machines (ssh, mpirun, srun, deepspeed's runners)
+    ssh_hosts: dict[str, int]  # hosts the command reaches over ssh -> slots used there
+    master: tuple[str, int] | None  # where rank 0's store will listen; None: not known here
 
 
 def _deepspeed_setup(args: argparse.Namespace, pool: Mapping[str, int], resources: Mapping[str, tuple[int, ...]],
@@ -210,7 +217,20 @@ def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mappin
         notes.append("note: run this same command on every node (e.g. srun --ntasks-per-node=1 ...)")
     multi = not is_local(resources) or args.backend == "srun" or (
         args.backend == "deepspeed" and args.ds_launcher != "pdsh")
-    return Prepared(argv, files, notes, multi)
+    over_ssh = not is_local(resources) and (args.backend == "mpirun" or (
+        args.backend == "deepspeed" and args.ds_launcher == "pdsh"))
+    ssh_hosts = {h: len(s) for h, s in resources.items() if h not in LOCAL_HOSTS} if over_ssh else {}
+    return Prepared(argv, files, notes, multi, ssh_hosts, _master(args, plan))
+
+
+def _master(args: argparse.Namespace, plan: LaunchPlan) -> tuple[str, int] | None:
+    """Where rank 0's store will listen, when this machine can know it before the launch."""
+    if args.backend == "torchrun" and len(plan.resources) > 1:
+        return None  # the same command runs on every node: the first one's store takes the port
+    try:
+        return master_addr(plan), plan.master_port
+    except LaunchError:  # a first host named localhost: the backend (deepspeed) works out the address itself
+        return None
 
 
 def _slots_text(slots: Sequence[int]) -> str:
@@ -264,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"note: {home_env} exists; the deepspeed launcher applies it before ./{DEEPSPEED_ENV_NAME}")
     if not args.dry_run:
         _preflight(args, prepared)
+        if not args.no_preflight:
+            if prepared.ssh_hosts:
+                check_hosts(prepared.ssh_hosts)
+            if prepared.master:
+                check_port_free(*prepared.master)
         notes += _write_files(prepared.files)
     for line in notes:
         print(f"# {line}")

@@ -109,7 +109,16 @@ def test_usage_errors_and_help_come_from_argparse(capsys):
     assert "--gpus-per-node" in capsys.readouterr().out
 
 
-def test_a_real_run_writes_files_then_calls_the_command(capsys, monkeypatch, tmp_path):
+@pytest.fixture
+def preflights(monkeypatch) -> list[tuple]:
+    """The pre-flight checks a real launch makes, recorded instead of run (they would ssh and connect)."""
+    calls: list[tuple] = []
+    monkeypatch.setattr(launch, "check_hosts", lambda slots: calls.append(("ssh", dict(slots))))
+    monkeypatch.setattr(launch, "check_port_free", lambda host, port: calls.append(("port", host, port)))
+    return calls
+
+
+def test_a_real_run_writes_files_then_calls_the_command(capsys, monkeypatch, tmp_path, preflights):
     calls = []
     monkeypatch.setattr(launch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
     monkeypatch.setattr(launch.subprocess, "call", lambda argv: calls.append(argv) or 0)
@@ -121,9 +130,12 @@ def test_a_real_run_writes_files_then_calls_the_command(capsys, monkeypatch, tmp
     assert (tmp_path / "sift.hostfile").read_text() == "n1 slots=2\nn2 slots=2\n"
     assert (tmp_path / ".deepspeed_env").read_text() == "FI_LOG_LEVEL=warn\n"
     assert (tmp_path / ".deepspeed_env.bak").read_text() == "OLD=1\n"
+    assert preflights == [("ssh", {"n1": 2, "n2": 2}), ("port", "n1", 29500)]
+    assert main(["launch", "--no-preflight", "--hosts", "n1,n2", "--gpus-per-node", "2"]) == 0
+    assert len(preflights) == 2
 
 
-def test_an_unwritable_directory_stops_before_running(capsys, monkeypatch, tmp_path):
+def test_an_unwritable_directory_stops_before_running(capsys, monkeypatch, tmp_path, preflights):
     monkeypatch.setattr(launch.shutil, "which", lambda tool: f"/usr/bin/{tool}")
     monkeypatch.setattr(launch.subprocess, "call", lambda argv: pytest.fail("must not run"))
 
