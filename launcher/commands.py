@@ -47,6 +47,7 @@ class LaunchPlan:
     allow_run_as_root: bool = False
     tcp_iface: str | None = None  # the interface Open MPI's own TCP traffic uses
     rdzv_id: str = "sift"
+    local_addr: str | None = None  # torchrun: this node's address as the other nodes reach it
 
 
 def is_local(resources: Mapping[str, tuple[int, ...]]) -> bool:
@@ -171,6 +172,9 @@ def torchrun_command(plan: LaunchPlan) -> list[str]:
     else:
         argv += [f"--nnodes={len(plan.resources)}", f"--nproc-per-node={per_node}", "--rdzv-backend=c10d",
                  f"--rdzv-endpoint={master_addr(plan)}:{plan.master_port}", f"--rdzv-id={plan.rdzv_id}"]
+        # Without it torchrun hands the ranks the first node's host name as MASTER_ADDR (and orders the
+        # nodes by pid), and a host name often resolves to 127.0.1.1 on its own machine only.
+        argv += [f"--local-addr={plan.local_addr}"] if plan.local_addr else []
     return argv + (["--module"] if plan.module else []) + [plan.script, *plan.train_args]
 
 

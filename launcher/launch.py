@@ -32,7 +32,7 @@ from launcher.commands import (
     is_local,
     master_addr,
 )
-from launcher.dist_env import DEFAULT_MASTER_PORT
+from launcher.dist_env import DEFAULT_MASTER_PORT, route_source
 from launcher.envvars import (
     DEEPSPEED_CUDA_FORWARDED_PREFIXES,
     DEEPSPEED_ENV_NAME,
@@ -199,6 +199,8 @@ def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mappin
         fields, files = _deepspeed_setup(args, pool, resources, collected, changed, environ)
     else:
         fields = {"env": changed}
+    if args.backend == "torchrun" and not is_local(resources):
+        fields["local_addr"] = _torchrun_local_addr(args, resources)
     script, module = args.script, args.module
     if script == DEFAULT_SCRIPT and not module and not Path(script).is_file():
         script, module = INSTALLED_MODULE, True  # not in a clone: the installed package's entry point
@@ -221,6 +223,14 @@ def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mappin
         args.backend == "deepspeed" and args.ds_launcher == "pdsh"))
     ssh_hosts = {h: len(s) for h, s in resources.items() if h not in LOCAL_HOSTS} if over_ssh else {}
     return Prepared(argv, files, notes, multi, ssh_hosts, _master(args, plan))
+
+
+def _torchrun_local_addr(args: argparse.Namespace, resources: Mapping[str, tuple[int, ...]]) -> str | None:
+    """This node's address on the route to the rendezvous host (a UDP connect sends nothing); None where
+    that is loopback or unknown (then torchrun uses the host name)."""
+    endpoint = args.master_addr or next(iter(resources))
+    local = route_source(endpoint, args.master_port)
+    return local if local and not local.startswith("127.") else None
 
 
 def _master(args: argparse.Namespace, plan: LaunchPlan) -> tuple[str, int] | None:

@@ -83,6 +83,11 @@ def test_reducible_needs_a_reference_and_the_reference_knobs_are_checked():
     load_config(None, ["method=none", "sift.criterion=reducible"])  # vanilla scores nothing: no reference needed
 
 
+def test_collective_timeout_must_be_positive(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.collective_timeout_s: must be > 0, got 0.0"):
+        load_config(None, ["train.collective_timeout_s=0"])
+
+
 def test_bad_files_and_overrides(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the config file"):
         load_config(tmp_path / "missing.yaml")
