@@ -132,9 +132,11 @@ def peer_lost(exc: BaseException, step: int) -> PeerLost | None:
     text = str(exc)
     me = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
     again = "relaunch the same command to resume from the latest complete checkpoint"
-    closed = re.search(r"(?:closed|reset) by peer(?: \[([^\]]+)\])?", text)
-    if closed:
-        addr = closed.group(1)
+    if re.search(r"(?:closed|reset) by peer", text):
+        # The peer's address: gloo writes `remote=[ADDR]:PORT` or `by peer [ADDR]:PORT` (file names are
+        # bracketed too, but hold a '/').
+        found = re.search(r"remote=\[([^\]/]+)\]", text) or re.search(r"\[([^\]/]+)\]:\d+", text)
+        addr = found.group(1) if found else None
         ranks = [str(r) for r, h in enumerate(_hosts) if addr and h == addr]
         who = (f"host {addr} (rank {', '.join(ranks)})" if ranks else f"host {addr}") if addr else "a peer"
         return PeerLost(f"{me} lost {who} at step {step}: its connection closed (the process or node died); {again}")

@@ -48,6 +48,7 @@ class LaunchPlan:
     tcp_iface: str | None = None  # the interface Open MPI's own TCP traffic uses
     rdzv_id: str = "sift"
     local_addr: str | None = None  # torchrun: this node's address as the other nodes reach it
+    rdzv_host: bool | None = None  # torchrun: this node serves the rendezvous store (None: torchrun guesses)
 
 
 def is_local(resources: Mapping[str, tuple[int, ...]]) -> bool:
@@ -175,6 +176,9 @@ def torchrun_command(plan: LaunchPlan) -> list[str]:
         # Without it torchrun hands the ranks the first node's host name as MASTER_ADDR (and orders the
         # nodes by pid), and a host name often resolves to 127.0.1.1 on its own machine only.
         argv += [f"--local-addr={plan.local_addr}"] if plan.local_addr else []
+        # torchrun's own guess compares the endpoint with what this machine's host name resolves to,
+        # which misses an endpoint given as an address: then no node serves the store.
+        argv += [f"--rdzv-conf=is_host={int(plan.rdzv_host)}"] if plan.rdzv_host is not None else []
     return argv + (["--module"] if plan.module else []) + [plan.script, *plan.train_args]
 
 

@@ -14,6 +14,7 @@ import argparse
 import os
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
@@ -200,7 +201,7 @@ def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mappin
     else:
         fields = {"env": changed}
     if args.backend == "torchrun" and not is_local(resources):
-        fields["local_addr"] = _torchrun_local_addr(args, resources)
+        fields["local_addr"], fields["rdzv_host"] = _torchrun_node(args, resources)
     script, module = args.script, args.module
     if script == DEFAULT_SCRIPT and not module and not Path(script).is_file():
         script, module = INSTALLED_MODULE, True  # not in a clone: the installed package's entry point
@@ -225,12 +226,17 @@ def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mappin
     return Prepared(argv, files, notes, multi, ssh_hosts, _master(args, plan))
 
 
-def _torchrun_local_addr(args: argparse.Namespace, resources: Mapping[str, tuple[int, ...]]) -> str | None:
-    """This node's address on the route to the rendezvous host (a UDP connect sends nothing); None where
-    that is loopback or unknown (then torchrun uses the host name)."""
+def _torchrun_node(args: argparse.Namespace, resources: Mapping[str, tuple[int, ...]]) -> tuple[str | None, bool | None]:
+    """This node's address on the route to the rendezvous host (a UDP connect sends nothing), and whether
+    it is that host; (None, None) where the route is unknown (then torchrun guesses both)."""
     endpoint = args.master_addr or next(iter(resources))
     local = route_source(endpoint, args.master_port)
-    return local if local and not local.startswith("127.") else None
+    if local is None or local.startswith("127."):
+        return None, None
+    try:
+        return local, socket.gethostbyname(endpoint) == local
+    except OSError:
+        return local, None
 
 
 def _master(args: argparse.Namespace, plan: LaunchPlan) -> tuple[str, int] | None:

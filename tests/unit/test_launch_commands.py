@@ -79,7 +79,8 @@ def test_torchrun_single_and_multi_node():
         "env", "X=1", "torchrun", "--nnodes=2", "--nproc-per-node=8", "--rdzv-backend=c10d",
         "--rdzv-endpoint=p4d-1:29500", "--rdzv-id=job7", "--module", "launcher.train", "--config", "run.yaml"]
     # this node's address (sift launch finds it on the route to the endpoint) for MASTER_ADDR and node order
-    assert "--local-addr=10.0.0.2" in build_command("torchrun", plan(local_addr="10.0.0.2"))
+    argv = build_command("torchrun", plan(local_addr="10.0.0.2", rdzv_host=False))
+    assert "--local-addr=10.0.0.2" in argv and "--rdzv-conf=is_host=0" in argv
 
 
 def test_deepspeed_pdsh_with_hostfile_and_filter():

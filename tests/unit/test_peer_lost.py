@@ -15,6 +15,12 @@ def test_a_closed_connection_names_the_host_and_its_ranks(monkeypatch):
     assert "relaunch the same command to resume from the latest complete checkpoint" in str(lost)
 
 
+def test_a_reset_connection_names_the_remote_end(monkeypatch):
+    monkeypatch.setattr(ds, "_hosts", ["10.0.0.1", "10.0.0.2"])
+    err = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Read error [10.0.0.2]:41414: Connection reset by peer")
+    assert "lost host 10.0.0.2 (rank 1) at step 2" in str(ds.peer_lost(err, step=2))
+
+
 def test_a_silent_peer_is_named_by_the_timeout():
     err = RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 30000ms for recv operation")
     text = str(ds.peer_lost(err, step=4))

@@ -1,0 +1,200 @@
+"""Two hosts x 2 ranks through each launcher, as a user types it, train exactly like one host x 4 ranks;
+a host lost mid-run stops the survivors with one line and a relaunch resumes; bad hosts are caught
+before any rank starts. Hosts are network namespaces with their own sshd (tests/multinode/cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from engine import checkpoint as ckpt
+from tests.distributed.common import REPO
+from tests.multinode.conftest import finish, launch_env, start
+from tests.runs import TINY_RUN, losses
+
+pytestmark = [pytest.mark.multinode, pytest.mark.dist, pytest.mark.slow]
+
+RUN_TIMEOUT_S = 300
+# A SIFT run (top-k at exit 1 from step 3 on) short enough for 4 CPU ranks on 2 cores.
+TRAIN = ["model.dropout=0.0", "train.steps=6", "train.eval_every=6", "train.save_every=3", "sift.fidelity_every=0",
+         "train.plugins=[tests.multinode.probe]"]
+SIFT_LAUNCH = [sys.executable, "-m", "launcher.cli", "launch"]
+
+
+def training_args(data: Path, out: Path, *extra: str) -> list[str]:
+    return ["--config", str(TINY_RUN), f"data.path={data}", f"train.out_dir={out}", *TRAIN, *extra]
+
+
+def launch_args(work: Path, port: int) -> list[str]:
+    """What every launch here adds: the p4d profile and the probe's directory must reach every rank."""
+    return ["--master-port", str(port), "--profile", "p4d", "--forward", "DS_ACCELERATOR", "--forward",
+            "OMP_NUM_THREADS", "--forward", "TORCH_EXTENSIONS_DIR", "--env", f"SIFT_PROBE_DIR={work / 'probe'}",
+            "--script", str(REPO / "launcher" / "train.py")]
+
+
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "probe").mkdir()
+    return tmp_path
+
+
+def run(cluster, host: int, argv: list[str], work: Path, **env: str) -> tuple[int, str]:
+    log = work / f"launch-{len(list(work.glob('launch-*.log')))}.log"
+    proc = start(cluster, host, argv, work, launch_env(cluster, **env), log)
+    (code,) = finish(cluster, [proc], [log], RUN_TIMEOUT_S)
+    return code, log.read_text()
+
+
+def steps(out: Path) -> list[tuple]:
+    """Per step: (step, loss, back-propagated samples, scored samples), as rank 0 logged them."""
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: (r["step"], r["loss"], r["backprop_samples"], r["scored_samples"])
+               for r in records if "event" not in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def assert_same_run(out: Path, reference: Path) -> None:
+    got, want = steps(out), steps(reference)
+    assert [s[0] for s in got] == [s[0] for s in want]
+    assert [s[2:] for s in got] == [s[2:] for s in want]  # the same rows drawn, scored and trained
+    assert losses(out) == pytest.approx(losses(reference), rel=1e-5, abs=1e-6)
+
+
+def probes(work: Path) -> dict[int, dict]:
+    return {int(p.stem.removeprefix("rank")): json.loads(p.read_text()) for p in (work / "probe").glob("rank*.json")}
+
+
+def assert_ran_across(cluster, work: Path) -> None:
+    """Ranks 0-1 on the first host, 2-3 on the second, all given the first host's address as master, and
+    the launching shell's settings delivered to the remote ranks too."""
+    seen = probes(work)
+    assert sorted(seen) == [0, 1, 2, 3]
+    for rank, probe in seen.items():
+        assert probe["addrs"] == [cluster.addrs[rank // 2]], (rank, probe)
+        assert probe["env"]["MASTER_ADDR"] == cluster.addrs[0], (rank, probe)
+        assert probe["env"]["FI_EFA_USE_HUGE_PAGE"] == "0" and probe["env"]["DS_ACCELERATOR"] == "cpu", (rank, probe)
+
+
+@pytest.fixture(scope="module")
+def one_host(cluster, tiny_data, tmp_path_factory) -> Path:
+    """The reference: the same run as 4 ranks on one host (the deepspeed launcher, loopback)."""
+    work = workdir(tmp_path_factory.mktemp("one-host"))
+    argv = [*SIFT_LAUNCH, "--hosts", "localhost", "--gpus-per-node", "4", *launch_args(work, cluster.free_port()),
+            "--", *training_args(tiny_data, work / "out")]
+    code, output = run(cluster, 0, argv, work)
+    assert code == 0, output[-5000:]
+    return work / "out"
+
+
+def test_deepspeed_launcher_over_pdsh(cluster, one_host, tiny_data, tmp_path):
+    work = workdir(tmp_path)
+    (work / "hostfile").write_text("".join(f"{a} slots=2\n" for a in cluster.addrs))
+    argv = [*SIFT_LAUNCH, "--hostfile", str(work / "hostfile"), *launch_args(work, cluster.free_port()),
+            "--", *training_args(tiny_data, work / "out")]
+    code, output = run(cluster, 0, argv, work)
+    assert code == 0, output[-5000:]
+    assert_ran_across(cluster, work)
+    assert_same_run(work / "out", one_host)
+
+
+def test_mpirun(cluster, one_host, tiny_data, tmp_path):
+    work = workdir(tmp_path)
+    argv = [*SIFT_LAUNCH, "--backend", "mpirun", "--hosts", ",".join(cluster.addrs), "--gpus-per-node", "2",
+            "--oversubscribe", "--allow-run-as-root", "--python", sys.executable, *launch_args(work, cluster.free_port()),
+            "--", *training_args(tiny_data, work / "out")]
+    code, output = run(cluster, 0, argv, work)
+    assert code == 0, output[-5000:]
+    assert_ran_across(cluster, work)
+    assert_same_run(work / "out", one_host)
+
+
+def test_torchrun_c10d_rendezvous_on_the_first_host(cluster, one_host, tiny_data, tmp_path):
+    """The printed torchrun command, run on each host (as `sift launch` says to)."""
+    work = workdir(tmp_path)
+    argv = [*SIFT_LAUNCH, "--backend", "torchrun", "--hosts", ",".join(cluster.addrs), "--gpus-per-node", "2",
+            "--rdzv-id", f"sift-{cluster.prefix}", *launch_args(work, cluster.free_port()),
+            "--", *training_args(tiny_data, work / "out")]
+    env = launch_env(cluster, SIFT_PROBE_DIR=str(work / "probe"), FI_EFA_USE_HUGE_PAGE="0")
+    logs = [work / f"host{i}.log" for i in range(2)]
+    procs = [start(cluster, i, argv, work, env, logs[i]) for i in range(2)]
+    codes = finish(cluster, procs, logs, RUN_TIMEOUT_S)
+    assert codes == [0, 0], "\n".join(log.read_text()[-3000:] for log in logs)
+    assert_ran_across(cluster, work)
+    assert_same_run(work / "out", one_host)
+
+
+def test_a_host_lost_mid_run_stops_the_survivors_and_a_relaunch_resumes(cluster, one_host, tiny_data, tmp_path):
+    """Every rank pauses once the step-3 checkpoint is complete; host 1 is then killed (sshd, shells,
+    ranks): ranks 0-1 must fail at their next collective with one line naming it, the launcher must
+    exit non-zero, and the same command, run again, must finish the run exactly as if nothing happened."""
+    work = workdir(tmp_path)
+    (work / "hostfile").write_text("".join(f"{a} slots=2\n" for a in cluster.addrs))
+    argv = [*SIFT_LAUNCH, "--hostfile", str(work / "hostfile"), *launch_args(work, cluster.free_port()),
+            "--env", "SIFT_PAUSE_AFTER_SAVE=3", "--", *training_args(tiny_data, work / "out"),
+            "train.collective_timeout_s=60"]
+    log = work / "lost.log"
+    proc = start(cluster, 0, argv, work, launch_env(cluster), log)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while len(list((work / "probe").glob("paused-rank*"))) < 4:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            finish(cluster, [proc], [log], 1)
+            pytest.fail(f"the ranks never paused after the step-3 checkpoint:\n{log.read_text()[-5000:]}")
+        time.sleep(0.2)
+    try:
+        assert cluster.kill_host(1) > 0
+        released = time.monotonic()
+        (work / "probe" / "release").touch()
+        (code,) = finish(cluster, [proc], [log], 120)
+        took = time.monotonic() - released
+    finally:
+        cluster.restart_sshd(1)  # host 1 boots again, for the relaunch and the tests after this one
+    output = log.read_text()
+    print(f"node lost: launcher exited {code} {took:.1f} s after the survivors resumed")
+    assert code != 0
+    # Each survivor names the peer it lost (a survivor may see its local neighbour exit first).
+    errors = [line for line in output.splitlines() if "error: " in line]
+    assert errors and all(re.search(r"sift train: error: rank [01] of 4 lost (host .*|a peer) at step 3: ", e) for e in errors)
+    assert any(f"lost host {cluster.addrs[1]} (rank 2, 3) at step 3" in e for e in errors), output[-5000:]
+    assert ckpt.find_latest(work / "out" / "checkpoints") == "step00000003"
+
+    argv[argv.index("SIFT_PAUSE_AFTER_SAVE=3")] = "SIFT_PAUSE_AFTER_SAVE=none"
+    code, output = run(cluster, 0, argv, work)
+    assert code == 0, output[-5000:]
+    assert "resumed from" in output
+    assert_same_run(work / "out", one_host)  # steps 4-6 again draw the rows the uninterrupted run drew
+
+
+def test_bad_hosts_fail_before_any_rank_starts(cluster, tiny_data, tmp_path):
+    """A host that does not answer ssh, and a master port already taken: one line each, nothing started."""
+    work = workdir(tmp_path)
+    silent = cluster.addrs[0].rsplit(".", 1)[0] + ".99"  # in the cluster's subnet, no host there
+    (work / "hostfile").write_text("".join(f"{a} slots=2\n" for a in [*cluster.addrs, silent]))
+    train = ["--", *training_args(tiny_data, work / "out")]
+    code, output = run(cluster, 0, [*SIFT_LAUNCH, "--hostfile", str(work / "hostfile"),
+                                    *launch_args(work, cluster.free_port()), *train], work)
+    assert code == 2, output
+    assert f"host {silent} does not answer ssh" in output
+    assert not any(f"host {a} " in output for a in cluster.addrs)  # the good hosts are not blamed
+    assert "deepspeed" not in output.split("error:")[0]  # no command was run
+
+    port = cluster.free_port()
+    holder = cluster.popen(0, [sys.executable, "-c", f"import socket, time; s = socket.create_server(('{cluster.addrs[0]}', "
+                                                     f"{port})); print('ready', flush=True); time.sleep(120)"],
+                           stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        (work / "hostfile").write_text("".join(f"{a} slots=2\n" for a in cluster.addrs))
+        code, output = run(cluster, 0, [*SIFT_LAUNCH, "--hostfile", str(work / "hostfile"), *launch_args(work, port),
+                                        *train], work)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2, output
+    assert f"port {port} on the master {cluster.addrs[0]} is already in use" in output
+    assert not (work / "out").exists()
+
