@@ -20,7 +20,7 @@ from launcher.dist_env import _interface_addresses
 DIR = os.environ.get("SIFT_PROBE_DIR")
 RANK = os.environ.get("RANK", "0")
 REPORTED = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "LOCAL_RANK", "DS_ACCELERATOR", "FI_EFA_USE_HUGE_PAGE",
-            "NCCL_SOCKET_IFNAME", "SIFT_PROBE_TOKEN")
+            "NCCL_SOCKET_IFNAME")
 
 if DIR:
     Path(DIR, f"rank{RANK}.json").write_text(json.dumps({
