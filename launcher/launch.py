@@ -185,7 +185,8 @@ def _deepspeed_setup(args: argparse.Namespace, pool: Mapping[str, int], resource
 
 
 def prepare(args: argparse.Namespace, train_args: Sequence[str], environ: Mapping[str, str]) -> Prepared:
-    """The command, files and notes for the parsed options; pure given `environ` and the hostfile."""
+    """The command, files and notes for the parsed options; pure given `environ` and the hostfile (and, for
+    torchrun on several hosts, this machine's route to the first one)."""
     pool, origin = _host_pool(args, environ)
     resources = {h: tuple(s) for h, s in apply_filters(pool, args.include, args.exclude).items()}
     collected = collect_env(environ, profile=PROFILES[args.profile], overrides=_parse_env_pairs(args.env),

@@ -2,9 +2,8 @@
 
     with Cluster(2) as c:                       # root only; see `missing()` for what it needs
         c.addrs                                 # ['10.251.37.1', '10.251.37.2']
-        c.run(0, ["python", ...], env=...)      # a process on host 0 (ip netns exec)
+        c.popen(0, ["python", ...], env=...)    # a process on host 0 (ip netns exec)
         c.kill_host(1)                          # SIGKILL every process of host 1
-        c.cut_link(1)                           # drop host 1's link without telling anyone
 
 Every object gets a unique prefix (`sm<pid hex><random>`), so concurrent runs never collide. The bridge
 lives in a namespace of its own (the "switch"), so nothing is added to the machine's own network
@@ -182,10 +181,6 @@ class Cluster:
                                            stdout=log, stderr=subprocess.STDOUT))
         log.close()
 
-    def pids(self, i: int) -> list[int]:
-        out = _sh("ip", "netns", "pids", self.hosts[i], check=False).stdout.split()
-        return [int(p) for p in out]
-
     def kill_host(self, i: int) -> int:
         """SIGKILL every process in host i's namespace (its sshd, shells and ranks): the node is gone."""
         return _kill_namespace(self.hosts[i])
@@ -194,10 +189,6 @@ class Cluster:
         """Boot host i again after `kill_host`: a fresh sshd on its address."""
         self._start_sshd(i)
         self._wait_for_sshd(i)
-
-    def cut_link(self, i: int) -> None:
-        """Take host i's switch port down: its packets vanish, no connection is reset."""
-        _sh("ip", "link", "set", f"{self.prefix}p{i}", "down", ns=self.switch)
 
     def close(self) -> None:
         for ns in [*self.hosts, self.switch]:
