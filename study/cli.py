@@ -78,35 +78,103 @@ class Regime:
     kinds: dict[str, tuple[Path, float]] = field(default_factory=dict)  # kind -> (dataset, share of training)
 
 
-def _resolve(base: Path, overrides: list[str], where: str, problems: list[str]) -> dict[str, Any] | None:
+def _resolve(base: Path, overrides: list[str], where: str, problems: list[str]) -> Any:
     try:
-        return to_dict(load_config(base, overrides))
+        return load_config(base, overrides)
     except ConfigError as e:
         problems.append(f"{where}: " + "; ".join(e.problems))
         return None
 
 
+def _facts(data: Path) -> Any:
+    """The dataset's DataFacts (vocabulary, sequence length, objective), or None before it is built."""
+    if not (data / "index.json").is_file():
+        return None
+    from data_pipeline.index import read_index
+    from engine.reference import data_facts
+
+    return data_facts(read_index(data)[0])
+
+
+class _Flops:
+    """Counted FLOPs per step of a regime's run configs (study/budget.py), models built once per config."""
+
+    def __init__(self, facts: Any):
+        self.facts, self._rows = facts, {}
+
+    def per_row(self, model_cfg: Any) -> Any:
+        """The model's FlopCounts per row (its layers: ``.layers``)."""
+        from engine.models import build_model
+
+        key = json.dumps(dataclasses.asdict(model_cfg), sort_keys=True, default=str)
+        if key not in self._rows:
+            self._rows[key] = build_model(model_cfg, self.facts).flops(self.facts.seq_len)
+        return self._rows[key]
+
+    def step(self, cfg: Any, reference: Any = None) -> Any:
+        from study.budget import step_flops
+
+        ref_row = 0.0
+        if reference is not None:  # the reference's forward: every block and the head (engine/reference.py)
+            counts = self.per_row(reference.model)
+            ref_row = counts.scoring(counts.layers)
+        return step_flops(cfg, self.per_row(cfg.model), self.facts.seq_len, ref_row, self.facts.objective)
+
+
+def reference_job(spec: StudySpec, regime: Regime, ref_dir: Path, bert: bool) -> tuple[list[str], list[str]]:
+    """(the `sift reference` command, the overrides a reducible arm gets). BERT: one reference on half 1
+    of the training split, run online, and the arm trains on half 0 (its masks change every epoch, so no
+    sidecar); decoders: RHO-LOSS's two references (halves 0 and 1) and a sidecar scoring each row with the
+    one that did not see it."""
+    cmd = [sys.executable, "-m", "launcher.reference", "--config", str(ref_dir / "config.yaml"), "--out", str(ref_dir)]
+    if bert:
+        return [*cmd, "--half", "1"], [f"sift.reference={ref_dir}", "data.train_half=0"]
+    sidecar = ref_dir / "losses.sidecar"
+    return ([*cmd, "--half", "both", "--sidecar", str(sidecar)],
+            [f"sift.reference={ref_dir / 'half0'}", f"sift.reference_losses={sidecar}"])
+
+
 def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
     """Every job of one regime, each config validated: with the continuation protocol the warm-up run,
     then per seed its start evaluation and every arm's run (seed-major: an interrupted study has whole
-    seeds); without it, every (arm, seed) run from random init."""
+    seeds); without it, every (arm, seed) run from random init. Reducible arms without a reference of their
+    own depend on the regime's reference job (`sift reference`). With ``study.budget: flops`` each arm's
+    steps (and LR schedule) end where its counted FLOPs reach vanilla's."""
+    from study.budget import budget_steps
+    from study.spec import needs_reference
+
     held = [f"data.extra_eval.{n}={d}" for n, d in regime.heldout.items()]  # evaluated at every evaluation
     common = [*spec.overrides, f"data.path={regime.data}", *held]
     kinds = [a for k, (d, w) in regime.kinds.items() for a in ("--kind", f"{k}={d}:{w}")]
     br = spec.branch
-    protocol = [] if br is None else [f"train.steps={br.total}", f"optim.schedule_steps={br.total}"]
+    first = br.warm_steps if br else 0
+
+    def protocol(steps: int | None) -> list[str]:  # steps: the arm's own (continuation) steps
+        if steps is None:
+            return [] if br is None else [f"train.steps={br.total}", f"optim.schedule_steps={br.total}"]
+        return [f"train.steps={first + steps}", f"optim.schedule_steps={first + steps}"]
+
     plans: list[RunPlan] = []
     problems: list[str] = []
+    flops = _Flops(_facts(regime.data)) if spec.budget == "flops" else None
+    if flops is not None and flops.facts is None:
+        log.warning("%s: no prepared data yet, so the FLOPs budget cannot be counted; the plan shows equal steps",
+                    regime.data)
+        flops = None
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base.yaml"
         base.write_text(yaml.safe_dump(spec.base, sort_keys=False))
 
-        def add(arm: Arm, seed: int, run_dir: Path, extra: list[str], kind: str = "run") -> RunPlan | None:
-            cfg = _resolve(base, [*common, *arm.overrides, *protocol, *extra, f"train.seed={seed}",
-                                  f"train.out_dir={run_dir}"], f"{kind} {arm.name}", problems)
+        def resolve_(arm: Arm, extra: list[str], where: str) -> Any:
+            return _resolve(base, [*common, *arm.overrides, *extra], where, problems)
+
+        def add(arm: Arm, seed: int, run_dir: Path, extra: list[str], kind: str = "run", steps: int | None = None,
+                cost: Any = None) -> RunPlan | None:
+            cfg = resolve_(arm, [*protocol(steps), *extra, f"train.seed={seed}", f"train.out_dir={run_dir}"],
+                           f"{kind} {arm.name}")
             if cfg is None:
                 return None
-            plan = RunPlan(arm, seed, run_dir, cfg, kind=kind, regime=regime.name)
+            plan = RunPlan(arm, seed, run_dir, to_dict(cfg), kind=kind, regime=regime.name, flops=cost)
             if warm is not None:
                 plan.deps, plan.branch = [warm.key], warm.dir
             plans.append(plan)
@@ -115,13 +183,48 @@ def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
         warm = None
         if br is not None:
             warm = add(VANILLA, br.warm_seed, regime.out / "warm", [f"train.steps={br.warm_steps}"], "warm")
+        ref_plan, ref_extra, ref_cfg = None, [], None
+        if spec.reference_model is not None:
+            rm, ref_dir = spec.reference_model, regime.out / "reference"
+            ref_cfg = resolve_(Arm("reference", ("method=none",)),
+                               [*rm.overrides, f"train.steps={rm.steps}", "train.seed=0", f"train.out_dir={ref_dir}"],
+                               "reference")
+            if ref_cfg is not None:
+                bert = ref_cfg.model.family == "bert"
+                cmd, ref_extra = reference_job(spec, regime, ref_dir, bert)
+                ref_plan = RunPlan(Arm("reference", ()), 0, ref_dir, to_dict(ref_cfg), kind="reference",
+                                   regime=regime.name, command=cmd)
+                plans.append(ref_plan)
+        # each arm's steps: equal samples, or within vanilla's counted FLOPs
+        steps: dict[str, int | None] = {a.name: None for a in spec.arms}
+        costs: dict[str, Any] = {}
+        if flops is not None:
+            vanilla_cfg = resolve_(VANILLA, protocol(None), "vanilla")
+            vanilla = flops.step(vanilla_cfg) if vanilla_cfg is not None else None
+            n = br.steps if br else (vanilla_cfg.train.steps if vanilla_cfg is not None else 0)
+            for arm in spec.arms:
+                extra = ref_extra if needs_reference(arm) else []
+                cfg = resolve_(arm, [*protocol(None), *extra], arm.name)
+                if cfg is None or vanilla is None:
+                    continue
+                uses_ref = cfg.sift.criterion == "reducible" and cfg.selecting
+                ref_model = ref_cfg if needs_reference(arm) else None
+                if uses_ref and ref_model is None:  # the arm's own reference: counted as the base model
+                    ref_model = cfg
+                costs[arm.name] = flops.step(cfg, ref_model if uses_ref else None)
+                warmup = max(0, cfg.sift.warmup_steps - first) if cfg.selecting else 0
+                steps[arm.name] = budget_steps(n, vanilla, costs[arm.name], warmup)
         for seed in spec.seeds:
             if warm is not None:
                 add(VANILLA, seed, regime.out / "start" / f"seed{seed}", [f"train.steps={br.warm_steps}"], "start")
             for arm in spec.arms:
-                plan = add(arm, seed, regime.out / "runs" / arm.name / f"seed{seed}", [])
+                extra = ref_extra if needs_reference(arm) else []
+                plan = add(arm, seed, regime.out / "runs" / arm.name / f"seed{seed}", extra,
+                           steps=steps[arm.name], cost=costs.get(arm.name))
                 if plan is None:
                     continue
+                if extra and ref_plan is not None:
+                    plan.deps = [*plan.deps, ref_plan.key]
                 select = selection_of(plan.config)
                 plan.probe = ["--run", str(plan.dir), "--select", select, *kinds] if select and kinds else []
         if warm is not None and kinds:
@@ -319,12 +422,14 @@ def main(argv: list[str] | None = None) -> int:
     every = [p for r in regimes for p in plans[r.name]]
 
     if args.dry_run:
-        print(f"study {spec.name}: {len(spec.arms)} arms x {len(spec.seeds)} seeds"
+        print(f"study {spec.name} (budget: {spec.budget}): {len(spec.arms)} arms x {len(spec.seeds)} seeds"
               f"{f' x {len(regimes)} regimes' if regimes[0].name else ''} = {len(every)} jobs -> {out}")
         for plan in every:
             state, step = run_state(plan)
+            cost = f"  {plan.flops.total:.4g} FLOPs/step" if plan.flops is not None else ""
+            what = ' '.join(plan.arm.overrides) if plan.kind == 'run' else plan.kind
             print(f"  {plan.key:<36} {state}{f' (step {step})' if state == 'partial' else ''}  "
-                  f"{plan.steps} steps  {' '.join(plan.arm.overrides) if plan.kind == 'run' else plan.kind}")
+                  f"{plan.steps} steps{cost}  {what}")
         return 0
 
     out.mkdir(parents=True, exist_ok=True)

@@ -36,6 +36,7 @@ import yaml
 log = logging.getLogger("sift.study")
 PROBE_FILE = "probe.json"
 CPU_FILE = "cputime.jsonl"
+REFERENCE_FILE = "reference.json"  # the reference job's cost record (launcher/reference.py)
 BRANCH_FILE = "branch.json"  # in a continuation: the branch point (step, samples, hours of the warm-up run)
 
 
@@ -50,10 +51,12 @@ class RunPlan:
     deps: list[str] = field(default_factory=list)  # keys of jobs that must be done first
     branch: Path | None = None  # the warm-up run's directory this run continues from
     probe: list[str] = field(default_factory=list)  # `python -m study.probe` arguments; [] = none
+    command: list[str] = field(default_factory=list)  # kind "reference": the `sift reference` process
+    flops: Any = None  # study.budget flops: the arm's counted FLOPs per step (budget.StepFlops)
 
     @property
     def key(self) -> str:
-        name = {"warm": "warm", "start": f"start/seed{self.seed}"}.get(self.kind, f"{self.arm.name}/seed{self.seed}")
+        name = {"warm": "warm", "reference": "reference", "start": f"start/seed{self.seed}"}.get(self.kind, f"{self.arm.name}/seed{self.seed}")
         return f"{self.regime}/{name}" if self.regime else name
 
     @property
@@ -68,6 +71,8 @@ def run_state(plan: RunPlan) -> tuple[str, int]:
     """("done", steps) | ("probe", steps) | ("partial", step of the latest complete checkpoint) | ("new", 0)."""
     from engine import checkpoint as ckpt
 
+    if plan.kind == "reference":  # `sift reference` writes reference.json last; a rerun resumes its runs
+        return ("done", plan.steps) if (plan.dir / REFERENCE_FILE).is_file() else ("new", 0)
     summary = plan.dir / "summary.json"
     if summary.is_file():
         with contextlib.suppress(ValueError, OSError):
@@ -307,14 +312,15 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
             # Written at every start: the study (or its data) may have moved since the run was made.
             config = plan.dir / "config.yaml"
             config.write_text(yaml.safe_dump(plan.config, sort_keys=False))
-            cmd = ([sys.executable, "-m", "study.probe", "--train", str(config), *plan.probe] if plan.probe
+            cmd = (plan.command if plan.command
+                   else [sys.executable, "-m", "study.probe", "--train", str(config), *plan.probe] if plan.probe
                    else [sys.executable, "-m", "launcher.train", "--config", str(config)])
             phase = "train"
         logf.write(f"\n=== sift study: {action} {plan.key} at step {step} ({datetime.now().isoformat()}) ===\n")
         logf.flush()
         proc = subprocess.Popen(cmd, env=child_env({**slots[slot], **env}), stdout=logf,
                                 stderr=subprocess.STDOUT)
-        trace = CpuTrace(plan.dir, proc.pid, step) if phase == "train" else None
+        trace = CpuTrace(plan.dir, proc.pid, step) if phase == "train" and not plan.command else None
         running[slot] = _Running(proc, plan, phase, time.time(), logf, trace)
         events.write(run=plan.key, action=action, step=step, pid=proc.pid, slot=slot)
         log.info("%-36s %s%s", plan.key, action, f" from step {step}" if step and phase == "train" else "")
@@ -333,7 +339,8 @@ def execute(plans: list[RunPlan], *, parallel: int, events: EventLog, keep_check
             events.write(run=plan.key, action="done", seconds=seconds)
             log.info("%-36s done in %.0f s", plan.key, seconds)
             done.add(plan.key)
-            if not keep_checkpoints and plan.kind != "warm":  # every continuation copies the warm one
+            # every continuation copies the warm one; reducible arms load the reference's
+            if not keep_checkpoints and plan.kind not in ("warm", "reference"):
                 shutil.rmtree(plan.dir / "checkpoints", ignore_errors=True)
         else:
             failed.add(plan.key)

@@ -36,10 +36,16 @@ import yaml
 from engine.models.presets import FAMILY_PRESETS
 from sift_common.errors import SiftError
 
-ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J (J a layer number, L or L/2), the name of an arm of "
+ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J | reducible:J | stratified-loss:J | stratified-entropy:J | "
+               "importance-loss:J | importance-entropy:J (J a layer number, L or L/2), the name of an arm of "
                "the study file, or a mapping {name: ..., overrides: [key=value, ...], label: ...}")
 STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare", "reference", "control", "warm",
-              "continue_steps", "regimes")
+              "continue_steps", "regimes", "budget", "reference_model")
+# stratified keeps every row above this quantile of the gross batch's scores (a quarter of G, half of B at
+# keep 0.5) and draws the rest of B from the rows below. The default threshold, the batch mean, lies below
+# the median of a right-skewed loss distribution, so B or more rows often sit above it and the draw
+# degenerates to plain top-k (logged as stratified_overflow).
+STRATIFIED_QUANTILE = 0.75
 # Set by the study for every run; overriding them for the whole study would silently merge runs.
 RUN_KEYS = ("train.seed", "train.out_dir")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -91,6 +97,19 @@ def sift_arm(criterion: str, exit_layer: int) -> Arm:
                f"{criterion}-SIFT, exit {exit_layer}")
 
 
+def weighted_arm(policy: str, criterion: str, exit_layer: int) -> Arm:
+    """An unbiased arm: ``stratified`` (InfoBatch's rule) or ``importance`` (Horvitz-Thompson) draws."""
+    extra = (f"sift.threshold_quantile={STRATIFIED_QUANTILE}",) if policy == "stratified" else ()
+    return Arm(f"{policy}-{criterion}-{exit_layer}",
+               (f"sift.policy={policy}", f"sift.criterion={criterion}", f"sift.exit_layer={exit_layer}", *extra),
+               f"{policy} {criterion}, exit {exit_layer}")
+
+
+def needs_reference(arm: Arm) -> bool:
+    """Does the arm score by reducible loss without naming its reference (the study trains one)?"""
+    return "sift.criterion=reducible" in arm.overrides and "sift.reference" not in arm.keys()
+
+
 def default_arms(num_layers: int) -> list[Arm]:
     exits = default_exits(num_layers)
     return [VANILLA, RANDOM, *(sift_arm(c, j) for c in ("loss", "entropy") for j in exits)]
@@ -130,6 +149,9 @@ def parse_arm(spec: Any, num_layers: int, named: dict[str, Arm] | None = None) -
 
     if criterion in CRITERIA and sep:
         return sift_arm(criterion, _layer(layer, num_layers, spec))
+    policy, _, scored = criterion.partition("-")
+    if policy in ("stratified", "importance") and scored in ("loss", "entropy") and sep:
+        return weighted_arm(policy, scored, _layer(layer, num_layers, spec))
     raise StudyError(f"arm {spec!r} is not understood; expected {ARM_GRAMMAR}")
 
 
@@ -211,6 +233,33 @@ class StudySpec:
     control: str = "random"  # the second comparison: same draws, rows kept at random
     branch: Branch | None = None  # None: every run trains from random init for train.steps
     regimes: dict[str, Any] | None = None  # the `study.regimes` section (study/regimes.py)
+    budget: str = "samples"  # samples: every arm runs the same steps; flops: vanilla's counted FLOPs (study/budget.py)
+    reference_model: ReferenceModel | None = None  # how the study trains the reference of reducible arms
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceModel:
+    """`study.reference_model`: the reference the study trains for reducible arms (`sift reference`, once
+    per regime): ``steps`` optimizer steps from random init, with ``overrides`` of the base run config
+    (e.g. a smaller model.preset)."""
+
+    steps: int
+    overrides: tuple[str, ...] = ()
+
+
+def _reference_model(value: Any, branch: Branch | None, base: dict[str, Any]) -> ReferenceModel:
+    value = value or {}
+    if not isinstance(value, dict) or set(value) - {"steps", "overrides"}:
+        raise StudyError(f"study.reference_model: expected {{steps: N, overrides: [key=value, ...]}}, got {value!r}")
+    default = branch.warm_steps if branch else int((base.get("train") or {}).get("steps", 0) or 0)
+    try:
+        steps = int(value.get("steps", default))
+    except (TypeError, ValueError):
+        raise StudyError(f"study.reference_model.steps must be an integer, got {value.get('steps')!r}") from None
+    overrides = tuple(str(o) for o in value.get("overrides") or [])
+    if steps < 1 or any("=" not in o for o in overrides):
+        raise StudyError(f"study.reference_model: steps >= 1 and key=value overrides, got {value!r}")
+    return ReferenceModel(steps, overrides)
 
 
 def model_layers(tree: dict[str, Any]) -> int:
@@ -300,7 +349,7 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
     arm_list = file_arms if arms is None else parse_arms(arms, layers, {a.name: a for a in file_arms})
     branch = _branch(study.get("warm"), study.get("continue_steps"))
     reserved = set(RUN_KEYS).union(*(a.keys() for a in arm_list))
-    if branch is not None:
+    if branch is not None or str(study.get("budget", "")).strip().lower() == "flops":
         reserved |= {"train.steps", "optim.schedule_steps"}
     clash = [o for o in overrides if o.partition("=")[0].strip() in reserved]
     if clash:
@@ -309,6 +358,11 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
     n_parallel = parallel if parallel is not None else int(study.get("parallel", 1))
     if n_parallel < 1:
         raise StudyError(f"parallel must be >= 1, got {n_parallel}")
+    budget = str(study.get("budget", "samples")).strip().lower()
+    from study.budget import BUDGETS
+
+    if budget not in BUDGETS:
+        raise StudyError(f"study.budget: {budget!r} is not one of {', '.join(BUDGETS)}")
     regimes = study.get("regimes")
     if regimes is not None and not isinstance(regimes, dict):
         raise StudyError("study.regimes: expected a mapping (see study/regimes.py)")
@@ -327,6 +381,9 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
         control=str(study.get("control", "random")),
         branch=branch,
         regimes=regimes,
+        budget=budget,
+        reference_model=(_reference_model(study.get("reference_model"), branch, tree)
+                         if any(needs_reference(a) for a in arm_list) else None),
     )
 
 
