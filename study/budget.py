@@ -59,4 +59,4 @@ def budget_steps(vanilla_steps: int, vanilla: StepFlops, arm: StepFlops, warmup_
     warm = min(warmup_steps, vanilla_steps)
     left = (vanilla_steps - warm) * vanilla.total
     # a hair of tolerance: equal costs give exactly vanilla_steps despite rounding in the float sums
-    return warm + int(math.floor(left / arm.total + 1e-9))
+    return warm + math.floor(left / arm.total + 1e-9)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from study.report import X_AXES
+from study.report import FLOPS_AXES, X_AXES
 
 
 def _pm(s: dict[str, Any] | None, digits: int = 4, scale: float = 1.0) -> str:
@@ -120,14 +120,14 @@ def _pp(ci: dict[str, Any] | None) -> str:
     return f"{ci['mean'] * 100:+.2f} [{ci['lo'] * 100:+.2f}, {ci['hi'] * 100:+.2f}]"
 
 
-AXIS_NAMES = {"backprop_samples": "equal back-propagated samples", "cpu_s": "equal CPU time",
-              "hours": "equal wall clock"}
+AXIS_NAMES = {"flops": "equal counted FLOPs", "backprop_samples": "equal back-propagated samples",
+              "cpu_s": "equal CPU time", "hours": "equal wall clock"}
 
 
 def markdown_comparisons(rows: list[dict[str, Any]], labels: dict[str, str], ref: str, metric: str) -> str:
     """One table: every arm against ``ref`` on ``metric``, at the three equalities."""
     mine = [r for r in rows if r["ref"] == ref and r["metric"] == metric]
-    axes = [a for a in X_AXES if any(r["axis"] == a and r.get("n") for r in mine)]
+    axes = [a for a in FLOPS_AXES if any(r["axis"] == a and r.get("n") for r in mine)]
     lines = ["| arm | seeds | " + " | ".join(f"Δ at {AXIS_NAMES[a]}, pp [95% CI] | verdict" for a in axes) + " |",
              "|---|---|" + "---|---|" * len(axes)]
     for arm in dict.fromkeys(r["arm"] for r in mine):
@@ -177,12 +177,39 @@ def holm_lines(rows: list[dict[str, Any]], labels: dict[str, str], level: float 
     def name(r: dict[str, Any]) -> str:
         return f"{labels.get(r['arm'], r['arm'])} vs {r['ref']} on {r['metric']} ({_pp(r)}, adjusted p {r['p_holm']:.3f})"
 
-    head = f"- Holm-corrected over the {len(family)} comparisons at equal back-propagated samples: "
+    axis = AXIS_NAMES.get(family[0].get("axis", "backprop_samples"), "the end of training")
+    head = f"- Holm-corrected over the {len(family)} comparisons at {axis}: "
     hold = sorted((r for r in family if r["p_holm"] < level), key=lambda r: r["p_holm"])
     if hold:
         return [head + f"**significant at {level:.0%}**: " + "; ".join(map(name, hold))]
     closest = min(family, key=lambda r: (r["p_holm"], r["p"]))  # adjusted values tie at 1
     return [head + f"none significant at {level:.0%}; the closest: " + name(closest)]
+
+
+def markdown_budget(budget: dict[str, Any], labels: dict[str, str]) -> str:
+    """Per arm under ``study.budget: flops``: its steps and counted FLOPs per step, by part."""
+    lines = ["| arm | steps | GFLOPs/step | train | scoring | reference forward |", "|---|---|---|---|---|---|"]
+    for name, a in budget.get("arms", {}).items():
+        lines.append(f"| {labels.get(name, name)} | {a['steps']} | {a['total'] / 1e9:.3f} | {a['train'] / 1e9:.3f} | "
+                     f"{a['score'] / 1e9:.3f} | {a['reference'] / 1e9:.3f} |")
+    return "\n".join(lines)
+
+
+def markdown_reference(ref: dict[str, Any], budget_flops: float | None) -> str:
+    """The reference model's cost (`sift reference`), and its share of vanilla's budget."""
+    lines = ["| reference | trained on | steps | rows trained | CPU-process seconds | GFLOPs | share of vanilla's budget |",
+             "|---|---|---|---|---|---|---|"]
+    for r in ref.get("references", []):
+        share = f"{r['flops'] / budget_flops:.1%}" if budget_flops else "–"
+        rows = f"half {r['half']}" if r.get("half") is not None else f"split {r.get('split')}"
+        lines.append(f"| {r['name']} | {rows} | {r['steps']} | {r['backprop_samples']} | {r['seconds']:.0f} | "
+                     f"{r['flops'] / 1e9:.1f} | {share} |")
+    side = ref.get("sidecar")
+    if side:
+        share = f"{side['flops'] / budget_flops:.1%}" if budget_flops else "–"
+        lines.append(f"| loss sidecar | every training row | – | {side['rows']} forwards | {side['seconds']:.0f} | "
+                     f"{side['flops'] / 1e9:.1f} | {share} |")
+    return "\n".join(lines)
 
 
 def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:

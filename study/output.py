@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from study.markdown import (
     holm_lines,
+    markdown_budget,
     markdown_comparisons,
     markdown_costs,
     markdown_equal_time,
@@ -16,6 +17,7 @@ from study.markdown import (
     markdown_final,
     markdown_kept,
     markdown_per_seed,
+    markdown_reference,
     markdown_targets,
     verdict_lines,
 )
@@ -128,7 +130,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         else:
             targets = auto_targets(ref_final)
     final = final_table(names, complete, ref, token)
-    compared = comparisons(names, complete, refs, keys)
+    compared = comparisons(names, complete, refs, keys, spec.budget)
     to_target = target_table(names, complete, targets, ref, key=acc)  # the targets are levels of this metric
     sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
     fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete, total, first)
@@ -165,6 +167,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
                      "cpu_s": warm.x(warm.final, "cpu_s"), "wall_s": warm.x(warm.final, "hours") * 3600,
                      "load": warm.load}
     results = {
+        "budget": budget_record(spec, arm_plans, first), "reference_model": reference_record(plans),
         "study": {k: record.get(k) for k in ("name", "source", "seeds", "arms", "arm_overrides", "num_layers",
                                              "parallel", "overrides", "data", "branch", "reference", "control")},
         "regime": regime, "base_config": arm_plans[0].config if arm_plans else None,
@@ -176,6 +179,33 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     out = arm_plans[0].dir.parents[2] if arm_plans else report
     (report / "results.json").write_text(json.dumps(_portable(results, out), indent=1) + "\n")
     return render_report(report, spec, regime)
+
+
+def budget_record(spec: StudySpec, arm_plans: list[RunPlan], first: int) -> dict[str, Any]:
+    """The study's budget; under flops each arm's steps (from the branch point) and FLOPs per step, and
+    vanilla's budget (its steps x its FLOPs per step)."""
+    out: dict[str, Any] = {"kind": spec.budget}
+    arms = {p.arm.name: {"steps": p.steps - first, "total": p.flops.total, "train": p.flops.train,
+                         "score": p.flops.score, "reference": p.flops.reference}
+            for p in arm_plans if p.flops is not None}
+    if arms:
+        out["arms"] = arms
+        vanilla = arms.get(spec.reference)
+        out["budget_flops"] = vanilla["steps"] * vanilla["total"] if vanilla else None
+    return out
+
+
+def reference_record(plans: list[RunPlan]) -> dict[str, Any] | None:
+    """The reference job's cost (its reference.json, from `sift reference`), or None."""
+    from study.jobs import REFERENCE_FILE
+
+    job = next((p for p in plans if p.kind == "reference"), None)
+    if job is None or not (job.dir / REFERENCE_FILE).is_file():
+        return None
+    cost = json.loads((job.dir / REFERENCE_FILE).read_text())
+    for r in cost.get("references", []):
+        r["name"] = Path(r["path"]).name
+    return {**cost, "command": job.command[1:]}
 
 
 def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
@@ -191,6 +221,11 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
     total = ((res.get("base_config") or {}).get("train") or {}).get("steps", 0)
     first = spec.branch.warm_steps if spec.branch else 0
     steps_text = (f"warm-up {first} steps, then {total - first} steps per arm" if spec.branch else f"{total} steps")
+    budget = res.get("budget") or {"kind": "samples"}
+    flops = budget["kind"] == "flops"
+    if flops:
+        steps_text = ((f"warm-up {first} steps, then " if spec.branch else "")
+                      + f"each arm as many steps as vanilla's {total - first} steps of counted FLOPs allow")
     keys = res["metrics"]
     token = keys[0].removeprefix("val_").removesuffix("_acc")  # mlm (BERT) or lm (decoders)
     final, compared, to_target = res["final"], res["comparisons"], res["time_to_target"]
@@ -205,12 +240,18 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
         *([f"**Incomplete runs (not in the tables):** {_by_arm(missing)}", ""] if missing else []),
         *(_warm_lines(warm_cost, spec) if spec.branch else []),
         "## Verdict (95% t intervals over seeds, paired by seed)", "",
-        *(verdict_lines(compared, labels, selecting, refs, keys) or ["(no complete comparison yet)"]),
+        *(["Headline: equal counted FLOPs (each arm at its own end, its learning rate fully decayed there); "
+           "equal back-propagated samples second.", ""] if flops else []),
+        *(verdict_lines(compared, labels, selecting, refs, keys,
+                        ("flops", "backprop_samples", "cpu_s") if flops else ("backprop_samples", "cpu_s"))
+          or ["(no complete comparison yet)"]),
         *holm_lines(compared, labels), "",
         *[line for ref_ in refs for key in keys for line in (
             f"## {key}: paired difference to {ref_}", "", markdown_comparisons(compared, labels, ref_, key), "")],
         "Δ: arm minus reference with the same seed, in percentage points, mean over seeds [95% t interval]. "
-        "Equal samples: the end of training. Equal CPU time / wall clock: both runs read at the budget the faster "
+        + ("Equal counted FLOPs: each run's end (study/budget.py). Equal samples: both runs read at the samples "
+           "the shorter one back-propagated. " if flops else "Equal samples: the end of training. ")
+        + "Equal CPU time / wall clock: both runs read at the budget the faster "
         "one used up. A verdict is per comparison, not corrected for the number of comparisons; the Holm line "
         "is.", "",
         f"## Final validation {token.upper()} accuracy (table 1)", "", table, "",
@@ -222,7 +263,19 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
         *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
            "From each run's probe (study/probe.py): the share of each kind among the B rows top-k keeps "
            "of simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and at "
-           "the run's final weights.", ""] if kept else []),
+           "the run's final weights. The probe simulates top-k by loss or entropy only: reducible, stratified and "
+           "importance arms are not in this table.", ""] if kept else []),
+        *(["## Equal compute: steps and counted FLOPs per arm", "", markdown_budget(budget, labels), "",
+           "Per step: B rows trained (3 x forward), G rows scored at the arm's exit, and for reducible arms "
+           "without a sidecar the reference's forward of G rows (engine/models FLOP counts). Vanilla's budget: "
+           + (f"{budget['budget_flops']:.4g} FLOPs." if budget.get("budget_flops") else "–"), ""]
+          if budget.get("arms") else []),
+        *(["## Reference model (reducible arms)", "",
+           markdown_reference(res["reference_model"], budget.get("budget_flops")), "",
+           "Trained once per regime by `" + " ".join(["sift", *res["reference_model"]["command"][2:]]) + "`. "
+           "Its cost is not in the equal-compute budget (RHO-LOSS amortises a reference over many runs); "
+           "counting it, a reducible arm spends vanilla's budget plus the share in the last column.", ""]
+          if res.get("reference_model") else []),
         "## Proxy fidelity and cost per exit", "",
         markdown_fidelity(fidelity, labels) if fidelity else "(no selecting arm)", "",
         "## Cost per run", "", markdown_costs(costs, labels), "",

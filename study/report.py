@@ -22,6 +22,9 @@ from study.stats import holm, mean_ci, verdict
 
 
 X_AXES = ("backprop_samples", "cpu_s", "hours")
+# ``study.budget: flops``: the end of training is equal counted FLOPs, the headline; equal samples is read
+# from the curves like equal time
+FLOPS_AXES = ("flops", "backprop_samples", "cpu_s", "hours")
 """A curve's x: back-propagated samples, wall-clock hours, or process CPU seconds, each counted from the
 branch point in a continuation study (from the start otherwise)."""
 
@@ -397,8 +400,9 @@ def metric_keys(runs: dict[str, list[RunCurves]], token: str = "mlm") -> list[st
 
 
 def paired_at_end(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: str) -> dict[str, Any]:
-    """Final ``key`` minus the reference's, seed by seed (every arm ends at the same back-propagated
-    samples), with the t interval of the mean difference."""
+    """Final ``key`` minus the reference's, seed by seed, each run at its own end (equal back-propagated
+    samples, or equal counted FLOPs under ``study.budget: flops``), with the t interval of the mean
+    difference."""
     base = {r.seed: r.final[key] for r in ref if r.complete and r.final and key in r.final}
     diffs = {r.seed: r.final[key] - base[r.seed] for r in runs
              if r.complete and r.final and key in r.final and r.seed in base}
@@ -406,7 +410,7 @@ def paired_at_end(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: str)
 
 
 def paired_at_equal(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: str, axis: str) -> dict[str, Any]:
-    """``key`` minus the reference's at equal ``axis`` (hours or cpu_s), seed by seed: both curves read at
+    """``key`` minus the reference's at equal ``axis`` (hours, cpu_s or backprop_samples), seed by seed: both curves read at
     the budget the faster of the two used up (its final value against the other's interpolated one)."""
     base = {r.seed: r for r in ref if r.complete}
     diffs, budgets = {}, {}
@@ -425,10 +429,12 @@ def paired_at_equal(runs: Sequence[RunCurves], ref: Sequence[RunCurves], key: st
 
 
 def comparisons(arms: Sequence[str], runs: dict[str, list[RunCurves]], refs: Sequence[str],
-                keys: Sequence[str]) -> list[dict[str, Any]]:
-    """Every arm against every reference arm, per metric, at equal back-propagated samples (the end of
-    training), equal CPU time and equal wall clock: mean paired difference, 95% t interval, verdict, and
-    for the comparisons at equal samples (the study's primary family) the Holm-adjusted p-value."""
+                keys: Sequence[str], budget: str = "samples") -> list[dict[str, Any]]:
+    """Every arm against every reference arm, per metric, at the end of training (equal back-propagated
+    samples; under ``budget`` flops equal counted FLOPs, with equal samples read from the curves), equal
+    CPU time and equal wall clock: mean paired difference, 95% t interval, verdict, and for the
+    comparisons at the end (the study's primary family) the Holm-adjusted p-value."""
+    axes, end = (FLOPS_AXES, "flops") if budget == "flops" else (X_AXES, "backprop_samples")
     rows = []
     for ref in refs:
         if ref not in runs:
@@ -437,11 +443,11 @@ def comparisons(arms: Sequence[str], runs: dict[str, list[RunCurves]], refs: Seq
             if arm == ref or arm not in runs:
                 continue
             for key in keys:
-                for axis in X_AXES:
-                    ci = (paired_at_end(runs[arm], runs[ref], key) if axis == "backprop_samples"
+                for axis in axes:
+                    ci = (paired_at_end(runs[arm], runs[ref], key) if axis == end
                           else paired_at_equal(runs[arm], runs[ref], key, axis))
                     rows.append({"arm": arm, "ref": ref, "metric": key, "axis": axis, **ci, "verdict": verdict(ci)})
-    family = [r for r in rows if r["axis"] == "backprop_samples" and "p" in r]
+    family = [r for r in rows if r["axis"] == end and "p" in r]
     for r, adjusted in zip(family, holm([r["p"] for r in family]), strict=True):
         r["p_holm"] = adjusted
     return rows

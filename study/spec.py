@@ -21,6 +21,12 @@ entropy:J expand to sift.* overrides). The continuation protocol adds
       regimes: {...}                 # optional: clean / redundant / noisy variants of one corpus
       reference: vanilla             # the arm the others are compared with (default vanilla)
       control: random                # the second comparison (default random)
+
+and equal compute (study/budget.py) adds
+
+      budget: flops                  # samples (default): equal steps; flops: vanilla's counted FLOPs per arm
+      reference_model: {steps: 800, overrides: [...]}   # the reference reducible arms get (`sift reference`)
+      extra_arms: [{name: vcas, overrides: [method=vcas]}]   # named arms that run only when --arms names them
 """
 
 from __future__ import annotations
@@ -40,7 +46,7 @@ ARM_GRAMMAR = ("vanilla | random | loss:J | entropy:J | reducible:J | stratified
                "importance-loss:J | importance-entropy:J (J a layer number, L or L/2), the name of an arm of "
                "the study file, or a mapping {name: ..., overrides: [key=value, ...], label: ...}")
 STUDY_KEYS = ("name", "seeds", "arms", "targets", "parallel", "prepare", "reference", "control", "warm",
-              "continue_steps", "regimes", "budget", "reference_model")
+              "continue_steps", "regimes", "budget", "reference_model", "extra_arms")
 # stratified keeps every row above this quantile of the gross batch's scores (a quarter of G, half of B at
 # keep 0.5) and draws the rest of B from the rows below. The default threshold, the batch mean, lies below
 # the median of a right-skewed loss distribution, so B or more rows often sit above it and the draw
@@ -107,7 +113,7 @@ def weighted_arm(policy: str, criterion: str, exit_layer: int) -> Arm:
 
 def needs_reference(arm: Arm) -> bool:
     """Does the arm score by reducible loss without naming its reference (the study trains one)?"""
-    return "sift.criterion=reducible" in arm.overrides and "sift.reference" not in arm.keys()
+    return "sift.criterion=reducible" in arm.overrides and not any(o.startswith("sift.reference=") for o in arm.overrides)
 
 
 def default_arms(num_layers: int) -> list[Arm]:
@@ -346,7 +352,9 @@ def build_spec(path: str | Path, *, seeds: Any = None, arms: Any = None, targets
     overrides = list(overrides or [])
     layers = model_layers(_with_overrides(tree, overrides))
     file_arms = parse_arms(study.get("arms", "default"), layers)
-    arm_list = file_arms if arms is None else parse_arms(arms, layers, {a.name: a for a in file_arms})
+    # study.extra_arms: named arms that run only when --arms names them
+    extra = parse_arms(study["extra_arms"], layers) if study.get("extra_arms") else []
+    arm_list = file_arms if arms is None else parse_arms(arms, layers, {a.name: a for a in [*extra, *file_arms]})
     branch = _branch(study.get("warm"), study.get("continue_steps"))
     reserved = set(RUN_KEYS).union(*(a.keys() for a in arm_list))
     if branch is not None or str(study.get("budget", "")).strip().lower() == "flops":
@@ -399,8 +407,10 @@ def _with_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def selection_of(config: dict[str, Any]) -> str | None:
-    """"criterion:exit" for a run config that keeps the top-scoring rows, else None."""
+    """"criterion:exit" for a run config that keeps the top-scoring rows, else None. The probe
+    (study/probe.py) simulates top-k by loss or entropy only: reducible scores need the arm's reference, and
+    the weighted policies draw at random."""
     sift = config.get("sift", {})
-    if sift.get("policy") != "topk" or config.get("method") in ("none", "vcas"):
+    if sift.get("policy") != "topk" or config.get("method") in ("none", "vcas") or sift.get("criterion") == "reducible":
         return None
     return f"{sift.get('criterion')}:{sift.get('exit_layer')}"

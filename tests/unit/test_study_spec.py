@@ -16,6 +16,7 @@ from study.spec import (
     build_spec,
     default_arms,
     default_exits,
+    needs_reference,
     parse_arm,
     parse_arms,
 )
@@ -136,7 +137,8 @@ def test_presets_are_valid_run_configs_for_every_arm(preset, tmp_path):
     steps = [] if spec.branch is None else [f"train.steps={spec.branch.total}"]
     base = write(tmp_path, spec.base)
     for arm in spec.arms:
-        cfg = load_config(base, [*arm.overrides, *steps])
+        ref = ["sift.reference=ref"] if needs_reference(arm) else []  # the study sets it (test_study_budget)
+        cfg = load_config(base, [*arm.overrides, *steps, *ref])
         assert cfg.train.eval_every <= cfg.train.steps
     # the corpus is referenced relative to the repository, never by a machine's absolute path
     assert spec.prepare is not None and spec.prepare.inputs == ["../shared/corpus/english-reference.parquet"]
@@ -144,36 +146,37 @@ def test_presets_are_valid_run_configs_for_every_arm(preset, tmp_path):
 
 def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_path):
     spec = build_spec(study.PRESETS["regimes-cpu"])
-    assert len(spec.seeds) >= 5 and spec.num_layers == 4 and spec.branch is not None
-    assert [a.name for a in spec.arms] == ["vanilla", "random", "loss-1", "entropy-1", "loss-2", "entropy-2", "vcas",
-                                           "sift+vcas"]
+    assert len(spec.seeds) >= 5 and spec.num_layers == 4 and spec.branch is not None and spec.budget == "flops"
+    assert [a.name for a in spec.arms] == ["vanilla", "random", "loss-1", "entropy-1", "reducible-1", "reducible-4",
+                                           "stratified-loss-1", "stratified-entropy-1", "importance-loss-1"]
     assert spec.regimes["input"] == "../shared/corpus/english-reference.parquet"
     regime = study.Regime("noisy", tmp_path / "noisy", tmp_path / "out", {"heldout": tmp_path / "h"},
                           {"noise": (tmp_path / "k", 0.25)})
-    plans = study.plan_runs(spec, regime)
+    plans = study.plan_runs(spec, regime)  # no data there: equal steps (the FLOPs: test_study_budget.py)
     W, total = spec.branch.warm_steps, spec.branch.total
-    assert [p.kind for p in plans[:3]] == ["warm", "start", "run"] and len(plans) == 1 + len(spec.seeds) * 9
+    assert [p.kind for p in plans[:3]] == ["warm", "reference", "start"] and len(plans) == 2 + len(spec.seeds) * 10
     warm = plans[0]
     assert warm.steps == W and warm.config["optim"]["schedule_steps"] == total and warm.config["sift"]["policy"] == "none"
-    for p in plans[1:]:
-        assert p.deps == [warm.key] and p.branch == warm.dir and p.config["optim"]["schedule_steps"] == total
+    for p in plans[2:]:
+        assert p.deps[0] == warm.key and p.branch == warm.dir and p.config["optim"]["schedule_steps"] == total
         assert p.steps == (W if p.kind == "start" else total) and p.config["train"]["eval_every"] <= spec.branch.steps
     # every run evaluates the held-out set at every evaluation, the warm-up and the start evaluations too
     assert all(p.config["data"]["extra_eval"] == {"heldout": str(tmp_path / "h")} for p in plans)
     loss1 = next(p for p in plans if p.key == "noisy/loss-1/seed0")
     assert loss1.probe[loss1.probe.index("--select") + 1] == "loss:1" and "--kind" in loss1.probe
     assert next(p for p in plans if p.key == "noisy/vanilla/seed0").probe == []
-    vcas = next(p for p in plans if p.key == "noisy/sift+vcas/seed0").config  # arms as data: overrides only
-    assert vcas["method"] == "sift+vcas" and vcas["vcas"]["calib_every"] == 10 and vcas["sift"]["exit_layer"] == 1
-    assert warm.probe.count("--select") == 4  # loss and entropy at exits 1 and 2, scored at the branch point
+    assert next(p for p in plans if p.key == "noisy/reducible-1/seed0").probe == []  # the probe has no reference
+    assert warm.probe.count("--select") == 2  # loss and entropy at exit 1, scored at the branch point
 
 
 def test_arms_on_the_command_line_may_name_the_study_files_arms():
-    """`--arms vcas` picks the preset's `vcas` mapping; shorthands still parse; an unknown name says so."""
+    """`--arms vcas` picks the preset's `vcas` mapping (an extra arm, outside the grid); shorthands still
+    parse; an unknown name says so."""
     preset = study.PRESETS["regimes-cpu"]
     whole = {a.name: a for a in build_spec(preset).arms}
+    assert "vcas" not in whole
     spec = build_spec(preset, arms="vcas,loss:1,sift+vcas")
-    assert spec.arms == [whole["vcas"], whole["loss-1"], whole["sift+vcas"]]
+    assert [a.name for a in spec.arms] == ["vcas", "loss-1", "sift+vcas"] and spec.arms[1] == whole["loss-1"]
     assert "method=vcas" in spec.arms[0].overrides
     with pytest.raises(StudyError, match="'vcas2' is not understood.*name of an arm of the study file"):
         build_spec(preset, arms="vanilla,vcas2")
