@@ -370,7 +370,9 @@ def regimes_of(spec: StudySpec, data: Path, out: Path, *, names: list[str] | Non
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="sift study", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Arms: vanilla, random, loss:J, entropy:J (J = a layer, L or L/2), or default.")
+                                epilog="Arms: vanilla, random, loss:J, entropy:J, reducible:J, stratified-loss:J, "
+                                       "stratified-entropy:J, importance-loss:J, importance-entropy:J (J = a layer, "
+                                       "L or L/2), or default.")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--preset", choices=sorted(PRESETS), help="a study preset under configs/ (default: cpu)")
     src.add_argument("--config", help="a study YAML (a run config plus a `study:` section) or a plain run config")

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from engine.optim import lr_factor
+from engine.config import load_config
+from engine.optim import lr_factor, warmup_steps
 from study.jobs import dropout_seed
 from tests.distributed.common import REPO, single_env
 from tests.runs import TINY_RUN, evals
@@ -138,3 +139,40 @@ def test_a_continuation_killed_after_a_checkpoint_resumes_bitwise(setup, tmp_pat
     assert json.loads((run / "probe.json").read_text())["step"] == W + C  # probed in the same process
     want = evals(done / "noisy" / "runs" / "loss-1" / "seed1")[-1]
     assert evals(run)[-1]["val_mlm_loss"] == want["val_mlm_loss"]
+
+
+@pytest.mark.slow
+def test_equal_compute_with_a_reducible_arm_and_its_automatic_reference(setup, tmp_path):
+    """study.budget: flops: the regime's reference is trained once (`sift reference --half 1`) before the
+    reducible arm, which trains on half 0 with it online; each arm stops at vanilla's counted FLOPs with its
+    schedule ending there; the report leads with equal FLOPs and states the reference's cost."""
+    spec, data, _ = setup
+    tree = yaml.safe_load(spec.read_text())
+    tree["study"].update(budget="flops", name="tiny-flops")
+    flops_spec = tmp_path / "flops.yaml"
+    flops_spec.write_text(yaml.safe_dump(tree))
+    out = tmp_path / "flops"
+    result = subprocess.run([sys.executable, "-m", "launcher.cli", "study", "--config", str(flops_spec), "--regimes",
+                             "noisy", "--seeds", "0", "--arms", "vanilla,reducible:1", "--data", str(data), "--out",
+                             str(out)], cwd=REPO, env=single_env(None), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    ev = [(e["run"], e["action"]) for e in events(out)]
+    assert ev.index(("noisy/reference", "done")) < ev.index(("noisy/reducible-1/seed0", "branch"))
+    ref = json.loads((out / "noisy" / "reference" / "reference.json").read_text())["references"]
+    assert [(r["half"], r["steps"]) for r in ref] == [(1, W)] and ref[0]["flops"] > 0
+    run = out / "noisy" / "runs" / "reducible-1" / "seed0"
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    steps = config["train"]["steps"]
+    assert W < steps < W + C and config["optim"]["schedule_steps"] == steps and config["data"]["train_half"] == 0
+    assert evals(run)[-1]["step"] == steps
+    # one LR schedule whose horizon is the arm's own last step (vanilla's is W + C)
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    warm = warmup_steps(load_config(run / "config.yaml").optim, steps)
+    assert max(lrs) == steps and all(v == pytest.approx(1e-3 * lr_factor(s, total_steps=steps, warmup=warm,
+                                                                        decay="linear")) for s, v in lrs.items())
+    res = json.loads((out / "report" / "noisy" / "results.json").read_text())
+    assert res["budget"]["arms"]["vanilla"]["steps"] == C and res["budget"]["arms"]["reducible-1"]["steps"] == steps - W
+    heads = [r for r in res["comparisons"] if r["arm"] == "reducible-1" and r["metric"] == "val_mlm_acc"]
+    assert [r["axis"] for r in heads] == ["flops", "backprop_samples", "cpu_s", "hours"] and "p_holm" in heads[0]
+    report = (out / "report" / "noisy" / "report.md").read_text()
+    assert "## Reference model (reducible arms)" in report and "equal counted FLOPs" in report
