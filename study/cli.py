@@ -496,7 +496,7 @@ def write_study_record(out: Path, spec: StudySpec, data: Path, data_ids: dict[st
         "parallel": spec.parallel, "base": spec.base, "overrides": [portable_arg(o) for o in spec.overrides],
         "data": {"path": data.name, **data_ids.get("", {"regimes": data_ids})},
         "branch": None if spec.branch is None else dataclasses.asdict(spec.branch),
-        "reference": spec.reference, "control": spec.control,
+        "reference": spec.reference, "control": spec.control, "budget": spec.budget,
     })
     record.setdefault("invocations", [])
     if invocation:

@@ -60,12 +60,12 @@ def _by_arm(keys: list[str]) -> str:
 
 
 def selection(plan: RunPlan) -> tuple[str, int] | None:
-    """(criterion, exit layer) of a run that keeps its top-scoring rows."""
-    sel = selection_of(plan.config)
-    if sel is None:
+    """(criterion, exit layer) of a run that picks rows by their early-exit scores (top-k, stratified or
+    importance): the arms with a proxy fidelity."""
+    sift = plan.config.get("sift", {})
+    if sift.get("policy") not in ("topk", "stratified", "importance") or plan.config.get("method") in ("none", "vcas"):
         return None
-    criterion, _, exit_layer = sel.partition(":")
-    return criterion, int(exit_layer)
+    return str(sift.get("criterion")), int(sift.get("exit_layer"))
 
 
 def load_runs(plans: list[RunPlan]) -> tuple[dict[str, list[RunCurves]], RunCurves | None]:
@@ -113,7 +113,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     names = [a.name for a in spec.arms]
     ref = spec.reference if spec.reference in names else None
     refs = [r for r in (spec.reference, spec.control) if r in names]
-    total = arm_plans[0].steps if arm_plans else 0
+    total = max((p.steps for p in arm_plans), default=0)  # vanilla's under study.budget: flops
     first = spec.branch.warm_steps if spec.branch else 0
     complete = {k: [r for r in v if r.complete] for k, v in runs.items()}
     token = token_name(complete)  # mlm (BERT) or lm (decoders)
@@ -133,8 +133,10 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     compared = comparisons(names, complete, refs, keys, spec.budget)
     to_target = target_table(names, complete, targets, ref, key=acc)  # the targets are levels of this metric
     sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
-    fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete, total, first)
-    kept = kept_table([(n, f"{c}:{j}") for n, (c, j) in sel_plans.items()], complete,
+    fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete,
+                              {p.arm.name: p.steps for p in arm_plans}, first)
+    probed = {p.arm.name: sel for p in arm_plans if (sel := selection_of(p.config))}  # top-k by loss or entropy
+    kept = kept_table(list(probed.items()), complete,
                       warm.probe if warm is not None else {})
     costs = cost_table(names, complete)
 
@@ -170,7 +172,8 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         "budget": budget_record(spec, arm_plans, first), "reference_model": reference_record(plans),
         "study": {k: record.get(k) for k in ("name", "source", "seeds", "arms", "arm_overrides", "num_layers",
                                              "parallel", "overrides", "data", "branch", "reference", "control")},
-        "regime": regime, "base_config": arm_plans[0].config if arm_plans else None,
+        "regime": regime,
+        "base_config": max(arm_plans, key=lambda p: p.steps).config if arm_plans else None,  # the longest run's
         "targets": targets, "targets_source": "given" if spec.targets is not None else f"auto ({ref} final)",
         "metrics": keys, "warm": warm_cost,
         "comparisons": compared, "final": final, "time_to_target": to_target, "fidelity": fidelity, "kept": kept,

@@ -337,22 +337,24 @@ def target_table(arms: Sequence[str], runs: dict[str, list[RunCurves]], targets:
 
 
 def fidelity_table(arms: Sequence[tuple[str, str, int]], runs: dict[str, list[RunCurves]],
-                   total_steps: int, first_step: int = 0) -> list[dict[str, Any]]:
+                   total_steps: int | dict[str, int], first_step: int = 0) -> list[dict[str, Any]]:
     """Proxy fidelity per selecting arm: Spearman correlation and top-B overlap of the early-exit scores
     with the exact full-model losses on the same gross batch, pooled over seeds, over all of the steps
     first_step..total_steps (the continuation, in a continuation study) and over their first and last
     thirds; plus the mean kept and dropped scores and the scoring cost.
 
-    ``arms`` holds (name, criterion, exit layer) of the arms to include.
+    ``arms`` holds (name, criterion, exit layer) of the arms to include; ``total_steps`` is every arm's,
+    or by arm name (under study.budget: flops each arm ends at its own step).
     """
-    span = max(total_steps - first_step, 1)
     rows = []
     for name, criterion, exit_layer in arms:
+        total = total_steps if isinstance(total_steps, int) else total_steps[name]
+        span = max(total - first_step, 1)
         recs = [rec for r in runs.get(name, []) for rec in r.steps]
         fid = [rec for rec in recs if "spearman" in rec]
         sel = [rec for rec in recs if "kept_score" in rec]
 
-        def window(lo: float, hi: float, key: str, pool: list[dict[str, Any]] = fid) -> float | None:
+        def window(lo: float, hi: float, key: str, pool: list[dict[str, Any]] = fid, span: int = span) -> float | None:
             vals = [rec[key] for rec in pool if first_step + lo * span < rec["step"] <= first_step + hi * span]
             return statistics.fmean(vals) if vals else None
 
