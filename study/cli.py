@@ -121,7 +121,7 @@ class _Flops:
         return step_flops(cfg, self.per_row(cfg.model), self.facts.seq_len, ref_row, self.facts.objective)
 
 
-def reference_job(spec: StudySpec, regime: Regime, ref_dir: Path, bert: bool) -> tuple[list[str], list[str]]:
+def reference_job(ref_dir: Path, bert: bool) -> tuple[list[str], list[str]]:
     """(the `sift reference` command, the overrides a reducible arm gets). BERT: one reference on half 1
     of the training split, run online, and the arm trains on half 0 (its masks change every epoch, so no
     sidecar); decoders: RHO-LOSS's two references (halves 0 and 1) and a sidecar scoring each row with the
@@ -191,7 +191,7 @@ def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
                                "reference")
             if ref_cfg is not None:
                 bert = ref_cfg.model.family == "bert"
-                cmd, ref_extra = reference_job(spec, regime, ref_dir, bert)
+                cmd, ref_extra = reference_job(ref_dir, bert)
                 ref_plan = RunPlan(Arm("reference", ()), 0, ref_dir, to_dict(ref_cfg), kind="reference",
                                    regime=regime.name, command=cmd)
                 plans.append(ref_plan)
