@@ -197,7 +197,7 @@ def markdown_budget(budget: dict[str, Any], labels: dict[str, str]) -> str:
 
 def markdown_reference(ref: dict[str, Any], budget_flops: float | None) -> str:
     """The reference model's cost (`sift reference`), and its share of vanilla's budget."""
-    lines = ["| reference | trained on | steps | rows trained | CPU-process seconds | GFLOPs | share of vanilla's budget |",
+    lines = ["| reference | trained on | steps | rows trained | wall-clock seconds | GFLOPs | share of vanilla's budget |",
              "|---|---|---|---|---|---|---|"]
     for r in ref.get("references", []):
         share = f"{r['flops'] / budget_flops:.1%}" if budget_flops else "–"

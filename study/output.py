@@ -208,7 +208,7 @@ def reference_record(plans: list[RunPlan]) -> dict[str, Any] | None:
     cost = json.loads((job.dir / REFERENCE_FILE).read_text())
     for r in cost.get("references", []):
         r["name"] = Path(r["path"]).name
-    return {**cost, "command": job.command[1:]}
+    return {**cost, "command": ["sift", "reference", *job.command[3:]]}  # not `python -m launcher.reference`
 
 
 def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
@@ -275,7 +275,7 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
           if budget.get("arms") else []),
         *(["## Reference model (reducible arms)", "",
            markdown_reference(res["reference_model"], budget.get("budget_flops")), "",
-           "Trained once per regime by `" + " ".join(["sift", *res["reference_model"]["command"][2:]]) + "`. "
+           "Trained once per regime by `" + " ".join(res["reference_model"]["command"]) + "`. "
            "Its cost is not in the equal-compute budget (RHO-LOSS amortises a reference over many runs); "
            "counting it, a reducible arm spends vanilla's budget plus the share in the last column.", ""]
           if res.get("reference_model") else []),
