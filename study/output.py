@@ -320,9 +320,10 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
     selecting = [n for n in names if n not in refs]
     md = [f"# {spec.name}: where does SIFT win?", "",
           "Per data regime, which arms beat (or lose to) the reference and the control beyond the 95% t interval "
-          "of the paired difference over seeds (each comparison on its own), then which comparisons at equal "
-          "samples survive Holm's correction for all of the regime's comparisons; details in each regime's "
-          "report.md.", ""]
+          "of the paired difference over seeds (each comparison on its own), then which comparisons at "
+          + ("equal counted FLOPs (each arm at its own end; the headline)" if spec.budget == "flops" else "equal samples")
+          + " survive Holm's correction for all of the regime's comparisons; details in each regime's report.md.", ""]
+    axes = ("flops", "backprop_samples", "cpu_s") if spec.budget == "flops" else ("backprop_samples", "cpu_s")
     for regime, where in regime_reports.items():
         path = where / "results.json"
         if not path.is_file():
@@ -332,7 +333,7 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
         md += [f"## {regime} ([report]({regime}/report.md))", ""]
         if res.get("incomplete_runs"):
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
-        md += [*(verdict_lines(res["comparisons"], labels, selecting, refs, res.get("metrics", ["val_mlm_acc"]))
+        md += [*(verdict_lines(res["comparisons"], labels, selecting, refs, res.get("metrics", ["val_mlm_acc"]), axes)
                  or ["(no complete comparison yet)"]),
                *holm_lines(res["comparisons"], labels), *_kept_lines(res.get("kept", []), labels),
                *_fidelity_lines(res.get("fidelity", []), labels), ""]
