@@ -30,9 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_run(sys.argv[1:] if argv is None else argv)  # config and data mistakes fail here, in seconds
     if dist.rank != 0:
         wait_for_master(dist.master_addr, dist.master_port, MASTER_WAIT_S)
+    from engine import ds
     from engine.train import start
 
-    return start(*loaded)
+    status = start(*loaded)
+    ds.leave_process_group()  # on a normal or preempted end only: after a lost peer it could wait on it
+    return status
 
 
 if __name__ == "__main__":
