@@ -9,7 +9,9 @@ compactly, see ``wire.py``). Workers hold no per-sample state, only the memory-m
 
 from __future__ import annotations
 
+import atexit
 import logging
+import multiprocessing
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from data_pipeline.sampler import DrawRequest, DrawSampler
 from data_pipeline.wire import WireBatch, empty_batch
 
 log = logging.getLogger(__name__)
+_EXIT_HOOK = False  # _kill_workers_at_exit registered (once, by the first loader with workers)
 
 EVAL_EPOCH = 0xFFFF_FFFF
 """The epoch evaluation masks are keyed on: fixed, and unlike any training epoch's masks."""
@@ -147,10 +150,23 @@ class _BatchIterator:
         return self
 
     def __next__(self) -> Batch:
-        batch = next(self.inner)
+        try:
+            batch = next(self.inner)
+        except StopIteration:
+            raise
+        except BaseException:
+            self.close()  # the traceback keeps this iterator alive: its workers must not outlive the error
+            raise
         if isinstance(batch, WorkerDataError):
+            self.close()
             raise DataError(batch.message)
         return batch
+
+    def close(self) -> None:
+        """Stop the worker processes now (the DataLoader's own shutdown; a no-op without workers)."""
+        shutdown = getattr(self.inner, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
 
     def __len__(self) -> int:  # not used for iteration (the sampler is infinite); keeps DataLoader happy
         return len(self.dataset)
@@ -159,6 +175,17 @@ class _BatchIterator:
 def _as_is(batch: Batch) -> Batch:
     """The DataLoader's collate_fn: the dataset already returns a finished batch."""
     return batch
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit, SIGKILL the daemonic children still running. multiprocessing's own exit hook
+    (registered before this one, so it runs after) stops them with SIGTERM, which the workers ignore
+    (`_worker_init`), and then waits for them forever: a `sift train` that ended on an error while an
+    iterator was still referenced would never exit."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
 
 
 def _worker_init(_: int) -> None:
@@ -211,6 +238,11 @@ def build_loader(
         rows=rows,
     )
     draws = DrawDataset(dataset, masking_config(dataset.meta, mask_prob), seed)
+    if num_workers > 0:
+        global _EXIT_HOOK
+        if not _EXIT_HOOK:
+            atexit.register(_kill_workers_at_exit)
+            _EXIT_HOOK = True
     return _Batches(DataLoader(
         draws,
         batch_size=None,

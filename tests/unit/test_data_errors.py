@@ -10,6 +10,7 @@ import gzip
 import json
 import shutil
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -250,6 +251,50 @@ def test_altered_shard_stops_the_default_loader_with_the_file_named(tmp_path, da
         list(islice(loader, 10))
     assert "train-00001.arrow fails its SHA-256 check" in str(e.value)
     assert "Traceback" not in str(e.value)  # not PyTorch's worker re-raise, which pastes the worker's traceback
+
+
+EXIT_SCRIPT = """
+import sys
+from itertools import islice
+from data_pipeline.errors import DataError
+from data_pipeline.loader import build_loader
+from data_pipeline.reader import ShardDataset
+loader = build_loader(ShardDataset.open(sys.argv[1]), seed=0, rank=0, world_size=1,
+                      batch_size_for_draw=lambda d: 8, num_workers=1)
+if sys.argv[2] == "error":
+    try:
+        list(islice(loader, 10))
+    except DataError as e:
+        kept = e  # a caller holding the error holds the iterator through its traceback
+        print("error:", e)
+else:
+    live = iter(loader)
+    next(live)  # an iterator still referenced when the interpreter exits
+print("exiting", flush=True)
+"""
+
+
+@pytest.mark.parametrize("case", ["error", "live"])
+def test_a_process_with_loader_workers_exits(tmp_path, dataset, case):
+    """Workers ignore SIGTERM (a preemption signal is the training process's to act on), and that is the
+    signal multiprocessing ends them with at exit: without the loader's own shutdown, the process hung."""
+    import os
+    import subprocess
+    import sys
+
+    out = fresh_copy(dataset, tmp_path)
+    if case == "error":
+        flip_byte(out / "train-00001.arrow")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    try:
+        done = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(out), case], capture_output=True, text=True,
+                              timeout=60, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"still running 60 s after: {e.stdout!r}")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.splitlines()[-1] == "exiting"
+    if case == "error":
+        assert "fails its SHA-256 check" in done.stdout
 
 
 def corrupt_token(out, shard_name, row, col, value):
