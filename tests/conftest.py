@@ -86,3 +86,22 @@ def tiny_clm_data(tmp_path_factory) -> Path:
                          "--log-level", "WARNING"])
     assert code == 0
     return out
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # A child process left running (a DataLoader worker whose iterator a test still held, say) can make the
+    # interpreter wait for it at exit, after the summary, forever: name it, end it, and fail the run.
+    import multiprocessing
+
+    left = multiprocessing.active_children()
+    if not left:
+        return
+    for child in left:
+        child.kill()
+        child.join(timeout=5)
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.ensure_newline()
+        reporter.write_line(f"child processes still running at the end of the session (killed): "
+                            f"{', '.join(f'{c.name} pid {c.pid}' for c in left)}", red=True)
+    session.exitstatus = pytest.ExitCode.TESTS_FAILED
