@@ -11,9 +11,9 @@ of 1e-4 they stay near 1e-7, while a single differently kept row moves many weig
 
 Dropout is 0 on both sides: `sift train` seeds its dropout stream per rank after DeepSpeed's build, the
 Trainer from its own seed, and the two loops run other operations on the global RNG between them.
-BERT runs without accumulation: there `sift train` averages the micro-batches' token means while the
-Trainer divides a window's token sum by its token count (transformers 5's BertForMaskedLM takes a mean
-even when given that count), which differ when the micro-batches mask different numbers of tokens.
+BERT runs without accumulation: with it `sift train` averages the micro-batches' token means, while the
+Trainer adds up the means transformers 5's BertForMaskedLM returns (a mean even when the Trainer passes
+the window's token count).
 """
 
 from __future__ import annotations
