@@ -36,7 +36,8 @@ STATE_FILE = "sift_state_rank{rank}.pt"
 """Each process's method state, beside the Trainer's files in every checkpoint folder."""
 
 SUPPORTED_TRANSFORMERS = (5,)
-"""Major versions whose Trainer has the hooks below (checked by tests/unit/test_hf_hooks.py)."""
+"""Major versions whose Trainer has the hooks below (tests/unit/test_hf_trainer.py: the hook canary and the
+supported range)."""
 
 
 def check_trainer_hooks(cls: type) -> None:

@@ -52,40 +52,40 @@ def shared_corpus() -> Path:
     return SHARED_CORPUS
 
 
-@pytest.fixture(scope="session")
-def tiny_data(tmp_path_factory) -> Path:
-    """A generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64 with a
-    committed tokenizer (WordPiece training is not deterministic, and the golden loss curve needs
-    identical token ids in every session)."""
+def _prepare(tmp_path_factory, name: str, tokenizer: str, *options: str) -> Path:
+    """The generated corpus (no stdlib text, so it is identical on every Python) prepared at seq 64 with a
+    committed tokenizer (the same token ids in every session)."""
     from data_pipeline import prepare
     from data_pipeline.demo_corpus import write_demo_corpus
 
-    root = tmp_path_factory.mktemp("tiny-data")
+    root = tmp_path_factory.mktemp(name)
     corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
     out = root / "data"
-    tokenizer = REPO_ROOT / "tests" / "assets" / "tokenizer-512"
-    code = prepare.main([str(corpus), "--out", str(out), "--seq-len", "64", "--tokenizer", str(tokenizer),
-                         "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1", "--log-level", "WARNING"])
+    code = prepare.main([str(corpus), "--out", str(out), *options, "--seq-len", "64", "--tokenizer",
+                         str(REPO_ROOT / "tests" / "assets" / tokenizer), "--val-fraction", "0.1", "--seed", "0",
+                         "--num-proc", "1", "--log-level", "WARNING"])
     assert code == 0
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """BERT sentence pairs (NSP) from the generated corpus, with the committed WordPiece tokenizer
+    (WordPiece training is not deterministic, and the golden loss curve needs identical token ids)."""
+    return _prepare(tmp_path_factory, "tiny-data", "tokenizer-512")
+
+
+@pytest.fixture(scope="session")
+def tiny_mlm_data(tmp_path_factory) -> Path:
+    """The generated corpus of ``tiny_data`` packed for masked LM only (``--objective mlm_packed``)."""
+    return _prepare(tmp_path_factory, "tiny-mlm-data", "tokenizer-512", "--objective", "mlm_packed")
 
 
 @pytest.fixture(scope="session")
 def tiny_clm_data(tmp_path_factory) -> Path:
-    """The generated corpus of ``tiny_data`` prepared for causal LMs (``--objective clm``) at seq 64 with a
-    committed byte-level BPE (the same ids in every session)."""
-    from data_pipeline import prepare
-    from data_pipeline.demo_corpus import write_demo_corpus
-
-    root = tmp_path_factory.mktemp("tiny-clm-data")
-    corpus = write_demo_corpus(root / "corpus", seed=0, target_docs=300, stdlib=False)
-    out = root / "data"
-    tokenizer = REPO_ROOT / "tests" / "assets" / "bpe-512"
-    code = prepare.main([str(corpus), "--out", str(out), "--objective", "clm", "--seq-len", "64", "--tokenizer",
-                         str(tokenizer), "--val-fraction", "0.1", "--seed", "0", "--num-proc", "1",
-                         "--log-level", "WARNING"])
-    assert code == 0
-    return out
+    """The generated corpus of ``tiny_data`` prepared for causal LMs (``--objective clm``) with a committed
+    byte-level BPE."""
+    return _prepare(tmp_path_factory, "tiny-clm-data", "bpe-512", "--objective", "clm")
 
 
 def pytest_sessionfinish(session, exitstatus):

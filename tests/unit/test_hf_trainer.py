@@ -135,6 +135,33 @@ def test_trainer_hook_canary(tmp_path):
             assert step_id == ids[i] and step_items is items
 
 
+def test_supported_range_is_stated_consistently_and_installed():
+    """transformers >= 5.0, < 6 and accelerate >= 1.1: what pyproject.toml requires, the README and sift_hf
+    state, check_trainer_hooks accepts, and what this environment runs (the canary above tests its hooks)."""
+    from importlib.metadata import version
+    from pathlib import Path
+
+    from packaging.requirements import Requirement
+
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        tomllib = pytest.importorskip("tomli")
+
+    import sift_hf
+    from sift_hf.trainer import SUPPORTED_TRANSFORMERS
+
+    repo = Path(__file__).resolve().parents[2]
+    project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
+    required = {r.name: r.specifier for r in map(Requirement, project["dependencies"] + project["optional-dependencies"]["hf"])}
+    assert str(required["transformers"]) == "<6,>=5.0" and str(required["accelerate"]) == ">=1.1"
+    for text in ((repo / "README.md").read_text(), sift_hf.__doc__):
+        assert "transformers >= 5.0, < 6" in text and "accelerate >= 1.1" in text
+    assert [m for m in range(4, 8) if f"{m}.0" in required["transformers"]] == list(SUPPORTED_TRANSFORMERS)
+    for name in ("transformers", "accelerate"):
+        assert version(name) in required[name], f"{name} {version(name)} is outside the supported {required[name]}"
+
+
 def test_a_trainer_without_the_hook_is_refused():
     class Moved(Trainer):
         get_batch_samples = None
