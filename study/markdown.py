@@ -212,17 +212,30 @@ def markdown_reference(ref: dict[str, Any], budget_flops: float | None) -> str:
     return "\n".join(lines)
 
 
+def _share_ci(ci: dict[str, Any] | None) -> str:
+    if not ci or "mean" not in ci:
+        return "–"
+    return f"{ci['mean']:.1%} [{ci['lo']:.1%}, {ci['hi']:.1%}]" if "lo" in ci else f"{ci['mean']:.1%}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1%}"
+
+
 def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = ["| arm | kind of row | drawn (= vanilla, random) | kept at the branch point, exit / exact | "
-             "kept at the end, exit [95% CI] | kept at the end, exact |", "|---|---|---|---|---|---|"]
+    """Per arm and kind: the drawn share, then the kept-row share and the loss-weight share (the gradient's
+    view; the same for top-k) at the branch point and at the end of the runs."""
+    lines = ["| arm | kind of row | drawn (= vanilla, random) | kept rows at the branch point, exit / exact | "
+             "weight share at the branch point, exit | kept rows at the end, exit [95% CI] | "
+             "weight share at the end, exit [95% CI] | kept rows / weight share at the end, exact |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        end = r["end_exit"]
-        end_s = (f"{end['mean']:.1%} [{end['lo']:.1%}, {end['hi']:.1%}]" if "lo" in end
-                 else f"{end['mean']:.1%}" if "mean" in end else "–")
-        exact = f"{r['end_exact']['mean']:.1%}" if "mean" in r["end_exact"] else "–"
-        branch = (f"{r['branch_exit']:.1%} / {r['branch_exact']:.1%}" if r["branch_exit"] is not None
-                  and r["branch_exact"] is not None else "–")
-        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['kind']} | {r['drawn']:.1%} | {branch} | {end_s} | {exact} |")
+        branch = (f"{_pct(r['branch_exit'])} / {_pct(r['branch_exact'])}"
+                  if r["branch_exit"] is not None or r["branch_exact"] is not None else "–")
+        exact, exact_w = _pct(r["end_exact"].get("mean")), _pct((r.get("end_exact_weight") or {}).get("mean"))
+        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['kind']} | {r['drawn']:.1%} | {branch} | "
+                     f"{_pct(r.get('branch_exit_weight'))} | {_share_ci(r['end_exit'])} | "
+                     f"{_share_ci(r.get('end_exit_weight'))} | {exact} / {exact_w} |")
     return "\n".join(lines)
 
 

@@ -135,7 +135,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
     fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete,
                               {p.arm.name: p.steps for p in arm_plans}, first)
-    probed = {p.arm.name: sel for p in arm_plans if (sel := selection_of(p.config))}  # top-k by loss or entropy
+    probed = {p.arm.name: sel for p in arm_plans if (sel := selection_of(p.config))}  # every selecting arm
     kept = kept_table(list(probed.items()), complete,
                       warm.probe if warm is not None else {})
     costs = cost_table(names, complete)
@@ -264,10 +264,16 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
         "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
         "a target only when all its seeds do.", "",
         *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
-           "From each run's probe (study/probe.py): the share of each kind among the B rows top-k keeps "
-           "of simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and at "
-           "the run's final weights. The probe simulates top-k by loss or entropy only: reducible, stratified and "
-           "importance arms are not in this table.", ""] if kept else []),
+           "From each run's probe (study/probe.py): simulated gross batches of G rows drawn from each kind "
+           "in its share of the training data (\"drawn\": what vanilla and random back-propagate), of which the "
+           "arm's own policy keeps B, scored by the arm's exit (and by the exact loss), at the branch point and "
+           "at the run's final weights. **Kept rows**: each kind's share of the B rows back-propagated. **Weight "
+           "share**: its share of the kept rows' loss weights (sum of w_i), what the gradient sees of each kind "
+           "when rows carry equal numbers of target tokens; the stratified and importance draws weight a row "
+           "by 1 / its inclusion probability, so their weight share is near the drawn share where their kept "
+           "rows are not, and top-k weighs every kept row 1 (weight share = kept rows). Reducible arms are "
+           "scored against the regime's reference model, which trained on half of the training rows: about "
+           "half of the sampled rows (with other masks) were seen by it.", ""] if kept else []),
         *(["## Equal compute: steps and counted FLOPs per arm", "", markdown_budget(budget, labels), "",
            "Per step: B rows trained (3 x forward), G rows scored at the arm's exit, and for reducible arms "
            "without a sidecar the reference's forward of G rows (engine/models FLOP counts). Vanilla's budget: "
@@ -342,12 +348,19 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
 
 
 def _kept_lines(kept: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
-    """One line per kind of row other than `original`: its share drawn, and kept by each selecting arm."""
+    """One line per kind of row other than `original`: its share drawn, and kept by each selecting arm (for
+    the weighted arms also its share of the loss weights)."""
     out = []
+
+    def share(r: dict[str, Any]) -> str:
+        w = r.get("end_exit_weight") or {}
+        weight = f" (weight share {w['mean']:.1%})" if r.get("weighted") and "mean" in w else ""
+        return f"{labels.get(r['arm'], r['arm'])} {r['end_exit']['mean']:.1%}{weight}"
+
     for kind in dict.fromkeys(r["kind"] for r in kept if r["kind"] != "original"):
         rows = [r for r in kept if r["kind"] == kind and "mean" in r["end_exit"]]
         if rows:
-            arms = "; ".join(f"{labels.get(r['arm'], r['arm'])} {r['end_exit']['mean']:.1%}" for r in rows)
+            arms = "; ".join(map(share, rows))
             out.append(f"- {kind} rows back-propagated at the end of training: {rows[0]['drawn']:.1%} by vanilla and "
                        f"random (drawn); {arms}")
     return out
