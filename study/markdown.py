@@ -248,3 +248,32 @@ def markdown_costs(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
                      f"{_pm(r['wall_s'], 1, 1 / 60)} | {_pm(load, 2) if 'mean' in load else '–'} | "
                      f"{_pm(flops, 3) if flops else '–'} |")
     return "\n".join(lines)
+
+
+def markdown_turn_on(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    """"When to turn it on" (study/turn_on.py): per regime and model kind, the method, its cost and its gain
+    at equal counted FLOPs, or why there is none."""
+    lines = ["| regime / model | method | cost: counted FLOPs vs vanilla (steps), reference | gain at equal compute: "
+             "Δ validation acc vs vanilla, pp [95% CI] | held-out Δ vs vanilla | Δ vs the random control |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = r["label"] + (f" ({r['incomplete']} run(s) incomplete)" if r.get("incomplete") else "")
+        if r.get("status"):
+            lines.append(f"| {label} | {r['status']} | – | – | – | – |")
+            continue
+        if r["method"] is None:
+            c = r["closest"]
+            lines.append(f"| {label} | none: no arm beats vanilla beyond its interval | – | highest mean: "
+                         f"{labels.get(c['arm'], c['arm'])} {_pp(c)} | – | – |")
+            continue
+        cost = r["cost"]
+        ratio = "–" if cost["flops_vs_vanilla"] is None else f"{cost['flops_vs_vanilla']:.2f}×"
+        ref = cost["reference"]
+        ref_text = ("" if ref is None else "; + its own reference (cost not measured)" if ref == "own"
+                    else f"; + {ref:.1%} of vanilla's budget for the reference (once per regime)")
+        also = f" (also beyond the interval: {', '.join(labels.get(a, a) for a in r['also'])})" if r["also"] else ""
+        held = "; ".join(_pp(ci) for ci in r["heldout"].values()) or "–"
+        lines.append(f"| {label} | {labels.get(r['method'], r['method'])}{also} | {ratio} ({cost['steps']} steps, "
+                     f"vanilla {cost['vanilla_steps']}){ref_text} | **{_pp(r['gain'])}** | {held} | "
+                     f"{_pp(r['vs_control'])} |")
+    return "\n".join(lines)

@@ -19,6 +19,7 @@ from study.markdown import (
     markdown_per_seed,
     markdown_reference,
     markdown_targets,
+    markdown_turn_on,
     verdict_lines,
 )
 from study.report import (
@@ -37,6 +38,7 @@ from study.report import (
     token_name,
 )
 from study.spec import StudySpec, selection_of
+from study.turn_on import turn_on_row
 
 if TYPE_CHECKING:
     from study.jobs import RunPlan
@@ -178,6 +180,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         "metrics": keys, "warm": warm_cost,
         "comparisons": compared, "final": final, "time_to_target": to_target, "fidelity": fidelity, "kept": kept,
         "costs": costs, "incomplete_runs": missing, "invocations": record.get("invocations", []),
+        "labels": {a.name: a.title() for a in spec.arms},
     }
     out = arm_plans[0].dir.parents[2] if arm_plans else report
     (report / "results.json").write_text(json.dumps(_portable(results, out), indent=1) + "\n")
@@ -189,12 +192,17 @@ def budget_record(spec: StudySpec, arm_plans: list[RunPlan], first: int) -> dict
     vanilla's budget (its steps x its FLOPs per step)."""
     out: dict[str, Any] = {"kind": spec.budget}
     arms = {p.arm.name: {"steps": p.steps - first, "total": p.flops.total, "train": p.flops.train,
-                         "score": p.flops.score, "reference": p.flops.reference}
+                         "score": p.flops.score, "reference": p.flops.reference,
+                         # selection warm-up steps after the branch point cost vanilla's (study/budget.py)
+                         "warmup": max(0, p.config["sift"].get("warmup_steps", 0) - first) if p.flops.score else 0}
             for p in arm_plans if p.flops is not None}
     if arms:
         out["arms"] = arms
         vanilla = arms.get(spec.reference)
         out["budget_flops"] = vanilla["steps"] * vanilla["total"] if vanilla else None
+        if vanilla:
+            for a in arms.values():  # what the arm spends: at most the budget (its steps are rounded down)
+                a["flops_spent"] = a["warmup"] * vanilla["total"] + (a["steps"] - a["warmup"]) * a["total"]
     return out
 
 
@@ -274,6 +282,8 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
            "rows are not, and top-k weighs every kept row 1 (weight share = kept rows). Reducible arms are "
            "scored against the regime's reference model, which trained on half of the training rows: about "
            "half of the sampled rows (with other masks) were seen by it.", ""] if kept else []),
+        *(["## When to turn it on", "", markdown_turn_on([turn_on_row(res)], labels), "", TURN_ON_NOTE, ""]
+          if flops and not regime else []),
         *(["## Equal compute: steps and counted FLOPs per arm", "", markdown_budget(budget, labels), "",
            "Per step: B rows trained (3 x forward), G rows scored at the arm's exit, and for reducible arms "
            "without a sidecar the reference's forward of G rows (engine/models FLOP counts). Vanilla's budget: "
@@ -330,12 +340,16 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
           + ("equal counted FLOPs (each arm at its own end; the headline)" if spec.budget == "flops" else "equal samples")
           + " survive Holm's correction for all of the regime's comparisons; details in each regime's report.md.", ""]
     axes = ("flops", "backprop_samples", "cpu_s") if spec.budget == "flops" else ("backprop_samples", "cpu_s")
-    for regime, where in regime_reports.items():
-        path = where / "results.json"
-        if not path.is_file():
+    found = {r: json.loads((w / "results.json").read_text()) for r, w in regime_reports.items()
+             if (w / "results.json").is_file()}
+    if spec.budget == "flops" and found:
+        md += ["## When to turn it on", "", markdown_turn_on([turn_on_row(res) for res in found.values()], labels), "",
+               TURN_ON_NOTE, ""]
+    for regime in regime_reports:
+        if regime not in found:
             md += [f"## {regime}", "", "(no results yet)", ""]
             continue
-        res = json.loads(path.read_text())
+        res = found[regime]
         md += [f"## {regime} ([report]({regime}/report.md))", ""]
         if res.get("incomplete_runs"):
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
@@ -345,6 +359,15 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
                *_fidelity_lines(res.get("fidelity", []), labels), ""]
     (report / "verdict.md").write_text("\n".join(md))
     return "\n".join(md)
+
+
+TURN_ON_NOTE = ("At equal counted FLOPs (each arm as many steps as vanilla's budget pays for, its learning rate "
+                "fully decayed at its own end), paired by seed, 95% t intervals, each comparison on its own (the "
+                "Holm line of each regime corrects for all of them). The method: of the arms other than the "
+                "control, the one with the largest mean gain among those that beat vanilla beyond the interval "
+                "on validation; its cost is its counted FLOPs over vanilla's, plus, for a reducible arm, its "
+                "reference's training (outside the budget) as a share of vanilla's budget. Made by "
+                "study/turn_on.py (`python -m study.turn_on REPORT_DIR...` prints it for several studies).")
 
 
 def _kept_lines(kept: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
