@@ -230,13 +230,13 @@ def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
                 plan.probe = ["--run", str(plan.dir), "--select", select, *kinds] if select and kinds else []
         if warm is not None and kinds:  # every selection at the branch point; reducible ones need the reference
             selects = sorted({s for p in plans if (s := selection_of(p.config))})
-            reducible = [s for s in selects if parse_selection(s).criterion == "reducible"]
+            reducible = {s for s in selects if parse_selection(s).criterion == "reducible"}
             ref_path = next((o.partition("=")[2] for o in ref_extra if o.startswith("sift.reference=")), None)
-            if reducible and (ref_plan is None or ref_path is None):
-                selects = [s for s in selects if s not in reducible]
+            if ref_plan is None or ref_path is None:  # arms with references of their own: not at the branch point
+                selects, reducible = [s for s in selects if s not in reducible], set()
             warm.probe = ["--run", str(warm.dir), *(a for s in selects for a in ("--select", s)), *kinds] if selects else []
-            if warm.probe and reducible and ref_plan is not None and ref_path is not None:
-                warm.probe += ["--reference", ref_path]
+            if reducible:
+                warm.probe += ["--reference", str(ref_path)]
                 warm.deps = [*warm.deps, ref_plan.key]
     if problems:
         unique = list(dict.fromkeys(problems))

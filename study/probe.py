@@ -151,7 +151,7 @@ def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]
     parts = {k: batches(d, "train", rows) for k, (d, _) in kinds.items()}
     weights = {k: w for k, (_, w) in kinds.items()}
     G, B = cfg.sift.gross_batch(cfg.train.micro_batch_size), cfg.train.micro_batch_size
-    ref = None
+    ref, scored = None, {}
     for sel in todo:
         if sel.criterion == "reducible" and ref is None:
             where = reference or cfg.sift.reference
@@ -159,7 +159,10 @@ def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]
                 raise StudyError(f"probe of {run_dir}: {sel.key} scores by reducible loss, but neither --reference "
                                  "nor the run's sift.reference names a reference model")
             ref = open_reference(where, cfg)
-        scores = kind_scores(model, parts, sel.criterion, sel.exit_layer, ref if sel.criterion == "reducible" else None)
+        if (sel.criterion, sel.exit_layer) not in scored:  # shared by the policies of one criterion and exit
+            scored[sel.criterion, sel.exit_layer] = kind_scores(model, parts, sel.criterion, sel.exit_layer,
+                                                                ref if sel.criterion == "reducible" else None)
+        scores = scored[sel.criterion, sel.exit_layer]
         entry: dict[str, Any] = {"policy": sel.policy,
                                  "drawn": {k: w / sum(weights.values()) for k, w in weights.items()},
                                  "rows_scored": {k: len(v["exit"]) for k, v in scores.items()},
