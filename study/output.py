@@ -363,7 +363,7 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
 
 TURN_ON_NOTE = ("At equal counted FLOPs (each arm as many steps as vanilla's budget pays for, its learning rate "
                 "fully decayed at its own end), paired by seed, 95% t intervals, each comparison on its own (the "
-                "Holm line of each regime corrects for all of them). The method: of the arms other than the "
+                "Holm lines correct for all of a regime's comparisons). The method: of the arms other than the "
                 "control, the one with the largest mean gain among those that beat vanilla beyond the interval "
                 "on validation; its cost is its counted FLOPs over vanilla's, plus, for a reducible arm, its "
                 "reference's training (outside the budget) as a share of vanilla's budget. Made by "
