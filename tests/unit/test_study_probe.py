@@ -94,3 +94,19 @@ def test_reducible_scores_subtract_the_references_loss_on_the_same_targets():
         assert plain[kind]["exit"] == pytest.approx(exit_scores(path, batch, "loss").numpy())
         assert len(reducible[kind]["exit"]) == batch["input_ids"].shape[0]
     assert not np.allclose(reducible["original"]["exit"], plain["original"]["exit"])
+
+
+def test_selection_keys_round_trip_and_name_what_is_wrong():
+    from study.spec import StudyError, parse_selection, selection_of
+
+    config = {"sift": {"policy": "importance", "criterion": "loss", "exit_layer": 1, "temperature": 2.0,
+                       "uniform_mix": 0.2}}
+    assert selection_of(config) == "importance-loss:1@t=2.0,u=0.2"
+    for key in ("loss:1", "reducible:4", "stratified-entropy:1@q=0.75", "stratified-loss:2@q=mean",
+                "importance-loss:1@t=2.0,u=0.2"):
+        assert parse_selection(key).key == key
+    assert parse_selection("stratified-loss:1@q=mean").threshold_quantile is None
+    assert selection_of({"sift": {"policy": "random"}}) is None and selection_of({"method": "vcas"}) is None
+    for bad in ("loss", "stratified-loss:1", "loss:1@q=0.5", "importance-loss:1@q=0.5", "stratified-loss:1@q=x"):
+        with pytest.raises(StudyError, match="probe selection"):
+            parse_selection(bad)
