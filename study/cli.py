@@ -43,10 +43,11 @@ import yaml
 
 from engine.config import ConfigError, load_config, to_dict
 from engine.resources import resolve
+from sift_common.errors import SiftError
 from sift_common.logs import setup_logging
 from sift_common.provenance import git_commit, load_average, machine, versions
 from study.jobs import EventLog, RunPlan, child_env, execute, run_state
-from study.spec import VANILLA, Arm, StudyError, StudySpec, build_spec, selection_of
+from study.spec import VANILLA, Arm, StudyError, StudySpec, build_spec, parse_selection, selection_of
 
 PRESETS = {name: resolve(f"study-{name}", "configs") for name in ("cpu", "gpu", "regimes-cpu", "gpt2-cpu", "gpt2-continue-cpu")}
 """Preset name -> the shipped study file (configs/, package data: engine/resources.py)."""
@@ -227,9 +228,16 @@ def plan_runs(spec: StudySpec, regime: Regime) -> list[RunPlan]:
                     plan.deps = [*plan.deps, ref_plan.key]
                 select = selection_of(plan.config)
                 plan.probe = ["--run", str(plan.dir), "--select", select, *kinds] if select and kinds else []
-        if warm is not None and kinds:
+        if warm is not None and kinds:  # every selection at the branch point; reducible ones need the reference
             selects = sorted({s for p in plans if (s := selection_of(p.config))})
+            reducible = {s for s in selects if parse_selection(s).criterion == "reducible"}
+            ref_path = next((o.partition("=")[2] for o in ref_extra if o.startswith("sift.reference=")), None)
+            if ref_plan is None or ref_path is None:  # arms with references of their own: not at the branch point
+                selects, reducible = [s for s in selects if s not in reducible], set()
             warm.probe = ["--run", str(warm.dir), *(a for s in selects for a in ("--select", s)), *kinds] if selects else []
+            if reducible:
+                warm.probe += ["--reference", str(ref_path)]
+                warm.deps = [*warm.deps, ref_plan.key]
     if problems:
         unique = list(dict.fromkeys(problems))
         raise StudyError(f"{spec.source}: the run config is not usable:\n  " + "\n  ".join(unique))
@@ -455,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                                           "load_after": load_average(), "ran": codes})
         (out / "study.json").write_text(json.dumps(record, indent=1))
 
+    if args.report_only:
+        probe_finished(every)
     from study.output import render_report, write_report, write_verdict
 
     tables = {}
@@ -474,6 +484,24 @@ def main(argv: list[str] | None = None) -> int:
               "rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
+
+
+def probe_finished(plans: list[RunPlan]) -> None:
+    """The probes of finished runs that lack some of their selections (runs made before the probe knew
+    them; a run trained but not yet probed), in this process, before a report: each adds what is missing
+    to the run's probe.json. A run whose checkpoints are gone (a study without --keep-checkpoints) is
+    skipped with a warning, and its kept-row shares stay out of the report."""
+    from study.jobs import probe_missing
+    from study.probe import parse_args as probe_args
+    from study.probe import run_probe
+
+    todo = [p for p in plans if run_state(p)[0] == "probe"]
+    for i, plan in enumerate(todo):
+        log.info("probing %s (%d of %d): %s", plan.key, i + 1, len(todo), ", ".join(probe_missing(plan)))
+        try:
+            run_probe(probe_args(plan.probe))
+        except SiftError as e:
+            log.warning("%s: no probe (%s); its kept-row shares are left out of the report", plan.key, e)
 
 
 def _interrupt(signum: int, frame: Any) -> None:

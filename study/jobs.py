@@ -77,8 +77,7 @@ def run_state(plan: RunPlan) -> tuple[str, int]:
     if summary.is_file():
         with contextlib.suppress(ValueError, OSError):
             if json.loads(summary.read_text()).get("steps") == plan.steps:
-                done = not plan.probe or (plan.dir / PROBE_FILE).is_file()
-                return ("done" if done else "probe"), plan.steps
+                return ("probe" if probe_missing(plan) else "done"), plan.steps
     try:
         tag = ckpt.find_latest(plan.dir / "checkpoints") if (plan.dir / "checkpoints").is_dir() else None
     except ckpt.CheckpointError:  # damaged: the run itself refuses, with the engine's explanation
@@ -86,6 +85,19 @@ def run_state(plan: RunPlan) -> tuple[str, int]:
     if tag is not None:
         return "partial", int(tag.removeprefix("step"))
     return "new", 0
+
+
+def probe_missing(plan: RunPlan) -> list[str]:
+    """The selections of the plan's probe (``--select KEY``) that its probe.json does not hold yet (all of
+    them when there is no readable probe.json)."""
+    if not plan.probe:
+        return []
+    wanted = [plan.probe[i + 1] for i, a in enumerate(plan.probe[:-1]) if a == "--select"]
+    try:
+        held = json.loads((plan.dir / PROBE_FILE).read_text()).get("kept", {})
+    except (ValueError, OSError, AttributeError):
+        return wanted or [PROBE_FILE]
+    return [s for s in wanted if s not in held]
 
 
 def warm_tag(warm_dir: Path) -> str:

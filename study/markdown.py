@@ -212,17 +212,30 @@ def markdown_reference(ref: dict[str, Any], budget_flops: float | None) -> str:
     return "\n".join(lines)
 
 
+def _share_ci(ci: dict[str, Any] | None) -> str:
+    if not ci or "mean" not in ci:
+        return "–"
+    return f"{ci['mean']:.1%} [{ci['lo']:.1%}, {ci['hi']:.1%}]" if "lo" in ci else f"{ci['mean']:.1%}"
+
+
+def _pct(v: float | None) -> str:
+    return "–" if v is None else f"{v:.1%}"
+
+
 def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
-    lines = ["| arm | kind of row | drawn (= vanilla, random) | kept at the branch point, exit / exact | "
-             "kept at the end, exit [95% CI] | kept at the end, exact |", "|---|---|---|---|---|---|"]
+    """Per arm and kind: the drawn share, then the kept-row share and the loss-weight share (the gradient's
+    view; the same for top-k) at the branch point and at the end of the runs."""
+    lines = ["| arm | kind of row | drawn (= vanilla, random) | kept rows at the branch point, exit / exact | "
+             "weight share at the branch point, exit | kept rows at the end, exit [95% CI] | "
+             "weight share at the end, exit [95% CI] | kept rows / weight share at the end, exact |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        end = r["end_exit"]
-        end_s = (f"{end['mean']:.1%} [{end['lo']:.1%}, {end['hi']:.1%}]" if "lo" in end
-                 else f"{end['mean']:.1%}" if "mean" in end else "–")
-        exact = f"{r['end_exact']['mean']:.1%}" if "mean" in r["end_exact"] else "–"
-        branch = (f"{r['branch_exit']:.1%} / {r['branch_exact']:.1%}" if r["branch_exit"] is not None
-                  and r["branch_exact"] is not None else "–")
-        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['kind']} | {r['drawn']:.1%} | {branch} | {end_s} | {exact} |")
+        branch = (f"{_pct(r['branch_exit'])} / {_pct(r['branch_exact'])}"
+                  if r["branch_exit"] is not None or r["branch_exact"] is not None else "–")
+        exact, exact_w = _pct(r["end_exact"].get("mean")), _pct((r.get("end_exact_weight") or {}).get("mean"))
+        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['kind']} | {r['drawn']:.1%} | {branch} | "
+                     f"{_pct(r.get('branch_exit_weight'))} | {_share_ci(r['end_exit'])} | "
+                     f"{_share_ci(r.get('end_exit_weight'))} | {exact} / {exact_w} |")
     return "\n".join(lines)
 
 
@@ -234,4 +247,33 @@ def markdown_costs(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
         lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['seeds']} | {_pm(r['cpu_s'], 1, 1 / 60)} | "
                      f"{_pm(r['wall_s'], 1, 1 / 60)} | {_pm(load, 2) if 'mean' in load else '–'} | "
                      f"{_pm(flops, 3) if flops else '–'} |")
+    return "\n".join(lines)
+
+
+def markdown_turn_on(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    """"When to turn it on" (study/turn_on.py): per regime and model kind, the method, its cost and its gain
+    at equal counted FLOPs, or why there is none."""
+    lines = ["| regime / model | method | cost: counted FLOPs vs vanilla (steps), reference | gain at equal compute: "
+             "Δ validation acc vs vanilla, pp [95% CI] | held-out Δ vs vanilla | Δ vs the random control |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        label = r["label"] + (f" ({r['incomplete']} run(s) incomplete)" if r.get("incomplete") else "")
+        if r.get("status"):
+            lines.append(f"| {label} | {r['status']} | – | – | – | – |")
+            continue
+        if r["method"] is None:
+            c = r["closest"]
+            lines.append(f"| {label} | none: no arm beats vanilla beyond its interval | – | highest mean: "
+                         f"{labels.get(c['arm'], c['arm'])} {_pp(c)} | – | – |")
+            continue
+        cost = r["cost"]
+        ratio = "–" if cost["flops_vs_vanilla"] is None else f"{cost['flops_vs_vanilla']:.2f}×"
+        ref = cost["reference"]
+        ref_text = ("" if ref is None else "; + its own reference (cost not measured)" if ref == "own"
+                    else f"; + {ref:.1%} of vanilla's budget for the reference (once per regime)")
+        also = f" (also beyond the interval: {', '.join(labels.get(a, a) for a in r['also'])})" if r["also"] else ""
+        held = "; ".join(_pp(ci) for ci in r["heldout"].values()) or "–"
+        lines.append(f"| {label} | {labels.get(r['method'], r['method'])}{also} | {ratio} ({cost['steps']} steps, "
+                     f"vanilla {cost['vanilla_steps']}){ref_text} | **{_pp(r['gain'])}** | {held} | "
+                     f"{_pp(r['vs_control'])} |")
     return "\n".join(lines)

@@ -19,6 +19,7 @@ from study.markdown import (
     markdown_per_seed,
     markdown_reference,
     markdown_targets,
+    markdown_turn_on,
     verdict_lines,
 )
 from study.report import (
@@ -37,6 +38,7 @@ from study.report import (
     token_name,
 )
 from study.spec import StudySpec, selection_of
+from study.turn_on import turn_on_row
 
 if TYPE_CHECKING:
     from study.jobs import RunPlan
@@ -135,7 +137,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
     sel_plans = {p.arm.name: selection(p) for p in arm_plans if selection(p)}
     fidelity = fidelity_table([(n, *sel_plans[n]) for n in names if n in sel_plans], complete,
                               {p.arm.name: p.steps for p in arm_plans}, first)
-    probed = {p.arm.name: sel for p in arm_plans if (sel := selection_of(p.config))}  # top-k by loss or entropy
+    probed = {p.arm.name: sel for p in arm_plans if (sel := selection_of(p.config))}  # every selecting arm
     kept = kept_table(list(probed.items()), complete,
                       warm.probe if warm is not None else {})
     costs = cost_table(names, complete)
@@ -178,6 +180,7 @@ def write_report(report: Path, spec: StudySpec, plans: list[RunPlan], record: di
         "metrics": keys, "warm": warm_cost,
         "comparisons": compared, "final": final, "time_to_target": to_target, "fidelity": fidelity, "kept": kept,
         "costs": costs, "incomplete_runs": missing, "invocations": record.get("invocations", []),
+        "labels": {a.name: a.title() for a in spec.arms},
     }
     out = arm_plans[0].dir.parents[2] if arm_plans else report
     (report / "results.json").write_text(json.dumps(_portable(results, out), indent=1) + "\n")
@@ -189,12 +192,17 @@ def budget_record(spec: StudySpec, arm_plans: list[RunPlan], first: int) -> dict
     vanilla's budget (its steps x its FLOPs per step)."""
     out: dict[str, Any] = {"kind": spec.budget}
     arms = {p.arm.name: {"steps": p.steps - first, "total": p.flops.total, "train": p.flops.train,
-                         "score": p.flops.score, "reference": p.flops.reference}
+                         "score": p.flops.score, "reference": p.flops.reference,
+                         # selection warm-up steps after the branch point cost vanilla's (study/budget.py)
+                         "warmup": max(0, p.config["sift"].get("warmup_steps", 0) - first) if p.flops.score else 0}
             for p in arm_plans if p.flops is not None}
     if arms:
         out["arms"] = arms
         vanilla = arms.get(spec.reference)
         out["budget_flops"] = vanilla["steps"] * vanilla["total"] if vanilla else None
+        if vanilla:
+            for a in arms.values():  # what the arm spends: at most the budget (its steps are rounded down)
+                a["flops_spent"] = a["warmup"] * vanilla["total"] + (a["steps"] - a["warmup"]) * a["total"]
     return out
 
 
@@ -264,10 +272,18 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
         "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
         "a target only when all its seeds do.", "",
         *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
-           "From each run's probe (study/probe.py): the share of each kind among the B rows top-k keeps "
-           "of simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and at "
-           "the run's final weights. The probe simulates top-k by loss or entropy only: reducible, stratified and "
-           "importance arms are not in this table.", ""] if kept else []),
+           "From each run's probe (study/probe.py): simulated gross batches of G rows drawn from each kind "
+           "in its share of the training data (\"drawn\": what vanilla and random back-propagate), of which the "
+           "arm's own policy keeps B, scored by the arm's exit (and by the exact loss), at the branch point and "
+           "at the run's final weights. **Kept rows**: each kind's share of the B rows back-propagated. **Weight "
+           "share**: its share of the kept rows' loss weights (sum of w_i), what the gradient sees of each kind "
+           "when rows carry equal numbers of target tokens; the stratified and importance draws weight a row "
+           "by 1 / its inclusion probability, so their weight share is near the drawn share where their kept "
+           "rows are not, and top-k weighs every kept row 1 (weight share = kept rows). Reducible arms are "
+           "scored against the regime's reference model, which trained on half of the training rows: about "
+           "half of the sampled rows (with other masks) were seen by it.", ""] if kept else []),
+        *(["## When to turn it on", "", markdown_turn_on([turn_on_row(res)], labels), "", TURN_ON_NOTE, ""]
+          if flops and not regime else []),
         *(["## Equal compute: steps and counted FLOPs per arm", "", markdown_budget(budget, labels), "",
            "Per step: B rows trained (3 x forward), G rows scored at the arm's exit, and for reducible arms "
            "without a sidecar the reference's forward of G rows (engine/models FLOP counts). Vanilla's budget: "
@@ -324,12 +340,16 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
           + ("equal counted FLOPs (each arm at its own end; the headline)" if spec.budget == "flops" else "equal samples")
           + " survive Holm's correction for all of the regime's comparisons; details in each regime's report.md.", ""]
     axes = ("flops", "backprop_samples", "cpu_s") if spec.budget == "flops" else ("backprop_samples", "cpu_s")
-    for regime, where in regime_reports.items():
-        path = where / "results.json"
-        if not path.is_file():
+    found = {r: json.loads((w / "results.json").read_text()) for r, w in regime_reports.items()
+             if (w / "results.json").is_file()}
+    if spec.budget == "flops" and found:
+        md += ["## When to turn it on", "", markdown_turn_on([turn_on_row(res) for res in found.values()], labels), "",
+               TURN_ON_NOTE, ""]
+    for regime in regime_reports:
+        if regime not in found:
             md += [f"## {regime}", "", "(no results yet)", ""]
             continue
-        res = json.loads(path.read_text())
+        res = found[regime]
         md += [f"## {regime} ([report]({regime}/report.md))", ""]
         if res.get("incomplete_runs"):
             md += [f"Incomplete: {len(res['incomplete_runs'])} run(s).", ""]
@@ -341,13 +361,29 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
     return "\n".join(md)
 
 
+TURN_ON_NOTE = ("At equal counted FLOPs (each arm as many steps as vanilla's budget pays for, its learning rate "
+                "fully decayed at its own end), paired by seed, 95% t intervals, each comparison on its own (the "
+                "Holm lines correct for all of a regime's comparisons). The method: of the arms other than the "
+                "control, the one with the largest mean gain among those that beat vanilla beyond the interval "
+                "on validation; its cost is its counted FLOPs over vanilla's, plus, for a reducible arm, its "
+                "reference's training (outside the budget) as a share of vanilla's budget. Made by "
+                "study/turn_on.py (`python -m study.turn_on REPORT_DIR...` prints it for several studies).")
+
+
 def _kept_lines(kept: list[dict[str, Any]], labels: dict[str, str]) -> list[str]:
-    """One line per kind of row other than `original`: its share drawn, and kept by each selecting arm."""
+    """One line per kind of row other than `original`: its share drawn, and kept by each selecting arm (for
+    the weighted arms also its share of the loss weights)."""
     out = []
+
+    def share(r: dict[str, Any]) -> str:
+        w = r.get("end_exit_weight") or {}
+        weight = f" (weight share {w['mean']:.1%})" if r.get("weighted") and "mean" in w else ""
+        return f"{labels.get(r['arm'], r['arm'])} {r['end_exit']['mean']:.1%}{weight}"
+
     for kind in dict.fromkeys(r["kind"] for r in kept if r["kind"] != "original"):
         rows = [r for r in kept if r["kind"] == kind and "mean" in r["end_exit"]]
         if rows:
-            arms = "; ".join(f"{labels.get(r['arm'], r['arm'])} {r['end_exit']['mean']:.1%}" for r in rows)
+            arms = "; ".join(map(share, rows))
             out.append(f"- {kind} rows back-propagated at the end of training: {rows[0]['drawn']:.1%} by vanilla and "
                        f"random (drawn); {arms}")
     return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from study.spec import parse_selection
 from study.stats import holm, mean_ci, verdict
 
 # ----------------------------------------------------------------------------- one run
@@ -470,18 +471,29 @@ def kept_table(arms: Sequence[tuple[str, str]], runs: dict[str, list[RunCurves]]
     warm-up weights) and at the end of each seed's run (mean and t interval over seeds), by the arm's
     exit score and by the exact loss; ``drawn`` is what vanilla and random back-propagate.
 
-    ``arms``: (name, "criterion:exit") of the selecting arms."""
+    Two shares per kind (study/probe.py): of the kept rows (``*_exit``, ``*_exact``), and of their loss
+    weights (``*_exit_weight``, ``*_exact_weight``: what the gradient sees; a weighted policy's rows carry
+    different weights, top-k's all 1, so for top-k it is the row share, also in probes made before the
+    weights were recorded). ``arms``: (name, selection key) of the selecting arms."""
     rows = []
     for name, select in arms:
+        unweighted = not parse_selection(select).weighted
+
+        def shares(entry: dict[str, Any], which: str, unweighted: bool = unweighted) -> dict[str, float]:
+            return entry.get(f"{which}_weight", entry.get(which, {}) if unweighted else {})
+
         at_end = [r.probe["kept"][select] for r in runs.get(name, []) if select in r.probe.get("kept", {})]
         at_branch = warm_probe.get("kept", {}).get(select, {})
         drawn = (at_end[0] if at_end else at_branch).get("drawn", {})
         for kind in drawn:
-            rows.append({"arm": name, "select": select, "kind": kind, "drawn": drawn[kind],
-                         "branch_exit": at_branch.get("exit", {}).get(kind),
-                         "branch_exact": at_branch.get("exact", {}).get(kind),
-                         "end_exit": mean_ci([e["exit"][kind] for e in at_end], test=False),
-                         "end_exact": mean_ci([e["exact"][kind] for e in at_end], test=False)})
+            row = {"arm": name, "select": select, "kind": kind, "drawn": drawn[kind], "weighted": not unweighted}
+            for which in ("exit", "exact"):
+                row[f"branch_{which}"] = at_branch.get(which, {}).get(kind)
+                row[f"branch_{which}_weight"] = shares(at_branch, which).get(kind)
+                row[f"end_{which}"] = mean_ci([e[which][kind] for e in at_end], test=False)
+                row[f"end_{which}_weight"] = mean_ci([w[kind] for e in at_end if kind in (w := shares(e, which))],
+                                                     test=False)
+            rows.append(row)
     return rows
 
 

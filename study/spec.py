@@ -406,11 +406,65 @@ def _with_overrides(tree: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """What the probe (study/probe.py) simulates for a selecting arm: its policy, criterion, exit and the
+    policy's knobs, as ``sift.*`` settings."""
+
+    policy: str
+    criterion: str
+    exit_layer: int
+    threshold_quantile: float | None = None  # stratified (None: the batch mean)
+    temperature: float = 1.0  # importance
+    uniform_mix: float = 0.1  # importance
+
+    @property
+    def key(self) -> str:
+        """"criterion:exit" for top-k (the key of probes made before the weighted policies), else
+        "policy-criterion:exit@knobs", e.g. "stratified-loss:1@q=0.75", "importance-loss:1@t=1.0,u=0.1"."""
+        if self.policy == "topk":
+            return f"{self.criterion}:{self.exit_layer}"
+        knobs = (f"q={self.threshold_quantile if self.threshold_quantile is not None else 'mean'}"
+                 if self.policy == "stratified" else f"t={self.temperature},u={self.uniform_mix}")
+        return f"{self.policy}-{self.criterion}:{self.exit_layer}@{knobs}"
+
+    @property
+    def weighted(self) -> bool:
+        return self.policy in ("stratified", "importance")
+
+
+_SELECTION = re.compile(r"^(?:(stratified|importance)-)?([a-z]+):(\d+)(?:@(.*))?$")
+
+
+def parse_selection(key: str) -> Selection:
+    """The inverse of ``Selection.key``; StudyError naming the key when it is not one."""
+    m = _SELECTION.match(key.strip())
+    bad = StudyError(f"probe selection {key!r}: expected CRITERION:EXIT (top-k), stratified-CRITERION:EXIT@q=Q "
+                     "or importance-CRITERION:EXIT@t=T,u=U")
+    if m is None or (m.group(1) is None) != (m.group(4) is None):
+        raise bad
+    policy, criterion, exit_layer = m.group(1) or "topk", m.group(2), int(m.group(3))
+    try:
+        knobs = dict(kv.split("=", 1) for kv in m.group(4).split(",")) if m.group(4) else {}
+        if policy == "stratified" and set(knobs) == {"q"}:
+            q = None if knobs["q"] == "mean" else float(knobs["q"])
+            return Selection(policy, criterion, exit_layer, threshold_quantile=q)
+        if policy == "importance" and set(knobs) == {"t", "u"}:
+            return Selection(policy, criterion, exit_layer, temperature=float(knobs["t"]),
+                             uniform_mix=float(knobs["u"]))
+        if policy == "topk":
+            return Selection(policy, criterion, exit_layer)
+    except ValueError:
+        pass
+    raise bad
+
+
 def selection_of(config: dict[str, Any]) -> str | None:
-    """"criterion:exit" for a run config that keeps the top-scoring rows, else None. The probe
-    (study/probe.py) simulates top-k by loss or entropy only: reducible scores need the arm's reference, and
-    the weighted policies draw at random."""
+    """The probe's key (``Selection.key``) of a run config that picks rows by their early-exit scores (top-k,
+    stratified or importance, any criterion), else None (vanilla, the random control, VCAS alone)."""
     sift = config.get("sift", {})
-    if sift.get("policy") != "topk" or config.get("method") in ("none", "vcas") or sift.get("criterion") == "reducible":
+    if sift.get("policy") not in ("topk", "stratified", "importance") or config.get("method") in ("none", "vcas"):
         return None
-    return f"{sift.get('criterion')}:{sift.get('exit_layer')}"
+    return Selection(sift["policy"], str(sift.get("criterion", "loss")), int(sift.get("exit_layer", 1)),
+                     sift.get("threshold_quantile"), float(sift.get("temperature", 1.0)),
+                     float(sift.get("uniform_mix", 0.1))).key

@@ -176,3 +176,27 @@ def test_equal_compute_with_a_reducible_arm_and_its_automatic_reference(setup, t
     assert [r["axis"] for r in heads] == ["flops", "backprop_samples", "cpu_s", "hours"]  # one seed: no Holm yet
     report = (out / "report" / "noisy" / "report.md").read_text()
     assert "## Reference model (reducible arms)" in report and "equal counted FLOPs" in report
+
+
+def test_report_only_probes_a_finished_run_that_lacks_its_probe(setup, tmp_path):
+    """A run that finished before the probe knew its selection (a study under way when the probe learned the
+    weighted and reducible arms): `--report-only` probes it in its own process from the kept checkpoint,
+    as the run's job would have, and the report reads it."""
+    from study.cli import main
+
+    spec, data, done = setup
+    out = tmp_path / "copy"
+    shutil.copytree(done, out)
+    run = out / "noisy" / "runs" / "loss-1" / "seed1"
+    made = json.loads((run / "probe.json").read_text())
+    (run / "probe.json").unlink()
+    assert main(["--config", str(spec), "--regimes", "noisy", "--seeds", "0,1", "--arms", "vanilla,loss:1",
+                 "--data", str(data), "--out", str(out), "--report-only"]) == 0
+    again = json.loads((run / "probe.json").read_text())
+    assert again["step"] == made["step"] and set(again["kept"]) == {"loss:1"}
+    for which in ("exit", "exact", "exit_weight", "exact_weight"):
+        assert again["kept"]["loss:1"][which] == pytest.approx(made["kept"]["loss:1"][which], abs=1e-3), which
+    assert again["kept"]["loss:1"]["exit_weight"] == again["kept"]["loss:1"]["exit"]  # top-k: every weight 1
+    res = json.loads((out / "report" / "noisy" / "results.json").read_text())
+    assert {r["kind"] for r in res["kept"] if r["end_exit"].get("n") == 2} == {"original", "noise-shuffled",
+                                                                               "noise-random"}

@@ -13,6 +13,7 @@ from study.jobs import (
     PROBE_FILE,
     CpuTrace,
     RunPlan,
+    probe_missing,
     process_cpu_seconds,
     read_cpu_trace,
     run_state,
@@ -60,6 +61,10 @@ def test_run_state_waits_for_the_probe(tmp_path):
     assert run_state(plan) == ("probe", 20)
     (tmp_path / PROBE_FILE).write_text("{}")
     assert run_state(plan) == ("done", 20)
+    # a probe.json made before a selection was added to the plan (a later version's study): probe again
+    plan.probe = ["--run", str(tmp_path), "--select", "loss:1", "--select", "stratified-loss:1@q=0.75"]
+    (tmp_path / PROBE_FILE).write_text(json.dumps({"step": 20, "kept": {"loss:1": {}}}))
+    assert run_state(plan) == ("probe", 20) and probe_missing(plan) == ["stratified-loss:1@q=0.75"]
     plan.probe = []
     (tmp_path / PROBE_FILE).unlink()
     assert run_state(plan) == ("done", 20)

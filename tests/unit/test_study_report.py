@@ -211,6 +211,30 @@ def test_continuation_targets_and_the_kept_and_cost_tables():
     assert rows["noise"]["drawn"] == 0.25 and rows["noise"]["branch_exit"] == 0.4
     assert rows["noise"]["end_exit"]["mean"] == pytest.approx(0.35) and rows["noise"]["end_exact"]["mean"] == 0.35
     assert "p" not in rows["noise"]["end_exit"]  # a share is a level, not a difference to test against 0
+    # a top-k probe made before the weights were recorded: every kept row weighs 1, so the weight share
+    # is the row share
+    assert rows["noise"]["end_exit_weight"]["mean"] == pytest.approx(0.35) and not rows["noise"]["weighted"]
+    # a weighted arm: its weight share is read as recorded, apart from its row share
+    key = "stratified-loss:1@q=0.75"
+    strat = {"drawn": {"original": 0.75, "noise": 0.25}, "exit": {"original": 0.5, "noise": 0.5},
+             "exact": {"original": 0.55, "noise": 0.45}, "exit_weight": {"original": 0.74, "noise": 0.26},
+             "exact_weight": {"original": 0.76, "noise": 0.24}}
+    sruns = [RunCurves("stratified-loss-1", s, [], [], True, probe={"kept": {key: strat}}) for s in (0, 1)]
+    rows = {r["kind"]: r for r in kept_table([("stratified-loss-1", key)], {"stratified-loss-1": sruns}, {})}
+    assert rows["noise"]["weighted"] and rows["noise"]["end_exit"]["mean"] == 0.5
+    assert rows["noise"]["end_exit_weight"]["mean"] == pytest.approx(0.26)
+    assert rows["noise"]["end_exact_weight"]["mean"] == pytest.approx(0.24) and rows["noise"]["branch_exit"] is None
+    from study.markdown import markdown_kept
+    from study.output import _kept_lines
+
+    line = next(x for x in markdown_kept(list(rows.values()), {}).splitlines() if "| noise |" in x)
+    assert "| 25.0% | – | – | 50.0% [50.0%, 50.0%] | 26.0% [26.0%, 26.0%] | 45.0% / 24.0% |" in line
+    (noise_line,) = _kept_lines(list(rows.values()), {"stratified-loss-1": "strat"})
+    assert "25.0% by vanilla and random (drawn); strat 50.0% (weight share 26.0%)" in noise_line
+    # a weighted arm's probe without weights has no weight share (never its row share)
+    del strat["exit_weight"], strat["exact_weight"]
+    rows = {r["kind"]: r for r in kept_table([("stratified-loss-1", key)], {"stratified-loss-1": sruns}, {})}
+    assert rows["noise"]["end_exit_weight"] == {"n": 0}
     costs = cost_table(["a"], {"a": [cont("a", 0, [(110, 0.6, 0.2, 0), (120, 0.8, 0.3, 0)], [30.0, 61.0])]})
     assert costs[0]["cpu_s"]["mean"] == 61.0 and costs[0]["wall_s"]["mean"] == pytest.approx(0.3 * 3600)
     assert costs[0]["vcas_flops"] is None

@@ -165,8 +165,19 @@ def test_regimes_preset_plans_a_warm_run_start_evaluations_and_every_arm(tmp_pat
     loss1 = next(p for p in plans if p.key == "noisy/loss-1/seed0")
     assert loss1.probe[loss1.probe.index("--select") + 1] == "loss:1" and "--kind" in loss1.probe
     assert next(p for p in plans if p.key == "noisy/vanilla/seed0").probe == []
-    assert next(p for p in plans if p.key == "noisy/reducible-1/seed0").probe == []  # the probe has no reference
-    assert warm.probe.count("--select") == 2  # loss and entropy at exit 1, scored at the branch point
+    # every selecting arm is probed; a reducible arm with its own sift.reference (the regime's)
+    red = next(p for p in plans if p.key == "noisy/reducible-1/seed0")
+    assert red.probe[red.probe.index("--select") + 1] == "reducible:1" and "--reference" not in red.probe
+    assert red.config["sift"]["reference"] == str(regime.out / "reference")
+    strat = next(p for p in plans if p.key == "noisy/stratified-loss-1/seed0")
+    assert strat.probe[strat.probe.index("--select") + 1] == "stratified-loss:1@q=0.75"
+    imp = next(p for p in plans if p.key == "noisy/importance-loss-1/seed0")
+    assert imp.probe[imp.probe.index("--select") + 1] == "importance-loss:1@t=1.0,u=0.1"
+    assert next(p for p in plans if p.key == "noisy/random/seed0").probe == []
+    # at the branch point: the 7 selections, the reducible ones against the regime's reference, so the
+    # warm-up waits for it
+    assert warm.probe.count("--select") == 7 and warm.probe[warm.probe.index("--reference") + 1] == red.config["sift"]["reference"]
+    assert warm.deps == ["noisy/reference"]
 
 
 def test_arms_on_the_command_line_may_name_the_study_files_arms():
