@@ -1,14 +1,15 @@
-"""ZeRO-1/2/3 checkpoints resume at another world size (2 -> 1 and 1 -> 2 ranks) through DeepSpeed's
-universal checkpoint, continuing the run as one that never changed size would.
+"""ZeRO-1/2/3 checkpoints resume at another world size (1 -> 2 and 2 -> 1 ranks) through DeepSpeed's
+universal checkpoint, continuing the run as one that never changed size does.
 
-The reference is an uninterrupted 2-rank run. The run under test starts from its checkpoint at step K on
-1 rank (branched: 2 -> 1), stops at step M, and resumes in its own directory on 2 ranks (1 -> 2). On 1 rank
-it runs ``train.grad_accum=2``, which makes it the same computation as the reference's 2 ranks x 1
-micro-step: the same rows (the sampler's global stream), the same top-B per 8-row chunk (serial schedule,
-no dropout), the same gradient (causal-LM rows are packed, so every row has T - 1 targets and a mean of
-two micro-batch means is the token mean of both). Its losses after each change of size then equal the
-reference's to float rounding only when the weights, Adam moments, step counts and LR schedule all came
-through the conversions intact.
+The reference is an uninterrupted 1-rank run with ``train.grad_accum=2``. The run under test starts from
+its checkpoint at step K on 2 ranks with one micro-step each (branched: 1 -> 2), stops at step M, and
+resumes in its own directory on 1 rank (2 -> 1). Both sizes compute the same thing: the same rows (the
+sampler's global stream), the same top-B of each 8-row chunk (serial schedule, no dropout), the same
+gradient (causal-LM rows are packed, so every row has T - 1 targets and the mean of two micro-batch means
+is the token mean of both, which the 2 ranks' objective computes). So the losses after each change of
+size equal the reference's, to float rounding, only when the weights, Adam moments, step counts and LR
+schedule all came through the conversions intact. (Without ``ds._repair_zero3_universal`` ZeRO-3 drifts
+by 3e-5 one step after a conversion.)
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from tests.runs import TINY_RUN, train
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 K, M, N = 2, 4, 6
-"""Steps: 2 ranks up to K, 1 rank up to M, 2 ranks again up to N."""
-ROWS_PER_STEP = 16  # 2 ranks x G = 8 (B = 4, keep 0.5), or 1 rank x 8 x grad_accum 2
+"""Steps: 1 rank up to K, 2 ranks up to M, 1 rank again up to N."""
+ROWS_PER_STEP = 16  # 1 rank x G = 8 (B = 4, keep 0.5) x grad_accum 2, or 2 ranks x 8
 RUN = ("model.family=gpt2", "model.dropout=0.0", "sift.schedule=serial", "sift.warmup_steps=0",
        "sift.fidelity_every=0", f"optim.schedule_steps={N}", "train.save_every=2", "train.keep_last=3",
        f"train.eval_every={N}")
@@ -62,25 +63,27 @@ def steps(out_dir):
 def test_zero_checkpoint_resumes_on_another_world_size(stage, small_clm_data, tmp_path):
     zero = f"deepspeed.config=ds_configs/zero{stage}.json"
     ref, run = tmp_path / "ref", tmp_path / "run"
-    two_ranks(ref, small_clm_data, zero, f"train.steps={N}")
-    one = train(run, small_clm_data, *RUN, zero, f"train.steps={M}", "train.grad_accum=2", "--branch-from",
-                str(ref / "checkpoints" / f"step{K:08d}"), timeout=240)
-    assert "saved at world size 2 through its universal checkpoint" in one.stderr
-    resumed = two_ranks(run, small_clm_data, zero, f"train.steps={N}", "--allow-change", "train.grad_accum")
-    assert "world_size: 1 -> 2" in resumed[0].stdout
-    assert "saved at world size 1 through its universal checkpoint" in resumed[0].stdout
-    assert (run / "checkpoints" / f"step{K:08d}" / "universal" / "sift_state.json").is_file()
+    train(ref, small_clm_data, *RUN, zero, f"train.steps={N}", "train.grad_accum=2", timeout=240)
+    two = two_ranks(run, small_clm_data, zero, f"train.steps={M}", "--branch-from",
+                    str(ref / "checkpoints" / f"step{K:08d}"))
+    assert "saved at world size 1 through its universal checkpoint" in two[0].stdout
+    one = train(run, small_clm_data, *RUN, zero, f"train.steps={N}", "train.grad_accum=2", "--allow-change",
+                "train.grad_accum", timeout=240)
+    assert "world_size: 2 -> 1" in one.stderr and "saved at world size 2 through its universal checkpoint" in one.stderr
+    assert (run / "checkpoints" / f"step{M:08d}" / "universal" / "sift_state.json").is_file()
 
     want, got = steps(ref), steps(run)
     assert sorted(got) == list(range(K + 1, N + 1))
     for s in got:
-        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=2e-5, abs=1e-6), s
+        assert got[s]["loss"] == pytest.approx(want[s]["loss"], rel=1e-5), s
 
-    # Exactly once: step s drew the stream positions [16 (s - 1), 16 s), whatever the world size. The first 71
-    # are epoch 0's permutation of the 71 rows, each once; then epoch 1 begins.
-    n, seed = len(ShardDataset.open(small_clm_data, "train")), json.loads((ref / "run.json").read_text())["config"]["train"]["seed"]
+    # Exactly once: step s draws the stream positions [16 (s - 1), 16 s) at either size. The first 71 are
+    # epoch 0's permutation of the 71 rows, each once; then epoch 1 begins.
+    n = len(ShardDataset.open(small_clm_data, "train"))
+    seed = json.loads((ref / "run.json").read_text())["config"]["train"]["seed"]
     assert n < N * ROWS_PER_STEP
     for s in range(1, N + 1):
         ids, _ = positions_to_samples(seed, n, np.arange((s - 1) * ROWS_PER_STEP, s * ROWS_PER_STEP))
-        digest = stream_digest([ids], [len(ids)])
-        assert (got if s > K else want)[s]["samples_sha256"] == digest == want[s]["samples_sha256"], s
+        assert want[s]["samples_sha256"] == stream_digest([ids], [len(ids)]), s
+        if s > K:
+            assert got[s]["samples_sha256"] == want[s]["samples_sha256"], s
