@@ -98,6 +98,8 @@ class Checkpointer:
         A save that fails on any rank (a full disk, most often) removes its partial directory, keeps the
         previous checkpoints, and raises a ``CheckpointError`` naming the cause on every rank."""
         tag = tag or ckpt.tag_for(progress.step)
+        if self.rank == 0:  # the conversion of an earlier save under this name (one a resume skipped) is stale
+            shutil.rmtree(self.root / tag / reshard.UNIVERSAL, ignore_errors=True)
         if self.check_free_space:
             self._check_room(tag)
         try:

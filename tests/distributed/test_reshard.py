@@ -2,14 +2,15 @@
 universal checkpoint, continuing the run as one that never changed size does.
 
 The reference is an uninterrupted 1-rank run with ``train.grad_accum=2``. The run under test starts from
-its checkpoint at step K on 2 ranks with one micro-step each (branched: 1 -> 2), stops at step M, and
-resumes in its own directory on 1 rank (2 -> 1). Both sizes compute the same thing: the same rows (the
-sampler's global stream), the same top-B of each 8-row chunk (serial schedule, no dropout), the same
-gradient (causal-LM rows are packed, so every row has T - 1 targets and the mean of two micro-batch means
-is the token mean of both, which the 2 ranks' objective computes). So the losses after each change of
-size equal the reference's, to float rounding, only when the weights, Adam moments, step counts and LR
-schedule all came through the conversions intact. (Without ``ds._repair_zero3_universal`` ZeRO-3 drifts
-by 3e-5 one step after a conversion.)
+its checkpoint at step K on 2 ranks with one micro-step each (branched: 1 -> 2, converted on resume),
+stops at step M, and resumes in its own directory on 1 rank (2 -> 1, converted first by `sift
+convert-checkpoint`). Both sizes compute the same thing: the same rows (the sampler's global stream), the
+same top-B of each 8-row chunk (serial schedule, no dropout), the same gradient (causal-LM rows are
+packed, so every row has T - 1 targets and the mean of two micro-batch means is the token mean of both,
+which the 2 ranks' objective computes). So the losses after each change of size equal the reference's,
+to float rounding, only when the weights, Adam moments, step counts and LR schedule all came through the
+conversions intact. (Without ``ds._repair_zero3_universal`` ZeRO-3 drifts by 3e-5 one step after a
+conversion.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import pytest
 from data_pipeline.reader import ShardDataset
 from data_pipeline.sampler import positions_to_samples
 from engine.audit import stream_digest
+from launcher.cli import main as sift
 from tests.distributed.common import REPO, run_ranks
 from tests.runs import TINY_RUN, train
 
@@ -67,9 +69,11 @@ def test_zero_checkpoint_resumes_on_another_world_size(stage, small_clm_data, tm
     two = two_ranks(run, small_clm_data, zero, f"train.steps={M}", "--branch-from",
                     str(ref / "checkpoints" / f"step{K:08d}"))
     assert "saved at world size 1 through its universal checkpoint" in two[0].stdout
+    assert sift(["convert-checkpoint", str(run)]) == 0  # step M's checkpoint, ahead of the resume
     one = train(run, small_clm_data, *RUN, zero, f"train.steps={N}", "train.grad_accum=2", "--allow-change",
                 "train.grad_accum", timeout=240)
     assert "world_size: 2 -> 1" in one.stderr and "saved at world size 2 through its universal checkpoint" in one.stderr
+    assert "converting checkpoint" not in one.stderr  # it used the conversion above
     assert (run / "checkpoints" / f"step{M:08d}" / "universal" / "sift_state.json").is_file()
 
     want, got = steps(ref), steps(run)
