@@ -43,7 +43,7 @@ MUTABLE = ("train.eval_every", "train.save_every", "train.keep_last", "train.log
            "train.out_dir", "data.path", "data.num_workers", "data.pin_memory", "data.verify_checksums",
            "data.extra_eval", "deepspeed.dist_backend", "world_size", "code_version")
 """Keys a resume may change without asking (cadence, logging, where the data lives, runtime knobs; the
-world size is the sampler's concern, engine/checkpointer.py checks the checkpoint can load). Also
+sampler continues at any world size and engine/reshard.py loads ZeRO checkpoints at another). Also
 ``train.steps`` when ``optim.schedule_steps`` fixes the schedule's horizon: the schedule is then the same."""
 
 FIXED = ("model.", "train.micro_batch_size", "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision",
