@@ -212,8 +212,8 @@ def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
 
 
 def _repair_zero3_universal(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
-    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (``load_hp_checkpoint_state_from_checkpoint_dir_stage3``).
-    It gives every parameter group the first group's hyperparameters (here the decay group's weight decay
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (its optimizer's
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``). It gives every parameter group the first group's hyperparameters (here the decay group's weight decay
     to biases and norms), and one shared Adam ``step`` tensor to all groups, which torch's AdamW then
     increments once per group at every step (a wrong bias correction from the first step on: the losses
     drift from an unresharded run's by 3e-5 after one step, 7e-4 after three). ``groups``: each group's

@@ -4,13 +4,14 @@ ZeRO-1/2/3 save each rank's shard of the fp32 weights and Adam moments (ZeRO-3 a
 themselves), and DeepSpeed loads those shards only at the world size that wrote them. Its universal
 checkpoint holds every parameter's state whole, and each ZeRO stage slices it for any world size. A
 checkpoint is converted once, into ``<checkpoint>/universal/``, by ``sift convert-checkpoint`` or by the
-first resume at another world size (rank 0, the other ranks waiting at most
-``train.collective_timeout_s``). The conversion follows the checkpoints' own protocol: its files, then its
+first resume at another world size (rank 0, while the other ranks wait at a collective, whose timeout,
+``train.collective_timeout_s`` under gloo, a long conversion would exceed). The conversion follows the checkpoints' own protocol: its files, then its
 ``sift_state.json`` manifest last; a conversion cut short has none, is never loaded, and is redone. It
 is verified (sizes, SHA-256) before DeepSpeed unpickles it.
 
-With DeepSpeed 0.19.8 on CPU (gloo), resuming 2 -> 1 and 1 -> 2 ranks works at ZeRO-1, 2 and 3 and
-continues the run as a run at the new size would from the same state (tests/distributed/test_reshard.py).
+With DeepSpeed 0.19.8 on CPU (gloo, fp32), resuming 2 -> 1 and 1 -> 2 ranks works at ZeRO-1, 2 and 3
+and continues the run as a run at the new size would from the same state (tests/distributed/test_reshard.py;
+ZeRO-3 needs ``ds._repair_zero3_universal``). Not tested: bf16/fp16, GPUs, more than 2 ranks.
 ZeRO-0 checkpoints need no conversion: they hold the whole optimizer and resume at any world size.
 The data order needs nothing either: the sampler resumes from the global count of samples consumed.
 What a change of world size does change: the global batch (``train.micro_batch_size`` is per rank:

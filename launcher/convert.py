@@ -5,7 +5,7 @@ at any data-parallel world size.
     sift convert-checkpoint runs/bert --tag step00001000
 
 It writes ``<checkpoint>/universal/`` (engine/reshard.py). `sift train` converts by itself when it resumes
-at another world size (rank 0, while the other ranks wait up to train.collective_timeout_s); converting
+at another world size (rank 0, while the other ranks wait at a collective that times out); converting
 first spares that wait, which for a large model can be long. ZeRO-0 checkpoints need no conversion.
 """
 
