@@ -35,6 +35,6 @@ need_writable_cwd() {
 # The sift subcommands (launcher/cli.py SUBCOMMANDS); anything else is a program to run.
 case "${1:-}" in
   "" | -h | --help | help) exec sift --help ;;
-  prepare | train | reference | export | launch | demo | bench | study) need_writable_cwd "$@"; exec sift "$@" ;;
+  prepare | train | reference | export | convert-checkpoint | launch | demo | bench | study) need_writable_cwd "$@"; exec sift "$@" ;;
   *) exec "$@" ;;
 esac

@@ -17,10 +17,23 @@ from typing import Any
 import torch
 
 from engine import checkpoint as ckpt
-from engine import ds, hooks
+from engine import ds, hooks, reshard
 from engine.progress import Progress
 
 log = logging.getLogger(__name__)
+
+
+def resume_point(root: Path, resume: bool) -> str | None:
+    """The tag to resume from (``checkpoint.find_latest``); a ConfigError when resuming is off but
+    checkpoints exist."""
+    if not resume:
+        if (root / ckpt.LATEST).exists():
+            from engine.config import ConfigError
+
+            raise ConfigError([f"train.resume=false but {root.parent} already holds checkpoints; choose "
+                               "a new train.out_dir (or resume)"], "run config")
+        return None
+    return ckpt.find_latest(root)
 
 
 class Checkpointer:
@@ -33,39 +46,40 @@ class Checkpointer:
         self.keep_last, self.cuda, self.description = keep_last, cuda, description
         self.check_free_space, self._last_bytes = check_free_space, None
 
-    def latest(self, resume: bool) -> str | None:
-        """The tag to resume from; a ConfigError when resuming is off but checkpoints exist."""
-        if not resume:
-            if (self.root / ckpt.LATEST).exists():
-                from engine.config import ConfigError
-
-                raise ConfigError([f"train.resume=false but {self.root.parent} already holds checkpoints; choose "
-                                   "a new train.out_dir (or resume)"], "run config")
-            return None
-        return ckpt.find_latest(self.root)
-
-    def resume(self, tag: str, progress: Progress) -> dict[str, Any] | None:
+    def resume(self, tag: str, progress: Progress, universal: bool = False) -> dict[str, Any] | None:
         """Load ``tag`` into the engine and ``progress``; returns this rank's saved state (RNG, parts), or
-        None when it cannot be used (resumed at another world size: fresh dropout streams)."""
+        None when it cannot be used (resumed at another world size: fresh dropout streams).
+
+        ``universal`` (``reshard.needs_universal``; the engine was built to load one): the checkpoint was
+        saved at another world size under ZeRO-1/2/3 and loads through its universal form, converted
+        now by rank 0 unless it exists. Every rank must call it."""
         record = ckpt.verify(self.root, tag)
-        saved_world, stage = record.get("world_size"), ds.zero_stage(self.engine)
-        if saved_world != self.world and stage > 0:
-            raise ckpt.CheckpointError(
-                f"checkpoint {self.root / tag} was saved by {saved_world} ranks under ZeRO-{stage}, whose optimizer "
-                f"shards load only at that world size (this run has {self.world}): resume on {saved_world} ranks "
-                "(resharding through DeepSpeed's universal checkpoint is not implemented)")
+        saved_world = record.get("world_size")
+        root, name = self.root, tag
+        if universal:
+            error = None
+            if self.rank == 0:
+                try:
+                    reshard.universal(self.root, tag)
+                except ckpt.CheckpointError as e:
+                    error = e
+            error = ds.broadcast_object(error)  # the other ranks wait here for the conversion
+            if error is not None:
+                raise error
+            root, name = self.root / tag, reshard.UNIVERSAL
+            ckpt.verify(root, name)  # before DeepSpeed unpickles it
         try:
-            ds.load_checkpoint(self.engine, self.root, tag)
+            ds.load_checkpoint(self.engine, root, name)
         except Exception as e:
-            raise ckpt.CheckpointError(f"checkpoint {self.root / tag} could not be loaded: {e}") from e
+            raise ckpt.CheckpointError(f"checkpoint {root / name} could not be loaded: {e}") from e
         progress.load_state_dict(record)
-        mine = ckpt.load_rank_state(self.root, tag, self.rank)
         log.info("resumed from %s at step %d (%d samples consumed)", self.root / tag, progress.step,
                  progress.consumed_samples)
-        if mine is not None and record.get("world_size") == self.world:
-            return mine
-        log.warning("resuming at world size %d from %s (world size %s): dropout streams restart",
-                    self.world, tag, record.get("world_size"))
+        if saved_world == self.world:
+            return ckpt.load_rank_state(self.root, tag, self.rank)
+        log.warning("resumed at world size %d from %s, saved at world size %s%s: the data order continues at the "
+                    "next sample; dropout streams, pending scores and per-rank method state restart", self.world,
+                    self.root / tag, saved_world, " through its universal checkpoint" if universal else "")
         return None
 
     def restore_rng(self, state: dict[str, Any] | None) -> None:
@@ -84,6 +98,8 @@ class Checkpointer:
         A save that fails on any rank (a full disk, most often) removes its partial directory, keeps the
         previous checkpoints, and raises a ``CheckpointError`` naming the cause on every rank."""
         tag = tag or ckpt.tag_for(progress.step)
+        if self.rank == 0:  # the conversion of an earlier save under this name (one a resume skipped) is stale
+            shutil.rmtree(self.root / tag / reshard.UNIVERSAL, ignore_errors=True)
         if self.check_free_space:
             self._check_room(tag)
         try:

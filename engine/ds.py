@@ -197,11 +197,78 @@ def save_checkpoint(engine: Any, root: Path, tag: str) -> None:
 
 
 def load_checkpoint(engine: Any, root: Path, tag: str) -> None:
+    """Load root/tag; an engine whose config has ``checkpoint.load_universal`` reads it as a universal
+    checkpoint (``to_universal``'s output)."""
+    zero3_universal = engine.load_universal_checkpoint() and zero_stage(engine) == 3
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in engine.optimizer.optimizer.param_groups] \
+        if zero3_universal else []
     path, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
     )
     if path is None:
         raise FileNotFoundError(f"DeepSpeed found no model states under {root / tag}")
+    if zero3_universal:
+        _repair_zero3_universal(engine.optimizer.optimizer, groups)
+
+
+def _repair_zero3_universal(optimizer: torch.optim.Optimizer, groups: list[dict[str, Any]]) -> None:
+    """Undo two slips of DeepSpeed 0.19.8's ZeRO-3 universal load (its optimizer's
+    ``load_hp_checkpoint_state_from_checkpoint_dir_stage3``). It gives every parameter group the first group's hyperparameters (here the decay group's weight decay
+    to biases and norms), and one shared Adam ``step`` tensor to all groups, which torch's AdamW then
+    increments once per group at every step (a wrong bias correction from the first step on: the losses
+    drift from an unresharded run's by 3e-5 after one step, 7e-4 after three). ``groups``: each group's
+    hyperparameters before the load (the run's own: the identity check keeps them equal to the
+    checkpoint's); the learning rate is the schedule's, set after loading."""
+    for group, before in zip(optimizer.param_groups, groups, strict=True):
+        group.update({k: v for k, v in before.items() if k not in ("lr", "initial_lr")})
+    for state in optimizer.state.values():
+        if isinstance(state.get("step"), torch.Tensor):
+            state["step"] = state["step"].clone()
+
+
+UNIVERSAL_TAG = "universal"
+"""Where a checkpoint's universal form lives: ``<checkpoint>/universal/``, loaded as tag ``universal`` of
+the checkpoint directory (engine/reshard.py)."""
+
+
+def universal_unsupported() -> str | None:
+    """Why this DeepSpeed cannot reshard ZeRO-1/2/3 checkpoints through its universal checkpoint, or None.
+
+    Needed: ``deepspeed.checkpoint.ds_to_universal`` (the converter) and the loaders the ZeRO-1/2 and
+    ZeRO-3 optimizers read a universal checkpoint with (``load_hp_checkpoint_state_from_checkpoint_dir``,
+    ``..._stage3``). Every DeepSpeed this project allows (0.17 to 0.19) has them."""
+    try:
+        from deepspeed.checkpoint import ds_to_universal  # noqa: F401
+        from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+        from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    except ImportError as e:
+        return f"DeepSpeed {deepspeed.__version__} has no universal checkpoint converter ({e})"
+    for cls, name in ((DeepSpeedZeroOptimizer, "load_hp_checkpoint_state_from_checkpoint_dir"),
+                      (DeepSpeedZeroOptimizer_Stage3, "load_hp_checkpoint_state_from_checkpoint_dir_stage3")):
+        if not hasattr(cls, name):
+            return f"DeepSpeed {deepspeed.__version__}'s {cls.__name__} cannot load a universal checkpoint (no {name})"
+    return None
+
+
+def to_universal(source: Path, out: Path, workers: int = 1) -> None:
+    """DeepSpeed's ``ds_to_universal`` of the ZeRO checkpoint ``source`` into ``out``: per parameter its
+    fp32 weights and Adam moments, whole, which ZeRO-1/2/3 can load at any data-parallel size.
+    ``workers`` > 1 extracts and merges in that many processes. Verify ``source`` first: this unpickles it."""
+    import argparse
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=str(source), output_folder=str(out), num_extract_workers=workers,
+                              num_merge_workers=workers, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)  # our models declare no tensor-parallel layout
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(said), contextlib.redirect_stderr(said):  # its progress lines and bars
+            ds_to_universal.main(args)
+    finally:
+        for line in said.getvalue().splitlines():
+            log.debug("deepspeed: %s", line)
+    (out.parent / "latest_universal").unlink(missing_ok=True)  # its pointer beside `out`: we name the tag
 
 
 def consolidated_state_dict(root: Path, tag: str) -> dict[str, torch.Tensor]:

@@ -43,7 +43,7 @@ MUTABLE = ("train.eval_every", "train.save_every", "train.keep_last", "train.log
            "train.out_dir", "data.path", "data.num_workers", "data.pin_memory", "data.verify_checksums",
            "data.extra_eval", "deepspeed.dist_backend", "world_size", "code_version")
 """Keys a resume may change without asking (cadence, logging, where the data lives, runtime knobs; the
-world size is the sampler's concern, engine/checkpointer.py checks the checkpoint can load). Also
+sampler continues at any world size and engine/reshard.py loads ZeRO checkpoints at another). Also
 ``train.steps`` when ``optim.schedule_steps`` fixes the schedule's horizon: the schedule is then the same."""
 
 FIXED = ("model.", "train.micro_batch_size", "deepspeed.config", "deepspeed.zero_stage", "deepspeed.precision",
@@ -57,7 +57,9 @@ class RunIdentityError(SiftError):
 
 
 class OutDirBusy(SiftError):
-    pass
+    def __init__(self, message: str, holder: str = "unknown"):
+        super().__init__(message)
+        self.holder = holder  # "pid N on host H, since ..."
 
 
 # ---------------------------------------------------------------------------------------------- identity
@@ -228,7 +230,7 @@ class RunLock:
             holder = os.pread(self._fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(self._fd)
             raise OutDirBusy(f"train.out_dir {out_dir} is in use by a live run ({holder}); wait for it to end, "
-                             "or give this run another train.out_dir") from None
+                             "or give this run another train.out_dir", holder) from None
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, f"pid {os.getpid()} on host {socket.gethostname()}, since "
                             f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)

@@ -28,8 +28,10 @@ def resolve_precision(cfg: RunConfig, template: dict[str, Any], cuda: bool) -> s
     return "bf16" if cuda and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def build_engine(cfg: RunConfig, model: SiftModel, *, world_size: int, cuda: bool) -> tuple[Any, int, str]:
-    """AdamW + schedule + the filled DeepSpeed config -> (engine, ZeRO stage, precision)."""
+def build_engine(cfg: RunConfig, model: SiftModel, *, world_size: int, cuda: bool,
+                 load_universal: bool = False) -> tuple[Any, int, str]:
+    """AdamW + schedule + the filled DeepSpeed config -> (engine, ZeRO stage, precision). ``load_universal``:
+    the engine will load a universal checkpoint (a resume at another world size, engine/reshard.py)."""
     if cfg.train.compile:
         for block in model.blocks():  # per block: the scorer reuses the first j of them
             block.compile(dynamic=False)
@@ -39,7 +41,10 @@ def build_engine(cfg: RunConfig, model: SiftModel, *, world_size: int, cuda: boo
     facts = RunFacts(micro_batch_size=cfg.train.micro_batch_size, grad_accum=cfg.train.grad_accum,
                      world_size=world_size, grad_clip=cfg.optim.grad_clip, precision=precision,
                      num_params=sum(p.numel() for p in model.parameters()), zero_stage=cfg.deepspeed.zero_stage)
-    engine = ds.initialize(model, optimizer, scheduler, fill(template, facts, cfg.deepspeed.config))
+    config = fill(template, facts, cfg.deepspeed.config)
+    if load_universal:  # read only by DeepSpeed's load_checkpoint
+        config["checkpoint"] = {**config.get("checkpoint", {}), "load_universal": True}
+    engine = ds.initialize(model, optimizer, scheduler, config)
     return engine, ds.zero_stage(engine), precision
 
 

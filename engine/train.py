@@ -33,9 +33,9 @@ from data_pipeline.loader import build_loader
 from data_pipeline.reader import ShardDataset
 from data_pipeline.sampler import split_half
 from engine import checkpoint as ckpt
-from engine import ds, hooks, identity
+from engine import ds, hooks, identity, reshard
 from engine.audit import DrawAudit
-from engine.checkpointer import Checkpointer
+from engine.checkpointer import Checkpointer, resume_point
 from engine.config import ConfigError, RunConfig, to_dict
 from engine.evaluate import EvalSet, Evaluator, eval_size
 from engine.methods.registry import method_names
@@ -162,18 +162,20 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device, stop: StopRe
                                              eos_id=specials.get("eos"), bos_id=specials.get("bos")))
     methods = prepare_methods(cfg, model)
     torch.manual_seed(t.seed * 1_000_003 + rank + 1)  # per-rank dropout streams
-    engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda)
+    root = out_dir / "checkpoints"
+    tag = resume_point(root, t.resume)
+    universal = tag is not None and reshard.needs_universal(root, tag, world)  # another world size, ZeRO-1/2/3
+    engine, stage, precision = build_engine(cfg, model, world_size=world, cuda=cuda, load_universal=universal)
     log.info("world %d, device %s, ZeRO-%d, %s; B=%d grad_accum=%d; method %s (%s)", world, device.type, stage,
              precision, t.micro_batch_size, t.grad_accum, cfg.effective_method, describe(cfg))
 
     # ------------------------------------------------------------------ resume
-    checkpointer = Checkpointer(out_dir / "checkpoints", engine, rank=rank, world_size=world, keep_last=t.keep_last,
+    checkpointer = Checkpointer(root, engine, rank=rank, world_size=world, keep_last=t.keep_last,
                                 cuda=cuda, description={"config": to_dict(cfg), "model": model.export_config(),
                                                         "objective": meta.objective,
                                                         "tokenizer": train_set.tokenizer_path()},
                                 check_free_space=t.check_free_space)
-    tag = checkpointer.latest(t.resume)
-    saved = checkpointer.resume(tag, progress) if tag is not None else None
+    saved = checkpointer.resume(tag, progress, universal) if tag is not None else None
     if tag is not None:
         set_peak_lr(engine.lr_scheduler, cfg.optim.lr)  # the config's, not the checkpoint's (--allow-change)
     # After the weights are final: a method may copy them (SIFT's scorer replica under ZeRO-3).

@@ -18,6 +18,8 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "train": ("launcher.train", "train a model with SIFT on prepared shards"),
     "reference": ("launcher.reference", "train a reference model for sift.criterion=reducible (+ its loss sidecar)"),
     "export": ("engine.export", "write a Hugging Face save_pretrained directory from a checkpoint"),
+    "convert-checkpoint": ("launcher.convert", "convert a ZeRO-1/2/3 checkpoint to DeepSpeed's universal form "
+                                               "(resumes at any world size)"),
     "launch": ("launcher.launch", "build (and run) the multi-node command: deepspeed, mpirun, srun, torchrun"),
     "demo": ("launcher.demo", "offline CPU demo: generate a corpus, prepare it, train a tiny BERT with SIFT"),
     "bench": ("launcher.bench", "throughput: vanilla vs SIFT serial vs SIFT pipelined"),

@@ -181,7 +181,7 @@ def test_runs_as_non_root_through_the_entrypoint(parsed):
 
 def test_entrypoint_knows_every_sift_subcommand():
     text = (REPO / "docker" / "entrypoint.sh").read_text()
-    m = re.search(r"^\s*([a-z| ]+)\) (?:need_writable_cwd \"\$@\"; )?exec sift \"\$@\" ;;", text, re.M)
+    m = re.search(r"^\s*([a-z| -]+)\) (?:need_writable_cwd \"\$@\"; )?exec sift \"\$@\" ;;", text, re.M)
     assert m and {w.strip() for w in m.group(1).split("|")} == set(SUBCOMMANDS)
 
 
