@@ -26,6 +26,11 @@ def pytest_configure(config):
     if not torch.cuda.is_available():
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The tests' models are tiny: a second intra-op thread only adds OpenMP hand-offs, which on a busy
+    # 2-core machine cost more than the work (20 VCAS draws: 1.5 s on one thread, 23 s on two at load 12).
+    # Runs the tests start (subprocesses) get one thread each too, as two of them often run at once.
+    torch.set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
