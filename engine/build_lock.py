@@ -5,12 +5,18 @@ DeepSpeed JIT-builds ops (on CPU: its shared-memory collective, at ``init_distri
 ninja runs, and removes it after. A process killed mid-build leaves the file; every later start then
 polls for it to vanish, silently, forever. A lock no process on this host holds open, older than a
 build takes, is such a leftover.
+
+torch's default cache is shared by every Python environment of the user and keyed only by the Python
+and CUDA versions, so environments with other DeepSpeed installs (a second clone's venv) rebuild the op
+in turn, a minute or more each time; each environment gets a cache of its own (``use_environment_cache``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +34,21 @@ class StaleBuildLock(SiftError):
     pass
 
 
+def environment_cache() -> Path:
+    """This Python environment's own extension cache, under torch's default root (~/.cache/torch_extensions)."""
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(get_default_build_root()) / f"sift-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"
+
+
+def use_environment_cache() -> None:
+    """Build ops into ``environment_cache()`` unless TORCH_EXTENSIONS_DIR names a cache already."""
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(environment_cache())
+
+
 def extensions_root() -> Path:
-    """torch's extension cache: $TORCH_EXTENSIONS_DIR, else its default under ~/.cache."""
+    """The cache torch builds into: $TORCH_EXTENSIONS_DIR (engine/ds.py sets it), holding one folder per op."""
     from torch.utils.cpp_extension import get_default_build_root
 
     return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
@@ -57,11 +76,12 @@ def _newest_change(directory: Path) -> float:
 
 
 def check(root: Path | None = None, quiet_s: float = QUIET_S, poll_s: float = 2.0) -> None:
-    """Return once no lock under the extension cache is left over (none, or a build holds it); raise
-    ``StaleBuildLock`` naming the file otherwise. Waits (saying so) while an unheld lock's build
-    directory still changes: then another host may be building."""
+    """Return once no op's lock in the extension cache this process builds into is left over (none, or a
+    build holds it); raise ``StaleBuildLock`` naming the file otherwise. Waits (saying so) while an unheld
+    lock's build directory still changes: then another host may be building. Other caches under the
+    same root (other environments') are not this run's business."""
     root = root or extensions_root()
-    locks = [p for p in [*root.glob("*/lock"), *root.glob("*/*/lock")] if p.is_file()] if root.is_dir() else []
+    locks = [p for p in root.glob("*/lock") if p.is_file()] if root.is_dir() else []
     for lock in locks:
         warned = False
         while True:

@@ -28,6 +28,7 @@ from deepspeed.accelerator import get_accelerator
 from engine import build_lock
 from sift_common.errors import SiftError
 
+build_lock.use_environment_cache()  # before DeepSpeed JIT-builds any op
 log = logging.getLogger(__name__)
 
 
@@ -105,7 +106,7 @@ SHM_OP = "ShareMemCommBuilder"
 
 def announce_op_build() -> None:
     """Say so when DeepSpeed is about to compile its CPU communication op (a minute of silence otherwise;
-    once per machine, cached under TORCH_EXTENSIONS_DIR or ~/.cache/torch_extensions)."""
+    once per Python environment, cached in TORCH_EXTENSIONS_DIR: engine/build_lock.py)."""
     if accelerator_name() != "cpu":
         return
     try:
@@ -118,8 +119,8 @@ def announce_op_build() -> None:
     except Exception:  # only a notice: never fail a run over it
         return
     if not built.is_file():
-        log.info("DeepSpeed is compiling its CPU communication op (%s), once for this machine: about a minute, "
-                 "cached in %s", builder.name, built.parent)
+        log.info("DeepSpeed is compiling its CPU communication op (%s), once for this environment: about a "
+                 "minute, cached in %s", builder.name, built.parent)
 
 
 

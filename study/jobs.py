@@ -17,7 +17,6 @@ on a shared machine CPU time is the fairer clock, and the load says how shared i
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -223,13 +222,7 @@ def child_env(extra: dict[str, str]) -> dict[str, str]:
     env = dict(os.environ)
     for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_PORT"):
         env.pop(var, None)  # each run is its own one-process world (launcher/train.py picks a port)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    # DeepSpeed JIT-builds an op into torch's extension cache, shared by every Python environment of the
-    # user: environments with other DeepSpeed installs rebuild it in turn, and a process killed while
-    # building leaves a lock that makes every later start wait forever. A study's runs use a cache of
-    # their own environment (unless TORCH_EXTENSIONS_DIR is set).
-    env.setdefault("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "torch_extensions" /
-                                               f"sift-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"))
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")  # (engine/ds.py gives the runs this environment's op cache)
     env.update(extra)
     return env
 

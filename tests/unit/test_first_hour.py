@@ -136,7 +136,7 @@ def test_deepspeed_op_build_is_announced_only_when_not_built(tmp_path, monkeypat
         pytest.skip("DeepSpeed builds this op on CPU only")
     if not caplog.records:
         pytest.skip("DeepSpeed would not build its CPU communication op on this machine")
-    assert "compiling its CPU communication op" in caplog.text and "once for this machine" in caplog.text
+    assert "compiling its CPU communication op" in caplog.text and "once for this environment" in caplog.text
     built = Path(caplog.records[0].args[1]) / f"{caplog.records[0].args[0]}.so"
     assert built.parent.is_relative_to(tmp_path)
     built.parent.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,7 +84,11 @@ def test_the_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
 
 
 def test_stale_build_lock_is_reported_with_its_path(tmp_path, caplog):
-    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    other = tmp_path / "sift-0123456789" / "deepspeed_shm_comm" / "lock"  # another environment's cache
+    other.parent.mkdir(parents=True)
+    other.touch()
+    os.utime(other, (time.time() - 3600,) * 2)
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
     lock.parent.mkdir(parents=True)
     lock.touch()
     fd = os.open(lock, os.O_RDONLY)  # held open, as torch's FileBaton does while ninja builds
@@ -101,7 +106,25 @@ def test_stale_build_lock_is_reported_with_its_path(tmp_path, caplog):
     with pytest.raises(build_lock.StaleBuildLock):
         build_lock.check(tmp_path)  # old: at once
     lock.unlink()
-    build_lock.check(tmp_path)
+    caplog.clear()
+    build_lock.check(tmp_path)  # another cache's lock, even a stale one, is not this run's
+    assert not caplog.records
+
+
+def test_each_python_environment_builds_ops_in_a_cache_of_its_own(monkeypatch):
+    """torch's default cache is shared by every environment of the user: two venvs of the project would
+    rebuild DeepSpeed's op in turn (a minute or more each, silently), so engine/ds.py picks one per env."""
+    import engine.ds  # noqa: F401  (sets it on import)
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    mine = build_lock.environment_cache()
+    monkeypatch.setattr(sys, "prefix", sys.prefix + "-another-venv")
+    assert build_lock.environment_cache() != mine and build_lock.environment_cache().parent == mine.parent
+    build_lock.use_environment_cache()
+    assert build_lock.extensions_root() == build_lock.environment_cache()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/elsewhere")  # the user's own choice is kept
+    build_lock.use_environment_cache()
+    assert build_lock.extensions_root() == Path("/elsewhere")
 
 
 def test_stream_digest_does_not_depend_on_the_world_size():
