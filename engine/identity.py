@@ -52,6 +52,10 @@ FIXED = ("model.", "train.micro_batch_size", "deepspeed.config", "deepspeed.zero
 saved state, the pipelined scores' size. Changing them needs a new run."""
 
 
+ALLOWED = "(--allow-change)"
+"""Marks an applied change that the command asked for (a change of what is trained)."""
+
+
 class RunIdentityError(SiftError):
     pass
 
@@ -134,7 +138,7 @@ def judge(diff: dict[str, tuple[Any, Any]], new: dict[str, Any], allowed: set[st
             refused.append(f"{line} (cannot change within a run: the checkpoint's tensors or optimizer state "
                            "depend on it)")
         elif key in allowed:
-            applied.append(f"{line} (--allow-change)")
+            applied.append(f"{line} {ALLOWED}")
         elif key == "train.steps":
             refused.append(f"{line} (the learning-rate schedule's horizon is train.steps, so the rest of the "
                            f"schedule would be re-stretched: set optim.schedule_steps to the horizon the run should "
@@ -184,6 +188,15 @@ def check(out_dir: Path, ident: dict[str, Any], allowed: set[str]) -> list[str]:
     changes = recorded.get("changes", []) + ([{"at": now, "changes": applied}] if applied else [])
     atomic_write_text(path, json.dumps({**recorded, **ident, "changes": changes}, indent=1))
     return applied
+
+
+def log_changes(applied: list[str]) -> None:
+    """The applied changes ``check`` returns: a runtime knob's new value (``MUTABLE``: the demo's time budget
+    on `sift train --config demo-cpu`, the code version after a pull) is news; an --allow-change is a
+    warning, since what the run trains changed midway."""
+    for line in applied:
+        log.log(logging.WARNING if line.endswith(ALLOWED) else logging.INFO,
+                "resumed with a changed setting (applied): %s", line)
 
 
 def branch(out_dir: Path, source: Path) -> str:

@@ -112,8 +112,7 @@ def claim_out_dir(cfg: RunConfig, allowed: list[str], branch_from: str | None) -
             if branch_from is not None:
                 identity.branch(out_dir, Path(branch_from))
             ident = identity.identity(to_dict(cfg), dist.get_world_size())
-            for line in identity.check(out_dir, ident, set(allowed)):
-                log.warning("resumed with a changed setting (applied): %s", line)
+            identity.log_changes(identity.check(out_dir, ident, set(allowed)))
         except SiftError as e:
             error = e
             if lock is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -43,7 +44,7 @@ def test_every_refused_difference_in_one_message(tmp_path):
     assert "a new train.out_dir" in msg and "--branch-from" in msg
 
 
-def test_mutable_and_allowed_changes_are_applied_and_recorded(tmp_path):
+def test_mutable_and_allowed_changes_are_applied_and_recorded(tmp_path, caplog):
     identity.check(tmp_path, ident("optim.schedule_steps=500"), set())
     applied = identity.check(tmp_path, ident("optim.schedule_steps=500", "train.steps=400", "train.eval_every=5",
                                              "optim.lr=5e-3", world=2), {"optim.lr"})
@@ -51,6 +52,10 @@ def test_mutable_and_allowed_changes_are_applied_and_recorded(tmp_path):
                        "train.steps: 200 -> 400", "world_size: 1 -> 2"]
     recorded = json.loads((tmp_path / "run.json").read_text())
     assert recorded["config"]["optim"]["lr"] == 5e-3 and recorded["changes"][0]["changes"] == applied
+    with caplog.at_level(logging.INFO, logger="engine.identity"):
+        identity.log_changes(applied)  # a runtime knob is news, not a warning
+    assert [(r.levelno, r.getMessage().split(": ", 1)[1]) for r in caplog.records] == [
+        (logging.WARNING, applied[0]), *((logging.INFO, line) for line in applied[1:])]
     assert identity.check(tmp_path, ident("optim.schedule_steps=500", "train.steps=400", "train.eval_every=5",
                                           "optim.lr=5e-3", world=2), set()) == []
     with pytest.raises(identity.RunIdentityError, match="cannot change within a run"):
