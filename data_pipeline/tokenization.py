@@ -143,7 +143,7 @@ def train_wordpiece(texts: Iterable[str], vocab_size: int, out_dir: Path, min_fr
         **{f"{k}_token": v for k, v in SPECIAL_TOKENS.items()},
     )
     hf.save_pretrained(str(out_dir))
-    log.info("trained a %d-token uncased WordPiece tokenizer -> %s", len(hf), out_dir)
+    log.info("trained a %d-token uncased WordPiece tokenizer", len(hf))  # not out_dir: sift prepare's temporary one
     return hf
 
 
@@ -176,7 +176,7 @@ def train_bytelevel_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path, mi
     hf = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT,
                                  unk_token=END_OF_TEXT)
     hf.save_pretrained(str(out_dir))
-    log.info("trained a %d-token byte-level BPE tokenizer -> %s", len(hf), out_dir)
+    log.info("trained a %d-token byte-level BPE tokenizer", len(hf))  # not out_dir: sift prepare's temporary one
     return hf
 
 

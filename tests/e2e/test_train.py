@@ -74,7 +74,7 @@ def test_checkpoint_killed_mid_write_is_never_latest(run_a, tiny_data, tmp_path)
     assert losses(tmp_path) == losses(run_a)
 
 
-def test_export_loads_in_transformers(run_a, tmp_path):
+def test_export_loads_in_transformers(run_a, tmp_path, capsys):
     import torch
     from transformers import AutoModelForMaskedLM, AutoTokenizer, pipeline
 
@@ -82,6 +82,8 @@ def test_export_loads_in_transformers(run_a, tmp_path):
     from engine.export import main as export_main
 
     assert export_main([str(run_a), "--out", str(tmp_path / "hf")]) == 0
+    said = capsys.readouterr().out  # which checkpoint (a run stopped early exports where it stopped) and as what
+    assert f"exported {run_a / 'checkpoints' / 'step00000020'} (the latest) to {tmp_path / 'hf'}: a BertForMaskedLM" in said
     model = AutoModelForMaskedLM.from_pretrained(tmp_path / "hf")
     state = ds.consolidated_state_dict(run_a / "checkpoints", "step00000020")
     for name, tensor in model.state_dict().items():
