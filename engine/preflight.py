@@ -56,6 +56,10 @@ def check_data(cfg: RunConfig, world_size: int = 1) -> None:
                        f"{world_size} x train.eval_batch_size {t.eval_batch_size})")
             elif not rows:
                 has = f"its split {split!r} is empty"
+            elif evaluating and key == "data.path" and t.eval_samples > rows:
+                problems.append(f"train.eval_samples={t.eval_samples} but split {split!r} of {path} has {rows} rows; "
+                                f"set train.eval_samples to {rows} or fewer (0: the whole split)")
+                continue
             else:
                 continue
             fix = ("every run evaluates (every train.eval_every steps and at the end): prepare it again with a "

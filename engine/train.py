@@ -82,7 +82,7 @@ def open_eval_sets(cfg: RunConfig, train_set: ShardDataset, world: int) -> list[
     main = ShardDataset.open(cfg.data.path, cfg.data.eval_split, verify_checksums=cfg.data.verify_checksums)
     if t.eval_samples > len(main):
         problems.append(f"train.eval_samples={t.eval_samples} but split {cfg.data.eval_split!r} of {cfg.data.path} "
-                        f"has {len(main)} rows")
+                        f"has {len(main)} rows; set train.eval_samples to {len(main)} or fewer (0: the whole split)")
     named = [("", cfg.data.path, main)] + [
         (f"{name}_", path, ShardDataset.open(path, cfg.data.eval_split, verify_checksums=cfg.data.verify_checksums))
         for name, path in cfg.data.extra_eval.items()]

@@ -78,6 +78,10 @@ def test_a_missing_or_small_validation_split_says_what_to_do(tiny_data):
     cfg = load_config("demo-cpu", [f"data.path={tiny_data}", "train.eval_batch_size=100000"])
     with pytest.raises(ConfigError, match=r"fewer than one evaluation batch per rank"):
         check_data(cfg)
+    cfg = load_config("demo-cpu", [f"data.path={tiny_data}", "train.eval_samples=100000"])  # a study preset's 1,024
+    with pytest.raises(ConfigError, match=r"train.eval_samples=100000 but split 'validation' of .* has \d+ rows; "
+                                          r"set train.eval_samples to \d+ or fewer \(0: the whole split\)"):
+        check_data(cfg)
     check_data(load_config("demo-cpu", [f"data.path={tiny_data}"]))  # a good dataset passes
 
 
