@@ -183,10 +183,10 @@ class MetricLogger:
                 if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":
                     self._tb.add_scalar(f"{kind}/{k}", v, record["step"])
 
-    def progress(self, step: int, postfix: dict[str, float]) -> None:
+    def progress(self, step: int, postfix: dict[str, float | str]) -> None:
         if self._bar is not None:
             self._bar.n = step
-            self._bar.set_postfix({k: f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
+            self._bar.set_postfix({k: v if isinstance(v, str) else f"{v:.4g}" for k, v in postfix.items()}, refresh=True)
 
     def close(self) -> None:
         if self._bar is not None:

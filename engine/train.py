@@ -44,7 +44,7 @@ from engine.models import build_model
 from engine.models.base import DataFacts
 from engine.optim import set_peak_lr
 from engine.preflight import load_run
-from engine.progress import Progress, eta
+from engine.progress import Progress, clock, eta
 from engine.setup import attach_methods, build_engine, build_schedule, prepare_methods
 from engine.stopping import PREEMPTED_EXIT, StopRequests
 from engine.streams import PhaseTimer, training_stream
@@ -263,7 +263,10 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device, stop: StopRe
             record = train_metrics.flush(step=step, lr=engine.get_lr()[0], progress=progress,
                                          selecting=rows > t.micro_batch_size) | audit.take(progress.draws)
             logger.write(record)
-            logger.progress(step, {"loss": record.get("loss", float("nan")), "seq/s": record["backprop_seq_per_s"]})
+            postfix = {"loss": record.get("loss", float("nan")), "seq/s": record["backprop_seq_per_s"]}
+            if t.time_budget_s:  # the bar's own estimate is for all train.steps
+                postfix["budget left"] = clock(max(t.time_budget_s - (time.time() - started), 0.0))
+            logger.progress(step, postfix)
         if eval_due:
             last_eval = do_eval()
         if save_due:

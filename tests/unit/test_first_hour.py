@@ -102,6 +102,16 @@ def test_eta_counts_this_sessions_pace_and_the_time_budget():
     assert eta(100, 1000, 100, 3.0) == "100/1000, 0:03 elapsed"
 
 
+def test_the_progress_bar_can_show_the_time_budget_left(tmp_path, capsys):
+    """With train.time_budget_s the bar shows what is left of it next to tqdm's estimate for all steps."""
+    from engine.metrics import MetricLogger
+
+    logger = MetricLogger(tmp_path, enabled=True, tensorboard=False, progress=True, total_steps=1000, initial_step=0)
+    logger.progress(125, {"loss": 6.6381, "seq/s": 5.774, "budget left": "3:12"})
+    logger.close()
+    assert "loss=6.638, seq/s=5.774, budget left=3:12" in capsys.readouterr().err
+
+
 def test_log_lines_are_written_through_tqdm_so_a_bar_never_overwrites_them():
     from tqdm import tqdm
 
