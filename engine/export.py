@@ -27,9 +27,9 @@ def model_spec(record: dict[str, Any]) -> dict[str, Any]:
     return {"family": "bert", "class": cls, "config": record["model_config"]}
 
 
-def export(run_dir: Path, out: Path, tag: str | None = None, *, nsp_head: bool = False) -> tuple[Path, str, str]:
+def export(run_dir: Path, out: Path, tag: str | None = None, *, nsp_head: bool = False) -> tuple[Path, str]:
     """Write checkpoint ``tag`` (default: the latest complete one) to ``out``; returns (the checkpoint's
-    directory, tag, the Hugging Face class written)."""
+    directory, the Hugging Face class written)."""
     from transformers import AutoTokenizer
 
     from engine.models import family
@@ -43,7 +43,7 @@ def export(run_dir: Path, out: Path, tag: str | None = None, *, nsp_head: bool =
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(record["tokenizer"]).save_pretrained(out)
-    return root / tag, tag, type(model).__name__
+    return root / tag, type(model).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="BERT trained on sentence pairs: keep the pooler and NSP head (BertForPreTraining, to continue "
                         "pre-training with model.init_from); by default a BertForMaskedLM, what fill-mask loads")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
-    checkpoint, _, cls = export(args.run_dir, args.out, args.tag, nsp_head=args.nsp_head)
+    checkpoint, cls = export(args.run_dir, args.out, args.tag, nsp_head=args.nsp_head)
     which = "" if args.tag else " (the latest)"  # a run stopped early exports where it stopped: say which
     print(f"exported {checkpoint}{which} to {args.out}: a {cls} and its tokenizer")
     return 0
