@@ -8,7 +8,9 @@ import logging
 import os
 import re
 import socket
-from collections.abc import Iterator, MutableMapping
+import threading
+import time
+from collections.abc import Callable, Iterator, MutableMapping
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
@@ -124,11 +126,18 @@ def announce_op_build() -> None:
 
 
 
-def peer_lost(exc: BaseException, step: int) -> PeerLost | None:
+ROLL_CALL_S = 10.0
+"""After a collective timed out: how long a rank waits for every other rank to check in through the
+rendezvous store (those that do not are the lost ones)."""
+
+
+def peer_lost(exc: BaseException, step: int, roll_call: Callable[[int], list[int] | None] | None = None
+              ) -> PeerLost | None:
     """The one-line error for a collective that failed because a peer went away; None for other errors.
 
     gloo reports a peer whose process died as `Connection closed by peer [ADDR]:PORT` (or a reset) at
-    once, and a peer that went silent as `Timed out waiting Nms` after train.collective_timeout_s.
+    once, and a peer that went silent (a cut link, a hung node) as `Timed out waiting Nms` after
+    train.collective_timeout_s, without saying which: ``roll_call`` (default ``silent_ranks``) names them.
     """
     text = str(exc)
     me = f"rank {dist.get_rank()} of {dist.get_world_size()}" if dist.is_initialized() else "this rank"
@@ -138,14 +147,60 @@ def peer_lost(exc: BaseException, step: int) -> PeerLost | None:
         # bracketed too, but hold a '/').
         found = re.search(r"remote=\[([^\]/]+)\]", text) or re.search(r"\[([^\]/]+)\]:\d+", text)
         addr = found.group(1) if found else None
-        ranks = [str(r) for r, h in enumerate(_hosts) if addr and h == addr]
-        who = (f"host {addr} (rank {', '.join(ranks)})" if ranks else f"host {addr}") if addr else "a peer"
+        ranks = [r for r, h in enumerate(_hosts) if addr and h == addr]
+        who = (f"host {addr} (rank {_list(ranks)})" if ranks else f"host {addr}") if addr else "a peer"
         return PeerLost(f"{me} lost {who} at step {step}: its connection closed (the process or node died); {again}")
     timed_out = re.search(r"Timed out waiting (\d+)ms", text)
-    if timed_out:
-        return PeerLost(f"{me}: no answer from the other ranks within {int(timed_out.group(1)) / 1000:g} s "
-                        f"(train.collective_timeout_s) at step {step}: a rank or its node stopped responding; {again}")
-    return None
+    if not timed_out:
+        return None
+    within = f"within {int(timed_out.group(1)) / 1000:g} s (train.collective_timeout_s) at step {step}"
+    silent = (roll_call or silent_ranks)(step)
+    if silent is None:
+        where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+        return PeerLost(f"{me}: no answer from the other ranks {within}, nor from the rendezvous store at {where}: "
+                        f"this rank's node may be the one cut off; {again}")
+    if not silent:
+        return PeerLost(f"{me}: a collective took longer than train.collective_timeout_s ({within}), though every "
+                        "rank answered a roll call after it: raise train.collective_timeout_s if a step or a save "
+                        f"can take that long; {again}")
+    by_host: dict[str, list[int]] = {}
+    for r in silent:
+        by_host.setdefault(_hosts[r] if r < len(_hosts) else "?", []).append(r)
+    who = ", ".join(f"host {h} (rank {_list(rs)})" for h, rs in by_host.items())
+    return PeerLost(f"{me} lost {who} at step {step}: no answer {within} (its node stopped responding or its link "
+                    f"is down); {again}")
+
+
+def _list(ranks: list[int]) -> str:
+    return ", ".join(str(r) for r in ranks)
+
+
+def silent_ranks(step: int, wait_s: float = ROLL_CALL_S) -> list[int] | None:
+    """The ranks that do not check in through the rendezvous store within ``wait_s`` while this one waits
+    (every survivor of a timed-out collective calls this at about the same time); None if the store
+    cannot be reached either. The store lives with rank 0 (or torchrun's agent), so a rank cut off from
+    it learns only that. Run in a daemon thread: a store call to an unreachable host can block for long."""
+    if not dist.is_initialized():
+        return None
+    rank, world = dist.get_rank(), dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()  # the one store every rank of the group shares
+    answered: list[list[int]] = []
+
+    def call() -> None:
+        key = f"sift/roll-call/{step}/"
+        with contextlib.suppress(Exception):  # unreachable: keep the last complete answer, if any
+            store.set(key + str(rank), "1")
+            deadline = time.monotonic() + wait_s
+            while True:
+                answered.append([r for r in range(world) if not store.check([key + str(r)])])
+                if not answered[-1] or time.monotonic() > deadline:
+                    return
+                time.sleep(0.2)
+
+    caller = threading.Thread(target=call, name="sift-roll-call", daemon=True)
+    caller.start()
+    caller.join(wait_s + 5)
+    return answered[-1] if answered else None
 
 
 def initialize(

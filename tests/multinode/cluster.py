@@ -4,6 +4,7 @@
         c.addrs                                 # ['10.251.37.1', '10.251.37.2']
         c.popen(0, ["python", ...], env=...)    # a process on host 0 (ip netns exec)
         c.kill_host(1)                          # SIGKILL every process of host 1
+        c.set_link(1, up=False)                 # or cut its link
 
 Every object gets a unique prefix (`sm<pid hex><random>`), so concurrent runs never collide. The bridge
 lives in a namespace of its own (the "switch"), so nothing is added to the machine's own network
@@ -184,6 +185,21 @@ class Cluster:
     def kill_host(self, i: int) -> int:
         """SIGKILL every process in host i's namespace (its sshd, shells and ranks): the node is gone."""
         return _kill_namespace(self.hosts[i])
+
+    def set_link(self, i: int, up: bool) -> None:
+        """Pull (False) or plug back (True) host i's cable: its port on the switch goes down or up. Its
+        processes live on, and TCP to and from it goes silent rather than being reset."""
+        _sh("ip", "link", "set", f"{self.prefix}p{i}", "up" if up else "down", ns=self.switch)
+
+    def processes(self, i: int) -> list[str]:
+        """The command lines of host i's processes, its sshd's excepted."""
+        found = []
+        for pid in _sh("ip", "netns", "pids", self.hosts[i], check=False).stdout.split():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                if argv and not argv.startswith((SSHD, "sshd:")):
+                    found.append(argv)
+        return found
 
     def restart_sshd(self, i: int) -> None:
         """Boot host i again after `kill_host`: a fresh sshd on its address."""

@@ -16,6 +16,7 @@ import pytest
 from engine import checkpoint as ckpt
 from tests.distributed.common import REPO
 from tests.multinode.conftest import finish, launch_env, start
+from tests.multinode.slurm import Slurm, missing_slurm
 from tests.runs import TINY_RUN, losses
 
 pytestmark = [pytest.mark.multinode, pytest.mark.dist, pytest.mark.slow]
@@ -117,47 +118,101 @@ def test_torchrun_c10d_rendezvous_on_the_first_host(cluster, one_host, tiny_data
     assert_same_run(work / "out", one_host)
 
 
-def test_deepspeed_launcher_over_pdsh_loses_a_host_and_resumes(cluster, one_host, tiny_data, tmp_path):
-    """`sift launch --hostfile` (the deepspeed launcher over pdsh/ssh). Every rank pauses once the step-3
-    checkpoint is complete; host 1 is then killed (sshd, shells, ranks): ranks 0-1 must fail at their next
-    collective with one line naming what they lost, the launcher must exit non-zero, and the same command,
-    run again, must finish the run exactly as one host with 4 ranks ran it (steps 1-3 from the first
-    launch, 4-6 from the second). One test for both, to spend one 4-rank launch less of the suite's time."""
+def test_srun(cluster, one_host, tiny_data, tmp_path):
+    """`sift launch --backend srun` outside an allocation (srun makes one), with slurmctld on the first
+    host and a slurmd on each; the master is given as an address (the node names resolve nowhere)."""
+    reason = missing_slurm()
+    if reason:
+        pytest.skip(f"multinode srun: {reason}")
+    work = workdir(tmp_path)
+    with Slurm(cluster) as slurm:
+        argv = [*SIFT_LAUNCH, "--backend", "srun", "--hosts", ",".join(slurm.nodes), "--gpus-per-node", "2",
+                "--master-addr", cluster.addrs[0], "--python", sys.executable, *launch_args(work, cluster.free_port()),
+                "--", *training_args(tiny_data, work / "out")]
+        code, output = run(cluster, 0, argv, work, **slurm.env)
+    assert code == 0, output[-5000:]
+    assert_ran_across(cluster, work)
+    assert_same_run(work / "out", one_host)
+
+
+COLLECTIVE_TIMEOUT_S = 30  # how long a survivor waits for a silent host (train.collective_timeout_s)
+# How host 1 is lost, and when: (what pauses every rank, the step the survivors report).
+LOSSES = {
+    # every process of host 1 killed (sshd, shells, ranks) once the step-3 checkpoint is complete
+    "killed-after-a-save": ("checkpoint_complete:3", 3),
+    # host 1's link cut while the step-6 checkpoint is being written (DeepSpeed's files there, ours not)
+    "cut-off-during-a-save": ("checkpoint_files_written:6", 6),
+}
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_deepspeed_launcher_over_pdsh_loses_a_host_and_resumes(cluster, one_host, tiny_data, tmp_path, loss):
+    """`sift launch --hostfile` (the deepspeed launcher over pdsh/ssh). Every rank pauses at a known point;
+    host 1 is lost meanwhile: ranks 0-1 must fail at their next collective with one line naming the host
+    and ranks they lost (at once for a killed host, after train.collective_timeout_s for a silent one), the
+    launcher must exit non-zero, the step-3 checkpoint must be the latest complete one (a save cut short
+    is never complete), and the same command, run again, must finish the run exactly as one host with 4
+    ranks ran it (steps 4-6 again). One test for both launcher and loss, to spend fewer 4-rank launches."""
+    pause, lost_at = LOSSES[loss]
     work = workdir(tmp_path)
     (work / "hostfile").write_text("".join(f"{a} slots=2\n" for a in cluster.addrs))
     argv = [*SIFT_LAUNCH, "--hostfile", str(work / "hostfile"), *launch_args(work, cluster.free_port()),
-            "--env", "SIFT_PAUSE_AFTER_SAVE=3", "--", *training_args(tiny_data, work / "out"),
-            "train.collective_timeout_s=60"]
+            "--env", f"SIFT_PAUSE_AT={pause}", "--", *training_args(tiny_data, work / "out"),
+            f"train.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
     log = work / "lost.log"
     proc = start(cluster, 0, argv, work, launch_env(cluster), log)
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while len(list((work / "probe").glob("paused-rank*"))) < 4:
         if proc.poll() is not None or time.monotonic() > deadline:
             finish(cluster, [proc], [log], 1)
-            pytest.fail(f"the ranks never paused after the step-3 checkpoint:\n{log.read_text()[-5000:]}")
+            pytest.fail(f"the ranks never paused at {pause}:\n{log.read_text()[-5000:]}")
         time.sleep(0.2)
     assert_ran_across(cluster, work)
+    cut = loss.startswith("cut")
     try:
-        assert cluster.kill_host(1) > 0
+        if cut:
+            cluster.set_link(1, up=False)
+        else:
+            assert cluster.kill_host(1) > 0
         released = time.monotonic()
         (work / "probe" / "release").touch()
-        (code,) = finish(cluster, [proc], [log], 120)
+        detected = None  # when the first survivor's error line appeared
+        while proc.poll() is None and time.monotonic() - released < 120:
+            if detected is None and "error: " in log.read_text():
+                detected = time.monotonic() - released
+            time.sleep(0.2)
+        (code,) = finish(cluster, [proc], [log], 1)
         took = time.monotonic() - released
     finally:
-        cluster.restart_sshd(1)  # host 1 boots again, for the relaunch and the tests after this one
+        if cut:
+            cluster.set_link(1, up=True)
+        else:
+            cluster.restart_sshd(1)  # host 1 boots again, for the relaunch and the tests after this one
     output = log.read_text()
-    print(f"node lost: launcher exited {code} {took:.1f} s after the survivors resumed")
+    print(f"{loss}: first survivor's error line {detected} s, launcher exited {code} {took:.1f} s after the "
+          "survivors resumed")
     assert code != 0
     # Each survivor names the peer it lost (a survivor may see its local neighbour exit first).
     errors = [line for line in output.splitlines() if "error: " in line]
-    assert errors and all(re.search(r"sift train: error: rank [01] of 4 lost (host .*|a peer) at step 3: ", e) for e in errors)
-    assert any(f"lost host {cluster.addrs[1]} (rank 2, 3) at step 3" in e for e in errors), output[-5000:]
-    assert ckpt.find_latest(work / "out" / "checkpoints") == "step00000003"
+    assert errors and all(re.search(rf"sift train: error: rank [01] of 4 lost (host .*|a peer) at step {lost_at}: ", e)
+                          for e in errors), output[-5000:]
+    assert any(f"lost host {cluster.addrs[1]} (rank 2, 3) at step {lost_at}" in e for e in errors), output[-5000:]
+    if cut:
+        assert f"no answer within {COLLECTIVE_TIMEOUT_S} s (train.collective_timeout_s)" in output
+        # Cut off from the master, host 1's ranks time out too, and end; the cable back, nothing is left there.
+        ended = time.monotonic() + 60
+        while cluster.processes(1) and time.monotonic() < ended:
+            time.sleep(0.5)
+        assert not cluster.processes(1), cluster.processes(1)
+    checkpoints = work / "out" / "checkpoints"
+    assert ckpt.find_latest(checkpoints) == "step00000003"
+    if lost_at == 6:  # the save really was cut short: DeepSpeed's files there, no manifest
+        assert (checkpoints / "step00000006").is_dir() and not (checkpoints / "step00000006" / ckpt.STATE_FILE).exists()
 
-    argv[argv.index("SIFT_PAUSE_AFTER_SAVE=3")] = "SIFT_PAUSE_AFTER_SAVE=none"
+    argv[argv.index(f"SIFT_PAUSE_AT={pause}")] = "SIFT_PAUSE_AT=none"
     code, output = run(cluster, 0, argv, work)
     assert code == 0, output[-5000:]
-    assert "resumed from" in output
+    assert f"resumed from {checkpoints / 'step00000003'} at step 3" in output
     assert_same_run(work / "out", one_host)  # steps 4-6 again draw the rows the uninterrupted run drew
 
 
