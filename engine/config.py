@@ -125,7 +125,8 @@ class TrainConfig:
     """Continue from the latest complete checkpoint in out_dir when there is one."""
     collective_timeout_s: float = 600.0
     """How long a rank may wait to join the process group or in one collective before it fails: the
-    bound on how long the survivors of a silently lost node wait (a killed peer fails them at once)."""
+    bound on how long the survivors of a silently lost node wait (a killed peer fails them at once); then
+    a roll call of at most 10 s names the ranks that stopped answering (engine/ds.py ``peer_lost``)."""
     nonfinite: str = "skip"
     """What a non-finite loss does. skip: every micro-step reads one flag to the host and skips a
     micro-batch whose loss is non-finite on any rank (no backward, no step). stop: no per-step host read

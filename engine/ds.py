@@ -153,22 +153,22 @@ def peer_lost(exc: BaseException, step: int, roll_call: Callable[[int], list[int
     timed_out = re.search(r"Timed out waiting (\d+)ms", text)
     if not timed_out:
         return None
-    within = f"within {int(timed_out.group(1)) / 1000:g} s (train.collective_timeout_s) at step {step}"
+    within = f"within {int(timed_out.group(1)) / 1000:g} s (train.collective_timeout_s)"
     silent = (roll_call or silent_ranks)(step)
     if silent is None:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
-        return PeerLost(f"{me}: no answer from the other ranks {within}, nor from the rendezvous store at {where}: "
-                        f"this rank's node may be the one cut off; {again}")
+        return PeerLost(f"{me}: no answer from the other ranks {within} at step {step}, nor from the rendezvous store "
+                        f"at {where}: this rank's node may be the one cut off; {again}")
     if not silent:
-        return PeerLost(f"{me}: a collective took longer than train.collective_timeout_s ({within}), though every "
-                        "rank answered a roll call after it: raise train.collective_timeout_s if a step or a save "
-                        f"can take that long; {again}")
+        return PeerLost(f"{me}: a collective found no answer {within} at step {step}, though every rank answered a "
+                        "roll call after it: raise train.collective_timeout_s if a step or a save can take that long; "
+                        f"{again}")
     by_host: dict[str, list[int]] = {}
     for r in silent:
         by_host.setdefault(_hosts[r] if r < len(_hosts) else "?", []).append(r)
     who = ", ".join(f"host {h} (rank {_list(rs)})" for h, rs in by_host.items())
-    return PeerLost(f"{me} lost {who} at step {step}: no answer {within} (its node stopped responding or its link "
-                    f"is down); {again}")
+    return PeerLost(f"{me} lost {who} at step {step}: no answer {within}: its node stopped responding or its link "
+                    f"is down; {again}")
 
 
 def _list(ranks: list[int]) -> str:

@@ -39,7 +39,7 @@ LOCK_FILE = "run.lock"
 
 MUTABLE = ("train.eval_every", "train.save_every", "train.keep_last", "train.log_every", "train.progress",
            "train.tensorboard", "train.plugins", "train.resume", "train.stop_signals", "train.check_free_space",
-           "train.time_budget_s",
+           "train.time_budget_s", "train.collective_timeout_s",
            "train.out_dir", "data.path", "data.num_workers", "data.pin_memory", "data.verify_checksums",
            "data.extra_eval", "deepspeed.dist_backend", "world_size", "code_version")
 """Keys a resume may change without asking (cadence, logging, where the data lives, runtime knobs; the

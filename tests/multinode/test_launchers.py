@@ -178,7 +178,7 @@ def test_deepspeed_launcher_over_pdsh_loses_a_host_and_resumes(cluster, one_host
         (work / "probe" / "release").touch()
         detected = None  # when the first survivor's error line appeared
         while proc.poll() is None and time.monotonic() - released < 120:
-            if detected is None and "error: " in log.read_text():
+            if detected is None and "sift train: error: " in log.read_text():
                 detected = time.monotonic() - released
             time.sleep(0.2)
         (code,) = finish(cluster, [proc], [log], 1)
@@ -189,8 +189,8 @@ def test_deepspeed_launcher_over_pdsh_loses_a_host_and_resumes(cluster, one_host
         else:
             cluster.restart_sshd(1)  # host 1 boots again, for the relaunch and the tests after this one
     output = log.read_text()
-    print(f"{loss}: first survivor's error line {detected} s, launcher exited {code} {took:.1f} s after the "
-          "survivors resumed")
+    print(f"{loss}: first survivor's error line after {detected or float('nan'):.1f} s, launcher exited {code} "
+          f"after {took:.1f} s (from the moment the paused ranks were released)")
     assert code != 0
     # Each survivor names the peer it lost (a survivor may see its local neighbour exit first).
     errors = [line for line in output.splitlines() if "error: " in line]
