@@ -1,6 +1,7 @@
-"""Two hosts x 2 ranks through each launcher, as a user types it, train exactly like one host x 4 ranks;
-a host lost mid-run stops the survivors with one line and a relaunch resumes; bad hosts are caught
-before any rank starts. Hosts are network namespaces with their own sshd (tests/multinode/cluster.py)."""
+"""Two hosts x 2 ranks through each launcher (deepspeed over pdsh, mpirun, torchrun, srun), as a user types
+it, train exactly like one host x 4 ranks; a host lost mid-run (killed, or its link cut during a save)
+stops the survivors with one line and a relaunch resumes; bad hosts are caught before any rank starts.
+Hosts are network namespaces with their own sshd (tests/multinode/cluster.py) and, for srun, slurmd."""
 
 from __future__ import annotations
 
