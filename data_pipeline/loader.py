@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import logging
 import multiprocessing
+import multiprocessing.util  # (registers its exit hook first: see _kill_workers_at_exit)
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -28,7 +29,6 @@ from data_pipeline.sampler import DrawRequest, DrawSampler
 from data_pipeline.wire import WireBatch, empty_batch
 
 log = logging.getLogger(__name__)
-_EXIT_HOOK = False  # _kill_workers_at_exit registered (once, by the first loader with workers)
 
 EVAL_EPOCH = 0xFFFF_FFFF
 """The epoch evaluation masks are keyed on: fixed, and unlike any training epoch's masks."""
@@ -152,8 +152,6 @@ class _BatchIterator:
     def __next__(self) -> Batch:
         try:
             batch = next(self.inner)
-        except StopIteration:
-            raise
         except BaseException:
             self.close()  # the traceback keeps this iterator alive: its workers must not outlive the error
             raise
@@ -179,13 +177,16 @@ def _as_is(batch: Batch) -> Batch:
 
 def _kill_workers_at_exit() -> None:
     """At interpreter exit, SIGKILL the daemonic children still running. multiprocessing's own exit hook
-    (registered before this one, so it runs after) stops them with SIGTERM, which the workers ignore
+    (registered before this one, so it runs after it) stops them with SIGTERM, which the workers ignore
     (`_worker_init`), and then waits for them forever: a `sift train` that ended on an error while an
     iterator was still referenced would never exit."""
     for child in multiprocessing.active_children():
         if child.daemon:
             child.kill()
             child.join(timeout=5)
+
+
+atexit.register(_kill_workers_at_exit)  # after multiprocessing.util's own hook (imported above), so before it
 
 
 def _worker_init(_: int) -> None:
@@ -238,11 +239,6 @@ def build_loader(
         rows=rows,
     )
     draws = DrawDataset(dataset, masking_config(dataset.meta, mask_prob), seed)
-    if num_workers > 0:
-        global _EXIT_HOOK
-        if not _EXIT_HOOK:
-            atexit.register(_kill_workers_at_exit)
-            _EXIT_HOOK = True
     return _Batches(DataLoader(
         draws,
         batch_size=None,
