@@ -50,31 +50,6 @@ def _pair(text: str, what: str) -> tuple[str, str]:
     return name, value
 
 
-def kind_scores(model: Any, parts: dict[str, list], criterion: str, exit_layer: int,
-                reference: Any = None) -> dict[str, dict[str, np.ndarray]]:
-    """Per kind: the rows' early-exit scores ("exit") and exact losses ("exact": the full model's mean
-    token loss), both minus the reference's mean token loss on the same targets when ``reference`` (an
-    ``engine.reference.OnlineReference``) is given (criterion reducible)."""
-    import torch
-
-    from engine.scoring import exit_scores, per_sequence_mean
-
-    path = model.exit_path(exit_layer)
-    out = {}
-    with torch.no_grad():
-        for kind, bs in parts.items():
-            exit_, exact = [], []
-            for b in bs:
-                ref = reference.token_losses(b) if reference is not None else None
-                exit_.append(exit_scores(path, b, criterion, reference=ref).numpy())
-                loss = model(**b)["per_seq_loss"]
-                if ref is not None:
-                    loss = loss - per_sequence_mean(ref, path.targets(b) >= 0)
-                exact.append(loss.numpy())
-            out[kind] = {"exit": np.concatenate(exit_), "exact": np.concatenate(exact)}
-    return out
-
-
 def policy_shares(scores: dict[str, np.ndarray], weights: dict[str, float], selection: Selection, *, gross: int,
                   keep: int, batches_: int, rng: np.random.Generator, seed: int) -> dict[str, dict[str, float]]:
     """{"rows": {kind: share of the kept rows}, "weight": {kind: share of the kept rows' loss weights}},
@@ -138,7 +113,7 @@ def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]
     """The run's probe.json content; the selections ``earlier`` (a probe.json of the same step) holds are
     copied, the others computed."""
     from engine.run_model import load_run_model
-    from study.sources import batches
+    from study.sources import batches, source_scores
 
     cfg, model = load_run_model(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").is_file() else {}
@@ -160,7 +135,7 @@ def probe(run_dir: Path, selects: list[str], kinds: dict[str, tuple[Path, float]
                                  "nor the run's sift.reference names a reference model")
             ref = open_reference(where, cfg)
         if (sel.criterion, sel.exit_layer) not in scored:  # shared by the policies of one criterion and exit
-            scored[sel.criterion, sel.exit_layer] = kind_scores(model, parts, sel.criterion, sel.exit_layer,
+            scored[sel.criterion, sel.exit_layer] = source_scores(model, parts, sel.criterion, sel.exit_layer,
                                                                 ref if sel.criterion == "reducible" else None)
         scores = scored[sel.criterion, sel.exit_layer]
         entry: dict[str, Any] = {"policy": sel.policy,

@@ -97,17 +97,28 @@ def source_accuracy(model, parts: dict[str, list]) -> dict[str, dict[str, float]
     return out
 
 
-def source_scores(model, parts: dict[str, list], criterion: str, exit_layer: int) -> dict[str, dict[str, np.ndarray]]:
+def source_scores(model, parts: dict[str, list], criterion: str, exit_layer: int,
+                  reference: Any = None) -> dict[str, dict[str, np.ndarray]]:
+    """Per source (or kind): the rows' early-exit scores ("exit") and exact losses ("exact": the full
+    model's mean token loss), both minus the reference's mean token loss on the same targets when
+    ``reference`` (an ``engine.reference.OnlineReference``) is given (criterion reducible)."""
     import torch
 
-    from engine.scoring import exit_scores
+    from engine.scoring import exit_scores, per_sequence_mean
 
     path = model.exit_path(exit_layer)
     out = {}
     with torch.no_grad():
         for source, bs in parts.items():
-            out[source] = {"exit": np.concatenate([exit_scores(path, b, criterion).numpy() for b in bs]),
-                           "exact": np.concatenate([model(**b)["per_seq_loss"].numpy() for b in bs])}
+            exit_, exact = [], []
+            for b in bs:
+                ref = reference.token_losses(b) if reference is not None else None
+                exit_.append(exit_scores(path, b, criterion, reference=ref).numpy())
+                loss = model(**b)["per_seq_loss"]
+                if ref is not None:
+                    loss = loss - per_sequence_mean(ref, path.targets(b) >= 0)
+                exact.append(loss.numpy())
+            out[source] = {"exit": np.concatenate(exit_), "exact": np.concatenate(exact)}
     return out
 
 

@@ -12,8 +12,8 @@ from engine.methods.sift_config import SiftConfig
 from engine.reference import OnlineReference
 from engine.scoring import exit_scores, per_sequence_mean
 from engine.selection import selection_generator
-from study.probe import batch_shares, kind_scores, policy_shares
-from study.sources import kept_shares
+from study.probe import batch_shares, policy_shares
+from study.sources import kept_shares, source_scores
 from study.spec import Selection
 from tests.helpers import random_batch, tiny_model
 
@@ -84,8 +84,8 @@ def test_reducible_scores_subtract_the_references_loss_on_the_same_targets():
     model, ref_model = tiny_model(seed=0, layers=3).eval(), tiny_model(seed=1, layers=2).eval()
     reference = OnlineReference(ref_model, 32)
     parts = {"original": [random_batch(G=6, seed=0)], "noise": [random_batch(G=4, seed=1)]}
-    plain = kind_scores(model, parts, "loss", 1)
-    reducible = kind_scores(model, parts, "reducible", 1, reference)
+    plain = source_scores(model, parts, "loss", 1)
+    reducible = source_scores(model, parts, "reducible", 1, reference)
     for kind, (batch,) in parts.items():
         path = model.exit_path(1)
         ref_mean = per_sequence_mean(reference.token_losses(batch), path.targets(batch) >= 0).numpy()
