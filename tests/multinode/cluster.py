@@ -84,7 +84,29 @@ def _free_subnet() -> int:
     return free[secrets.randbelow(len(free))]
 
 
-class Cluster:
+class Started:
+    """A context manager over ``_start()`` and ``close()``: closed on leaving, and also when starting fails
+    part way (what was started is stopped)."""
+
+    def __enter__(self):
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+class Cluster(Started):
     def __init__(self, n_hosts: int, *, root: Path | None = None):
         self.n = n_hosts
         self.prefix = f"sm{os.getpid() % 0xFFFF:x}{secrets.token_hex(2)}"  # <= 10 chars: names stay < 16
@@ -95,18 +117,7 @@ class Cluster:
         self._sshd: list[subprocess.Popen] = []
 
     # ------------------------------------------------------------------ setup / teardown
-    def __enter__(self) -> Cluster:
-        try:
-            self._build()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _build(self) -> None:
+    def _start(self) -> None:
         subnet = _free_subnet()
         self.addrs = [f"10.251.{subnet}.{i + 1}" for i in range(self.n)]
         _sh("ip", "netns", "add", self.switch)

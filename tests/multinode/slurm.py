@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 
-from tests.multinode.cluster import Cluster
+from tests.multinode.cluster import Cluster, Started
 
 DAEMONS = ("slurmctld", "slurmd", "srun", "sinfo", "nsenter", "unshare")
 
@@ -27,7 +27,7 @@ def missing_slurm() -> str | None:
     return f"not installed: {', '.join(absent)} (apt-get install slurm-wlm)" if absent else None
 
 
-class Slurm:
+class Slurm(Started):
     def __init__(self, cluster: Cluster, cpus_per_node: int = 4):
         self.cluster, self.cpus = cluster, cpus_per_node
         self.dir = cluster.root / "slurm"
@@ -35,17 +35,6 @@ class Slurm:
         self.conf = self.dir / "slurm.conf"
         self.env = {"SLURM_CONF": str(self.conf)}
         self._daemons: list[subprocess.Popen] = []
-
-    def __enter__(self) -> Slurm:
-        try:
-            self._start()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def _start(self, timeout_s: float = 30) -> None:
         c, d = self.cluster, self.dir
