@@ -16,8 +16,8 @@ after the optimizer step and before the loop logs, evaluates or saves (the Train
 callback; `sift train`: the loop's ``step_end`` hook through the plugin benchmarks/step_clock.py), so an
 interval holds one whole loop iteration: drawing the rows, scoring them (SIFT), every micro-step's
 forward and backward, the optimizer step and the loop's own bookkeeping. Both loops log only at the
-end. On a GPU the marks are host times: in steady state the host waits on the device (the Trainer
-syncs at every micro-step, `sift train` once the launch queue is full), so the median tracks the device.
+end. On a GPU the marks are host times, which follow the device: both loops read the loss's finiteness to
+the host at every micro-step (the Trainer's NaN filter, `sift train`'s default ``train.nonfinite=skip``).
 An arm's step time in a round is the median interval after ``--warmup`` intervals; its ratio to the
 plain Trainer is taken within the round, and the table gives, over rounds, the median step time and
 the ratios' median [min-max]. Back-propagated rows per second = B x accumulation / step time (B rows
