@@ -2,15 +2,27 @@
 DeepSpeed ZeRO-1 (vanilla), ``SiftTrainer`` (SIFT, keep 0.5, through the same integration), and
 `sift train` vanilla and SIFT (serial schedule, ZeRO-1), all on the same packed rows.
 
-    python -m benchmarks.hf_side_by_side --out benchmarks/results/hf_side_by_side --steps 40
+    python -m benchmarks.hf_side_by_side --model small --steps 100 --warmup 10 --repeats 3 \
+        --out benchmarks/results/hf_side_by_side
 
-A tiny GPT-2 (hidden 64, 2 blocks, the project's GPT-2 builder, so every arm starts from the same
-architecture and seed) on the demo corpus prepared at T = 64 with the committed byte-level BPE. Each arm
-is its own process, run one after another; an arm's step time is the median wall time between
-consecutive optimizer-step ends after ``--warmup`` steps (the Trainer: a callback at ``on_step_end``;
-`sift train`: its per-step record, B x accumulation / ``backprop_seq_per_s``), and its back-propagated
-rows per second is B x accumulation / step time. Ratios are to the plain Trainer of the same run.
-Timings on a shared machine are noisy: the record keeps the load average.
+A GPT-2 built by the project's builder (so every arm starts from the same architecture and seed):
+``tiny`` (2 blocks x 64 hidden) or ``small`` (4 blocks x 256 hidden, 4 heads, MLP 1024), on the demo
+corpus prepared at T = 64 with the committed byte-level BPE. Each arm is its own process; the arm set
+runs ``--repeats`` rounds, its order rotated by one each round so that a slow drift of the machine does
+not favour one arm.
+
+Step time, the same for every arm: the wall time between consecutive optimizer-step ends, taken right
+after the optimizer step and before the loop logs, evaluates or saves (the Trainer: an ``on_step_end``
+callback; `sift train`: the loop's ``step_end`` hook through the plugin benchmarks/step_clock.py), so an
+interval holds one whole loop iteration: drawing the rows, scoring them (SIFT), every micro-step's
+forward and backward, the optimizer step and the loop's own bookkeeping. Both loops log only at the
+end. On a GPU the marks are host times, which follow the device: both loops read the loss's finiteness to
+the host at every micro-step (the Trainer's NaN filter, `sift train`'s default ``train.nonfinite=skip``).
+An arm's step time in a round is the median interval after ``--warmup`` intervals; its ratio to the
+plain Trainer is taken within the round, and the table gives, over rounds, the median step time and
+the ratios' median [min-max]. Back-propagated rows per second = B x accumulation / step time (B rows
+per micro-step in every arm; the SIFT arms score G = B / keep to keep them). Every round's intervals
+and the load average before and after are kept in ``result.json``.
 """
 
 from __future__ import annotations
@@ -19,6 +31,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -26,12 +39,18 @@ import time
 from pathlib import Path
 from typing import Any
 
-from sift_common.provenance import load_average, provenance
+from sift_common.provenance import load_average, provenance, version
 
 REPO = Path(__file__).resolve().parents[1]
-ARMS = ("hf-vanilla", "hf-sift", "sift-vanilla", "sift-sift")
+ARMS = {"hf-vanilla": "HF Trainer + DeepSpeed ZeRO-1", "hf-sift": "SiftTrainer (SIFT, same integration)",
+        "sift-vanilla": "`sift train`, vanilla", "sift-sift": "`sift train`, SIFT (serial)"}
 B, GA, KEEP, SEQ = 8, 2, 0.5, 64
-MODEL = {"family": "gpt2", "preset": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 2, "intermediate_size": 128}
+MODELS = {
+    "tiny": {"family": "gpt2", "preset": "tiny", "hidden_size": 64, "num_layers": 2, "num_heads": 2,
+             "intermediate_size": 128},
+    "small": {"family": "gpt2", "preset": "tiny", "hidden_size": 256, "num_layers": 4, "num_heads": 4,
+              "intermediate_size": 1024},
+}
 
 
 def prepare(out: Path) -> Path:
@@ -59,7 +78,7 @@ def child_env() -> dict[str, str]:
 # ----------------------------------------------------------------------------- the Trainer arms (child)
 
 
-def hf_child(arm: str, data: Path, steps: int, out: Path) -> None:
+def hf_child(arm: str, model_name: str, data: Path, steps: int, out: Path) -> None:
     import numpy as np
     import torch
     from transformers import GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
@@ -82,11 +101,11 @@ def hf_child(arm: str, data: Path, steps: int, out: Path) -> None:
 
     meta, special = shards.meta, shards.meta.special_ids
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(hf_config(ModelConfig(**MODEL, dropout=0.1), DataFacts(
+    model = GPT2LMHeadModel(hf_config(ModelConfig(**MODELS[model_name], dropout=0.1), DataFacts(
         vocab_size=meta.vocab_size, seq_len=SEQ, objective="clm", pad_id=special["pad"], eos_id=special["eos"])))
     ends: list[float] = []
 
-    class Clock(TrainerCallback):
+    class Clock(TrainerCallback):  # right after the optimizer step, before the Trainer logs or saves
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
@@ -112,74 +131,115 @@ def _run(cmd: list[str], env: dict[str, str]) -> None:
         raise SystemExit(f"{' '.join(cmd[:4])} ... exited {result.returncode}:\n{result.stderr[-3000:]}")
 
 
-def run_hf(arm: str, data: Path, steps: int, out: Path) -> list[float]:
-    cmd = [sys.executable, "-m", "benchmarks.hf_side_by_side", "--child", arm, "--data", str(data),
-           "--steps", str(steps), "--out", str(out)]
-    _run(cmd, child_env())
-    ends = json.loads((out / f"{arm}.ends.json").read_text())
+def _intervals(ends_file: Path, steps: int) -> list[float]:
+    ends = json.loads(ends_file.read_text())
+    if len(ends) != steps:
+        raise SystemExit(f"{ends_file}: {len(ends)} step ends recorded, expected {steps}")
     return [b - a for a, b in itertools.pairwise(ends)]
 
 
-def run_sift(arm: str, data: Path, steps: int, out: Path) -> list[float]:
-    run_dir = out / f"{arm}.run"
+def run_hf(arm: str, model: str, data: Path, steps: int, out: Path) -> list[float]:
+    cmd = [sys.executable, "-m", "benchmarks.hf_side_by_side", "--child", arm, "--model", model, "--data",
+           str(data), "--steps", str(steps), "--out", str(out)]
+    _run(cmd, child_env())
+    return _intervals(out / f"{arm}.ends.json", steps)
+
+
+def run_sift(arm: str, model: str, data: Path, steps: int, out: Path) -> list[float]:
+    run_dir, clock = out / f"{arm}.run", out / f"{arm}.ends.json"
     overrides = [f"data.path={data}", f"train.out_dir={run_dir}", f"train.steps={steps}", f"train.micro_batch_size={B}",
-                 f"train.grad_accum={GA}", "train.log_every=1", f"train.eval_every={steps * 10}", "train.eval_samples=64", "train.save_every=0",
-                 "train.resume=false", "train.tensorboard=false", "train.progress=false", "data.num_workers=0",
+                 f"train.grad_accum={GA}", f"train.log_every={steps}", f"train.eval_every={steps * 10}",
+                 "train.eval_samples=64", "train.save_every=0", "train.resume=false", "train.tensorboard=false",
+                 "train.progress=false", "train.plugins=[benchmarks.step_clock]", "data.num_workers=0",
                  "optim.lr=1e-3", "deepspeed.config=zero1.json", "deepspeed.precision=fp32", "sift.schedule=serial",
                  "sift.warmup_steps=0", "sift.fidelity_every=0", f"sift.keep={KEEP}",
-                 f"method={'sift' if arm == 'sift-sift' else 'none'}", *(f"model.{k}={v}" for k, v in MODEL.items())]
+                 f"method={'sift' if arm == 'sift-sift' else 'none'}", *(f"model.{k}={v}" for k, v in MODELS[model].items())]
     env = {k: v for k, v in child_env().items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE",
                                                              "MASTER_PORT", "MASTER_ADDR")}
-    _run([sys.executable, str(REPO / "launcher" / "train.py"), *overrides], env)
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [B * GA / r["backprop_seq_per_s"] for r in records if "event" not in r and "backprop_seq_per_s" in r]
+    _run([sys.executable, str(REPO / "launcher" / "train.py"), *overrides], dict(env, SIFT_STEP_CLOCK=str(clock)))
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # the final save only; rounds would pile them up
+    return _intervals(clock, steps)
 
 
-def summarise(times: dict[str, list[float]], warmup: int) -> dict[str, dict[str, float]]:
+def rotated(arms: list[str], r: int) -> list[str]:
+    """Round r's order: the arm list rotated left by r."""
+    k = r % len(arms)
+    return arms[k:] + arms[:k]
+
+
+def spread(values: list[float]) -> dict[str, Any]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "rounds": values}
+
+
+def summarise(rounds: list[dict[str, list[float]]], warmup: int) -> dict[str, dict[str, Any]]:
+    """Per arm, over rounds: step time and back-propagated rows/s, and both as ratios to hf-vanilla of the
+    same round (each round's figure is the median of its intervals after ``warmup``)."""
+    step = [{arm: statistics.median(dts[warmup:]) for arm, dts in r.items()} for r in rounds]
     out = {}
-    for arm, dts in times.items():
-        kept = dts[warmup:] or dts
-        step = statistics.median(kept)
-        out[arm] = {"step_s": step, "backprop_rows_per_s": B * GA / step, "steps_timed": len(kept)}
-    base = out["hf-vanilla"]
-    for r in out.values():
-        r["step_time_ratio"] = r["step_s"] / base["step_s"]
-        r["backprop_rows_per_s_ratio"] = r["backprop_rows_per_s"] / base["backprop_rows_per_s"]
+    for arm in rounds[0]:
+        out[arm] = {"step_s": spread([s[arm] for s in step]),
+                    "backprop_rows_per_s": spread([B * GA / s[arm] for s in step]),
+                    "step_time_ratio": spread([s[arm] / s["hf-vanilla"] for s in step]),
+                    "backprop_rows_per_s_ratio": spread([s["hf-vanilla"] / s[arm] for s in step]),
+                    "steps_timed": len(rounds[0][arm][warmup:])}
     return out
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["| arm | step (s) | back-propagated rows/s | step time / plain Trainer | rows/s / plain Trainer |",
-             "|---|---:|---:|---:|---:|"]
+    def ratio(x: dict[str, Any]) -> str:
+        return f"{x['median']:.2f} [{x['min']:.2f}-{x['max']:.2f}]"
+
+    lines = ["| arm | loop | step (s) | step time / plain Trainer | back-propagated rows/s | rows/s / plain Trainer |",
+             "|---|---|---:|---:|---:|---:|"]
     for arm, r in result["arms"].items():
-        lines.append(f"| {arm} | {r['step_s']:.4f} | {r['backprop_rows_per_s']:.1f} | {r['step_time_ratio']:.2f} | "
-                     f"{r['backprop_rows_per_s_ratio']:.2f} |")
-    p = result["provenance"]
-    return (f"# Plain Trainer vs SiftTrainer vs sift train\n\n`{p['command']}` at {p['git_commit']}, {p['date']}; "
-            f"B = {B}, accumulation {GA}, keep {KEEP} (G = {round(B / KEEP)}), T = {SEQ}, "
-            f"load average {result['load_before']} before and {p['load_average']} after.\n\n" + "\n".join(lines) + "\n")
+        lines.append(f"| {arm} | {ARMS[arm]} | {r['step_s']['median']:.4f} | {ratio(r['step_time_ratio'])} | "
+                     f"{r['backprop_rows_per_s']['median']:.1f} | {ratio(r['backprop_rows_per_s_ratio'])} |")
+    p, s, m = result["provenance"], result["settings"], MODELS[result["settings"]["model"]]
+    v = {**p["versions"], "accelerate": result["accelerate"]}
+    return (f"# Plain Trainer vs SiftTrainer vs `sift train`\n\n"
+            f"`{p['command']}` at {p['git_commit']}, {p['date']}, on {p['machine']['cpu']} ({p['machine']['cores']} "
+            f"cores); torch {v['torch']}, deepspeed {v['deepspeed']}, transformers {v['transformers']}, accelerate "
+            f"{v['accelerate']}, Python {v['python']}; load average {result['load_before']} before and "
+            f"{p['load_average']} after.\n\n"
+            f"GPT-2 {s['model']} ({m['num_layers']} blocks x {m['hidden_size']} hidden), B = {B}, accumulation {GA}, "
+            f"keep {KEEP} (G = {round(B / KEEP)}), T = {SEQ}; {s['repeats']} round(s) of {s['steps']} steps per arm, "
+            f"arm order rotated each round. Step time: median wall time between consecutive optimizer-step ends after "
+            f"{s['warmup']} warm-up intervals, median over rounds; ratios taken within each round, median "
+            f"[min-max] over rounds.\n\n" + "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("runs/bench/hf_side_by_side"))
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=ARMS)
+    ap.add_argument("--model", choices=tuple(MODELS), default="small")
+    # 100 steps draw 3,200 of the 3,460 training rows in the SIFT arms: one epoch, no partial last window
+    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--warmup", type=int, default=10, help="step intervals dropped at the start of each arm's run")
+    ap.add_argument("--repeats", type=int, default=3, help="rounds of the arm set, its order rotated each round")
+    ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=tuple(ARMS))
     ap.add_argument("--child", choices=("hf-vanilla", "hf-sift"), help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
-    a.out.mkdir(parents=True, exist_ok=True)
     if a.child:
-        hf_child(a.child, a.data, a.steps, a.out)
+        hf_child(a.child, a.model, a.data, a.steps, a.out)
         return 0
-    work = a.out / "work"
-    data = prepare(work)
+    if a.steps - 1 <= a.warmup or a.repeats < 1:
+        ap.error(f"--steps {a.steps} gives {a.steps - 1} step intervals: more than --warmup {a.warmup} are needed, "
+                 f"and --repeats must be at least 1 (got {a.repeats})")
+    if "hf-vanilla" not in a.arms:
+        ap.error("the ratios need the hf-vanilla arm")
+    a.out.mkdir(parents=True, exist_ok=True)
+    data = prepare(a.out / "work")
     load_before = load_average()
-    times = {arm: (run_hf if arm.startswith("hf-") else run_sift)(arm, data, a.steps, work) for arm in a.arms}
-    if "hf-vanilla" not in times:
-        raise SystemExit("the ratios need the hf-vanilla arm")
-    result = {"arms": summarise(times, a.warmup), "step_times": times, "load_before": load_before,
+    rounds = []
+    for r in range(a.repeats):
+        work = a.out / "work" / f"round{r}"
+        work.mkdir(parents=True, exist_ok=True)
+        rounds.append({arm: (run_hf if arm.startswith("hf-") else run_sift)(arm, a.model, data, a.steps, work)
+                       for arm in rotated(a.arms, r)})
+    result = {"arms": summarise(rounds, a.warmup), "rounds": rounds, "load_before": load_before,
+              "settings": {"model": a.model, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats},
+              "accelerate": version("accelerate"),
               "provenance": provenance("python -m benchmarks.hf_side_by_side " + " ".join(argv or sys.argv[1:]),
                                        where=REPO)}
     (a.out / "result.json").write_text(json.dumps(result, indent=1))

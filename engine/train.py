@@ -244,6 +244,7 @@ def train(cfg: RunConfig, progress: Progress, device: torch.device, stop: StopRe
         if not mo.stepped:
             continue
         step = progress.step
+        hooks.fire("step_end", step=step)
         stopping = stop.agreed() and step < t.steps  # collective: every rank stops after the same step
         log_due = step % t.log_every == 0 or step == t.steps or stopping
         eval_due = step % t.eval_every == 0 or step == t.steps
