@@ -125,8 +125,14 @@ def hf_child(arm: str, model_name: str, data: Path, steps: int, out: Path) -> No
 # ----------------------------------------------------------------------------- the arms (parent)
 
 
+ARM_TIMEOUT_S = 1800  # one arm's process; a hung arm must not hold the machine
+
+
 def _run(cmd: list[str], env: dict[str, str]) -> None:
-    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    try:
+        result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=ARM_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"{' '.join(cmd[:4])} ... did not finish in {ARM_TIMEOUT_S} s") from None
     if result.returncode:
         raise SystemExit(f"{' '.join(cmd[:4])} ... exited {result.returncode}:\n{result.stderr[-3000:]}")
 
@@ -237,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         rounds.append({arm: (run_hf if arm.startswith("hf-") else run_sift)(arm, a.model, data, a.steps, work)
                        for arm in rotated(a.arms, r)})
+    import torch  # noqa: F401  (after the arms: provenance names the GPUs only when torch is loaded)
+
     result = {"arms": summarise(rounds, a.warmup), "rounds": rounds, "load_before": load_before,
               "settings": {"model": a.model, "steps": a.steps, "warmup": a.warmup, "repeats": a.repeats},
               "accelerate": version("accelerate"),
