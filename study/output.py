@@ -305,7 +305,7 @@ def check_design(path: Path, res: dict[str, Any], spec: StudySpec) -> None:
     the one rendered here (no paired comparisons)."""
     if "comparisons" not in res or "metrics" not in res:
         raise StudyError(f"{path} predates the compact form `--report-only` renders (no paired comparisons); "
-                         "the README.md beside it says how to regenerate that study")
+                         "rerun the study (a committed one's README.md gives the command)")
     made = res.get("study") or {}
     ours = {"name": spec.name, "arms": [a.name for a in spec.arms], "seeds": spec.seeds}
     wrong = [f"{k} {made.get(k)} (asked: {v})" for k, v in ours.items() if made.get(k) != v]
