@@ -224,7 +224,10 @@ def _pct(v: float | None) -> str:
 
 def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
     """Per arm and kind: the drawn share, then the kept-row share and the loss-weight share (the gradient's
-    view; the same for top-k) at the branch point and at the end of the runs."""
+    view; the same for top-k) at the branch point and at the end of the runs. Rows from a results.json made
+    before the probe recorded weights (no ``weighted`` key: every arm top-k) get the kept-row columns only."""
+    if not any("weighted" in r for r in rows):
+        return _markdown_kept_rows(rows, labels)
     lines = ["| arm | kind of row | drawn (= vanilla, random) | kept rows at the branch point, exit / exact | "
              "weight share at the branch point, exit | kept rows at the end, exit [95% CI] | "
              "weight share at the end, exit [95% CI] | kept rows / weight share at the end, exact |",
@@ -236,6 +239,17 @@ def markdown_kept(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
         lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['kind']} | {r['drawn']:.1%} | {branch} | "
                      f"{_pct(r.get('branch_exit_weight'))} | {_share_ci(r['end_exit'])} | "
                      f"{_share_ci(r.get('end_exit_weight'))} | {exact} / {exact_w} |")
+    return "\n".join(lines)
+
+
+def _markdown_kept_rows(rows: list[dict[str, Any]], labels: dict[str, str]) -> str:
+    lines = ["| arm | kind of row | drawn (= vanilla, random) | kept at the branch point, exit / exact | "
+             "kept at the end, exit [95% CI] | kept at the end, exact |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        branch = (f"{_pct(r['branch_exit'])} / {_pct(r['branch_exact'])}"
+                  if r["branch_exit"] is not None and r["branch_exact"] is not None else "–")
+        lines.append(f"| {labels.get(r['arm'], r['arm'])} | {r['kind']} | {r['drawn']:.1%} | {branch} | "
+                     f"{_share_ci(r['end_exit'])} | {_pct(r['end_exact'].get('mean'))} |")
     return "\n".join(lines)
 
 

@@ -37,7 +37,7 @@ from study.report import (
     target_table,
     token_name,
 )
-from study.spec import StudySpec, selection_of
+from study.spec import StudyError, StudySpec, selection_of
 from study.turn_on import turn_on_row
 
 if TYPE_CHECKING:
@@ -224,6 +224,7 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
     numbers, the study record and its invocations); returns the headline table as markdown. The figures
     are listed when they are there."""
     res = json.loads((report / "results.json").read_text())
+    check_design(report / "results.json", res, spec)
     record = res["study"] | {"invocations": res.get("invocations", [])}
     names = [a.name for a in spec.arms]
     labels = {a.name: a.title() for a in spec.arms}
@@ -272,16 +273,7 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
         "Interpolated linearly between evaluations (from the branch point in a continuation study); an arm reaches "
         "a target only when all its seeds do.", "",
         *(["## Rows back-propagated, by kind", "", markdown_kept(kept, labels), "",
-           "From each run's probe (study/probe.py): simulated gross batches of G rows drawn from each kind "
-           "in its share of the training data (\"drawn\": what vanilla and random back-propagate), of which the "
-           "arm's own policy keeps B, scored by the arm's exit (and by the exact loss), at the branch point and "
-           "at the run's final weights. **Kept rows**: each kind's share of the B rows back-propagated. **Weight "
-           "share**: its share of the kept rows' loss weights (sum of w_i), what the gradient sees of each kind "
-           "when rows carry equal numbers of target tokens; the stratified and importance draws weight a row "
-           "by 1 / its inclusion probability, so their weight share is near the drawn share where their kept "
-           "rows are not, and top-k weighs every kept row 1 (weight share = kept rows). Reducible arms are "
-           "scored against the regime's reference model, which trained on half of the training rows: about "
-           "half of the sampled rows (with other masks) were seen by it.", ""] if kept else []),
+           KEPT_NOTE if any("weighted" in r for r in kept) else KEPT_ROWS_NOTE, ""] if kept else []),
         *(["## When to turn it on", "", markdown_turn_on([turn_on_row(res)], labels), "", TURN_ON_NOTE, ""]
           if flops and not regime else []),
         *(["## Equal compute: steps and counted FLOPs per arm", "", markdown_budget(budget, labels), "",
@@ -305,6 +297,21 @@ def render_report(report: Path, spec: StudySpec, regime: str = "") -> str:
     ]
     (report / "report.md").write_text("\n".join(md))
     return table
+
+
+def check_design(path: Path, res: dict[str, Any], spec: StudySpec) -> None:
+    """Refuse to render results.json under a spec it was not made with (a preset changed since, or the
+    wrong --name/--seeds/--arms: the tables' labels and header would be the spec's), or in a form older than
+    the one rendered here (no paired comparisons)."""
+    if "comparisons" not in res or "metrics" not in res:
+        raise StudyError(f"{path} predates the compact form `--report-only` renders (no paired comparisons); "
+                         "rerun the study (a committed one's README.md gives the command)")
+    made = res.get("study") or {}
+    ours = {"name": spec.name, "arms": [a.name for a in spec.arms], "seeds": spec.seeds}
+    wrong = [f"{k} {made.get(k)} (asked: {v})" for k, v in ours.items() if made.get(k) != v]
+    if wrong:
+        raise StudyError(f"{path} was made with {'; '.join(wrong)}: pass the --name, --seeds and --arms it was "
+                         "made with (its report.md names its invocations), so that its tables come out the same")
 
 
 def _data_name(record: dict[str, Any], regime: str) -> str:
@@ -334,15 +341,18 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
     labels = {a.name: a.title() for a in spec.arms}
     refs = [r for r in (spec.reference, spec.control) if r in names]
     selecting = [n for n in names if n not in refs]
+    found = {r: json.loads((w / "results.json").read_text()) for r, w in regime_reports.items()
+             if (w / "results.json").is_file()}
+    # the budget the results were made under (results.json before study.budget existed: samples), which a
+    # preset changed since does not rewrite
+    budget = next((res.get("budget") or {"kind": "samples"} for res in found.values()), {"kind": spec.budget})["kind"]
     md = [f"# {spec.name}: where does SIFT win?", "",
           "Per data regime, which arms beat (or lose to) the reference and the control beyond the 95% t interval "
           "of the paired difference over seeds (each comparison on its own), then which comparisons at "
-          + ("equal counted FLOPs (each arm at its own end; the headline)" if spec.budget == "flops" else "equal samples")
+          + ("equal counted FLOPs (each arm at its own end; the headline)" if budget == "flops" else "equal samples")
           + " survive Holm's correction for all of the regime's comparisons; details in each regime's report.md.", ""]
-    axes = ("flops", "backprop_samples", "cpu_s") if spec.budget == "flops" else ("backprop_samples", "cpu_s")
-    found = {r: json.loads((w / "results.json").read_text()) for r, w in regime_reports.items()
-             if (w / "results.json").is_file()}
-    if spec.budget == "flops" and found:
+    axes = ("flops", "backprop_samples", "cpu_s") if budget == "flops" else ("backprop_samples", "cpu_s")
+    if budget == "flops" and found:
         md += ["## When to turn it on", "", markdown_turn_on([turn_on_row(res) for res in found.values()], labels), "",
                TURN_ON_NOTE, ""]
     for regime in regime_reports:
@@ -360,6 +370,21 @@ def write_verdict(report: Path, spec: StudySpec, regime_reports: dict[str, Path]
     (report / "verdict.md").write_text("\n".join(md))
     return "\n".join(md)
 
+
+KEPT_NOTE = ("From each run's probe (study/probe.py): simulated gross batches of G rows drawn from each kind "
+             "in its share of the training data (\"drawn\": what vanilla and random back-propagate), of which the "
+             "arm's own policy keeps B, scored by the arm's exit (and by the exact loss), at the branch point and "
+             "at the run's final weights. **Kept rows**: each kind's share of the B rows back-propagated. **Weight "
+             "share**: its share of the kept rows' loss weights (sum of w_i), what the gradient sees of each kind "
+             "when rows carry equal numbers of target tokens; the stratified and importance draws weight a row "
+             "by 1 / its inclusion probability, so their weight share is near the drawn share where their kept "
+             "rows are not, and top-k weighs every kept row 1 (weight share = kept rows). Reducible arms are "
+             "scored against the regime's reference model, which trained on half of the training rows: about "
+             "half of the sampled rows (with other masks) were seen by it.")
+# results.json from before the probe recorded loss weights (every arm top-k)
+KEPT_ROWS_NOTE = ("From each run's probe (study/probe.py): the share of each kind among the B rows top-k keeps of "
+                  "simulated gross batches, scored by the arm's exit (and by the exact loss) at the branch point and "
+                  "at the run's final weights.")
 
 TURN_ON_NOTE = ("At equal counted FLOPs (each arm as many steps as vanilla's budget pays for, its learning rate "
                 "fully decayed at its own end), paired by seed, 95% t intervals, each comparison on its own (the "

@@ -102,6 +102,13 @@ def test_packages_import_only_downward():
     assert upward == [], "imports from a lower layer to a higher one:\n" + "\n".join(upward)
 
 
+def test_the_architecture_doc_draws_these_layers():
+    """docs/architecture.md's arrow line names every layer, highest first, as the checks above enforce."""
+    doc = (REPO / "docs" / "architecture.md").read_text()
+    arrows = next(line.split("->") for line in doc.splitlines() if line.strip().startswith("launcher ->"))
+    assert [a.strip() for a in arrows] == LAYERS[::-1]
+
+
 def test_no_cycle_between_packages():
     between = {}
     for mod, deps in graph().items():
