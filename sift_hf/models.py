@@ -37,6 +37,29 @@ class UnsupportedError(SiftError, ValueError):
     """A model or batch that SIFT inside a Hugging Face loop cannot score (the message says why)."""
 
 
+SUPPORTED_VERSIONS = {"transformers": ">=5.0,<6", "accelerate": ">=1.1"}
+"""The libraries whose hooks and behaviour sift_hf relies on (pyproject.toml states the same range;
+tests/unit/test_hf_trainer.py checks both agree and holds a canary on the Trainer's hooks)."""
+
+
+def version_problems() -> list[str]:
+    """One line per installed library outside ``SUPPORTED_VERSIONS`` (or missing)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.specifiers import SpecifierSet
+
+    problems = []
+    for name, spec in SUPPORTED_VERSIONS.items():
+        try:
+            got = version(name)
+        except PackageNotFoundError:
+            problems.append(f"{name} is not installed (need {spec}: pip install 'sift-train[hf]')")
+            continue
+        if got not in SpecifierSet(spec):
+            problems.append(f"{name} {got} (need {spec})")
+    return problems
+
+
 def adapter_for(model: nn.Module) -> SiftModel:
     """The project's adapter around the modules of a stock BERT masked LM, GPT-2 or Llama causal LM."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)

@@ -28,6 +28,7 @@ from engine.config import ConfigError
 from engine.methods import MicroContext, TrainShape
 from sift_hf.arguments import SOURCE, SiftArguments
 from sift_hf.loop import MethodLoop
+from sift_hf.models import UnsupportedError, version_problems
 
 
 class SiftSelector:
@@ -35,6 +36,9 @@ class SiftSelector:
                  seed: int = 0, total_steps: int = 0):
         """``total_steps``: the run's optimizer steps (needed only with ``stop_fraction``); ``seed`` keys the
         random policy's and the scored positions' draws."""
+        problems = version_problems()
+        if problems:
+            raise UnsupportedError("SIFT cannot run in this accelerate loop: " + "; ".join(problems))
         self.accelerator = accelerator
         self.settings = settings if settings is not None else SiftArguments()
         if self.settings.sift.stop_fraction is not None and total_steps <= 0:

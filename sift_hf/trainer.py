@@ -30,20 +30,14 @@ from engine.config import ConfigError
 from engine.methods import MicroContext, TrainShape
 from sift_hf.arguments import SOURCE, SiftArguments
 from sift_hf.loop import MethodLoop
-from sift_hf.models import UnsupportedError
+from sift_hf.models import UnsupportedError, version_problems
 
 STATE_FILE = "sift_state_rank{rank}.pt"
 """Each process's method state, beside the Trainer's files in every checkpoint folder."""
 
-SUPPORTED_TRANSFORMERS = (5,)
-"""Major versions whose Trainer has the hooks below (tests/unit/test_hf_trainer.py: the hook canary and the
-supported range)."""
-
-
 def check_trainer_hooks(cls: type) -> None:
     """UnsupportedError unless ``cls`` has the Trainer hooks selection relies on, with their arguments."""
-    major = int(transformers.__version__.split(".")[0])
-    problems = [] if major in SUPPORTED_TRANSFORMERS else [f"transformers {transformers.__version__} (need >= 5.0, < 6)"]
+    problems = version_problems()
     expected = {"get_batch_samples": ["epoch_iterator", "num_batches", "device"],
                 "_get_num_items_in_batch": ["batch_samples", "device"], "_save_checkpoint": ["model", "trial"],
                 "training_step": ["model", "inputs", "num_items_in_batch"]}

@@ -142,6 +142,7 @@ def test_supported_range_is_stated_consistently_and_installed():
     from pathlib import Path
 
     from packaging.requirements import Requirement
+    from packaging.specifiers import SpecifierSet
 
     try:
         import tomllib
@@ -149,7 +150,7 @@ def test_supported_range_is_stated_consistently_and_installed():
         tomllib = pytest.importorskip("tomli")
 
     import sift_hf
-    from sift_hf.trainer import SUPPORTED_TRANSFORMERS
+    from sift_hf.models import SUPPORTED_VERSIONS
 
     repo = Path(__file__).resolve().parents[2]
     project = tomllib.loads((repo / "pyproject.toml").read_text())["project"]
@@ -157,9 +158,26 @@ def test_supported_range_is_stated_consistently_and_installed():
     assert str(required["transformers"]) == "<6,>=5.0" and str(required["accelerate"]) == ">=1.1"
     for text in ((repo / "README.md").read_text(), sift_hf.__doc__):
         assert "transformers >= 5.0, < 6" in text and "accelerate >= 1.1" in text
-    assert [m for m in range(4, 8) if f"{m}.0" in required["transformers"]] == list(SUPPORTED_TRANSFORMERS)
+    assert {name: SpecifierSet(spec) for name, spec in SUPPORTED_VERSIONS.items()} == {
+        name: required[name] for name in SUPPORTED_VERSIONS}
     for name in ("transformers", "accelerate"):
         assert version(name) in required[name], f"{name} {version(name)} is outside the supported {required[name]}"
+
+
+def test_libraries_outside_the_supported_range_are_refused(monkeypatch):
+    """An accelerate or transformers outside the range is named, in the Trainer's check and the selector's."""
+    import importlib.metadata
+
+    from sift_hf import SiftSelector
+    from sift_hf.trainer import check_trainer_hooks
+
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: {"accelerate": "1.0.1", "transformers": "6.1.0"}.get(name) or real(name))
+    with pytest.raises(UnsupportedError, match=r"transformers 6\.1\.0 \(need >=5\.0,<6\); accelerate 1\.0\.1 \(need >=1\.1\)"):
+        check_trainer_hooks(SiftTrainer)
+    with pytest.raises(UnsupportedError, match=r"accelerate loop: transformers 6\.1\.0 .*accelerate 1\.0\.1"):
+        SiftSelector(object(), object(), micro_batch_size=2)
 
 
 def test_a_trainer_without_the_hook_is_refused():
