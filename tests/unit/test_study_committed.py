@@ -24,7 +24,8 @@ COMMITTED = {
     "study-regimes-cpu": (["--preset", "regimes-cpu", "--name", "study-regimes-cpu", "--arms",
                            "vanilla,random,loss:1,entropy:1,loss:L/2,entropy:L/2,vcas,sift+vcas"],
                           [*(f"{r}/report.md" for r in REGIMES), "verdict.md"]),
-    "study-regimes-flops-cpu": (["--preset", "regimes-cpu", "--regimes", "noisy"], ["noisy/report.md", "verdict.md"]),
+    "study-regimes-flops-cpu": (["--preset", "regimes-cpu", "--regimes", "clean,noisy"],
+                                ["clean/report.md", "noisy/report.md", "verdict.md"]),
 }
 HISTORICAL = ("study-cpu", "study-cpu-demo-corpus")  # results.json without paired comparisons
 
