@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from sift_common.logs import setup_logging
+from study.draws import gross_batches
 from study.spec import Selection, StudyError, parse_selection
 
 log = logging.getLogger("sift.study.probe")
@@ -68,15 +69,11 @@ def policy_shares(scores: dict[str, np.ndarray], weights: dict[str, float], sele
                                           threshold_quantile=selection.threshold_quantile,
                                           temperature=selection.temperature, uniform_mix=selection.uniform_mix))
     names = sorted(scores)
-    p = np.array([weights[k] for k in names], dtype=np.float64)
-    p /= p.sum()
     rows, weight = np.zeros(len(names)), np.zeros(len(names))
-    for b in range(batches_):
-        src = rng.choice(len(names), size=gross, p=p)
-        picks = [rng.integers(len(scores[names[s]])) for s in src]
-        vals = torch.tensor([scores[names[s]][r] for s, r in zip(src, picks)], dtype=torch.float32)
+    draws = gross_batches(scores, weights, gross=gross, batches_=batches_, rng=rng)
+    for b, (src, _, vals) in enumerate(draws):
         gen = None if selection.policy == "topk" else selection_generator(seed, b, 0)
-        r, w = batch_shares(policy(vals, keep, gen), src, len(names))
+        r, w = batch_shares(policy(torch.tensor(vals, dtype=torch.float32), keep, gen), src, len(names))
         rows, weight = rows + r, weight + w
     return {"rows": {k: float(v / batches_) for k, v in zip(names, rows)},
             "weight": {k: float(v / batches_) for k, v in zip(names, weight)}}

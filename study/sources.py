@@ -29,6 +29,7 @@ import yaml
 
 from engine.run_model import load_run_model
 from sift_common.logs import setup_logging
+from study.draws import gross_batches
 from study.spec import StudyError
 
 log = logging.getLogger("sift.study.sources")
@@ -132,14 +133,9 @@ def kept_shares(scores: dict[str, np.ndarray], weights: dict[str, float], *, gro
     (key "stat_kept") and over all drawn rows ("stat_drawn").
     """
     names = sorted(scores)
-    p = np.array([weights[s] for s in names], dtype=np.float64)
-    p /= p.sum()
     kept = np.zeros(len(names))
     stat_kept = stat_drawn = 0.0
-    for _ in range(batches_):
-        src = rng.choice(len(names), size=gross, p=p)
-        rows = [rng.integers(len(scores[names[s]])) for s in src]
-        vals = np.array([scores[names[s]][r] for s, r in zip(src, rows)])
+    for src, rows, vals in gross_batches(scores, weights, gross=gross, batches_=batches_, rng=rng):
         top = np.argsort(-vals, kind="stable")[:keep]
         kept += np.bincount(src[top], minlength=len(names))
         if stat is not None:
