@@ -21,6 +21,7 @@ COMMITTED = {
     "study-gpt2-cpu": (["--preset", "gpt2-cpu", "--seeds", "5"], ["report.md"]),
     "study-gpt2-continue-cpu": (["--preset", "gpt2-continue-cpu", "--name", "study-gpt2-continue-cpu", "--seeds", "3",
                                  "--arms", "vanilla,random,loss:1,entropy:1,loss:L/2,entropy:L/2"], ["report.md"]),
+    "study-gpt2-continue-flops-cpu": (["--preset", "gpt2-continue-cpu"], ["report.md"]),
     "study-regimes-cpu": (["--preset", "regimes-cpu", "--name", "study-regimes-cpu", "--arms",
                            "vanilla,random,loss:1,entropy:1,loss:L/2,entropy:L/2,vcas,sift+vcas"],
                           [*(f"{r}/report.md" for r in REGIMES), "verdict.md"]),
