@@ -118,3 +118,13 @@ def test_the_verdict_of_a_regimes_study_leads_with_the_table(tmp_path):
     assert md[table + 2].startswith("| BERT clean | none: no arm beats vanilla beyond its interval |")
     assert md[table + 3].startswith("| BERT noisy | reducible-SIFT, exit 1 | 1.00× (359 steps, vanilla 600)")
     assert md.index("## redundant") > table and (tmp_path / "verdict.md").read_text().splitlines() == md
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/study.md"])
+def test_the_docs_quote_the_table_the_command_prints_from_the_committed_studies(doc, capsys):
+    from tests.distributed.common import REPO
+
+    results = REPO / "benchmarks" / "results"
+    assert main([str(results / "study-regimes-flops-cpu"), str(results / "study-gpt2-continue-flops-cpu")]) == 0
+    table = capsys.readouterr().out.strip()
+    assert table in (REPO / doc).read_text(), f"{doc}: regenerate its 'when to turn it on' table"
