@@ -49,6 +49,14 @@ class Kept:
     """The policy's statistics of this draw (device tensors), logged with the method's."""
 
 
+def effective_share(weights: torch.Tensor) -> torch.Tensor:
+    """Kish's effective sample size of a weighted draw over its number of rows, (sum w)^2 / (k sum w^2):
+    1 for equal weights, lower as they spread (a weighted gradient is as noisy as one of that many
+    equally weighted rows, to first order). Logged by the weighted policies as ``effective_rows``."""
+    w = weights.double()
+    return (w.sum() ** 2 / (w.numel() * (w * w).sum())).float()
+
+
 def stratified_indices(scores: torch.Tensor, k: int, generator: torch.Generator | None = None, *,
                        quantile: float | None = None) -> Kept:
     """InfoBatch's rule on one gross batch: keep every row scoring above a threshold (the scores' mean,
@@ -57,7 +65,7 @@ def stratified_indices(scores: torch.Tensor, k: int, generator: torch.Generator 
     of its inclusion probability. Unbiased whenever n_above < k. When n_above >= k no row below can be
     drawn, so no weighting is unbiased: the top k rows are kept with weight 1 (top-k selection) and the
     draw is counted (``stratified_overflow``: 1 for such a draw, 0 otherwise; averaged over micro-steps
-    in the log, it is how often it happened). No host sync."""
+    in the log, it is how often it happened) and ``effective_rows``. No host sync."""
     if generator is None:
         raise ValueError("stratified selection needs an explicit generator")
     G = scores.shape[0]
@@ -74,7 +82,8 @@ def stratified_indices(scores: torch.Tensor, k: int, generator: torch.Generator 
     overflow = n_above >= k
     below_weight = torch.where(overflow, 1.0, (G - n_above) / (k - n_above).clamp(min=1))
     weights = torch.where(above[kept], 1.0, below_weight).float()
-    return Kept(kept, weights, {"stratified_overflow": overflow.float(), "stratified_above": n_above.float() / G})
+    return Kept(kept, weights, {"stratified_overflow": overflow.float(), "stratified_above": n_above.float() / G,
+                                "effective_rows": effective_share(weights)})
 
 
 def inclusion_probabilities(sizes: torch.Tensor, k: int) -> torch.Tensor:
@@ -116,7 +125,8 @@ def importance_indices(scores: torch.Tensor, k: int, generator: torch.Generator 
     uniform_mix / G (every q_i > 0 when uniform_mix > 0, so every row can be drawn), inclusion
     probabilities pi proportional to q capped at 1 (``inclusion_probabilities``), a fixed-size draw with
     exactly those probabilities (``systematic_sample``), Horvitz-Thompson weights 1 / pi_i. Logs the share
-    of kept rows drawn with certainty (``importance_capped``) and the largest weight. No host sync."""
+    of kept rows drawn with certainty (``importance_capped``), the largest weight and ``effective_rows``.
+    No host sync."""
     if generator is None:
         raise ValueError("importance selection needs an explicit generator")
     G = scores.shape[0]
@@ -125,7 +135,7 @@ def importance_indices(scores: torch.Tensor, k: int, generator: torch.Generator 
     kept = systematic_sample(pi, k, generator)
     weights = (1.0 / pi[kept]).float()
     return Kept(kept, weights, {"importance_capped": (pi[kept] >= 1.0).float().mean(),
-                                "importance_max_weight": weights.max()})
+                                "importance_max_weight": weights.max(), "effective_rows": effective_share(weights)})
 
 
 Policy = Callable[[torch.Tensor, int, torch.Generator | None], torch.Tensor | Kept]

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from engine.selection import (
+    effective_share,
     importance_indices,
     inclusion_probabilities,
     kept_dropped_means,
@@ -131,6 +132,16 @@ def test_stratified_draws_the_rows_below_uniformly():
     assert torch.all((counts[2:] / 3000 - 2 / 6).abs() < 4 * (2 / 6 * 4 / 6 / 3000) ** 0.5)
 
 
+def test_effective_rows_is_kish_share():
+    assert effective_share(torch.ones(16)).item() == pytest.approx(1.0)
+    # the studies' stratified draw at q = 0.75, G = 32, B = 16: 8 rows of weight 1, 8 of weight 3
+    assert effective_share(torch.tensor([1.0] * 8 + [3.0] * 8)).item() == pytest.approx(12.8 / 16)
+    scores = torch.tensor([9.0, 8.0, 7.0, 6.0, 0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    kept = stratified_indices(scores, 6, selection_generator(0, 1, 0), quantile=0.75)
+    assert kept.stats["effective_rows"].item() == pytest.approx(effective_share(kept.weights).item())
+    assert kept.stats["effective_rows"].item() < 1
+
+
 def _capped_iteratively(q: torch.Tensor, k: int) -> torch.Tensor:
     """The textbook rule, step by step: cap what exceeds 1, share the rest in proportion, repeat."""
     capped = torch.zeros_like(q, dtype=torch.bool)
@@ -174,6 +185,8 @@ def test_importance_weights_are_inverse_inclusion_probabilities():
     pi = inclusion_probabilities(sizes, 4)
     assert torch.allclose(kept.weights.double(), 1 / pi[kept.indices], rtol=1e-6)
     assert kept.stats["importance_capped"].item() == (pi[kept.indices] == 1).float().mean().item()
+    w = kept.weights.double()
+    assert kept.stats["effective_rows"].item() == pytest.approx((w.sum() ** 2 / (4 * (w * w).sum())).item())
     again = importance_indices(scores, 4, selection_generator(0, 7, 1), temperature=0.5, uniform_mix=0.2)
     assert torch.equal(kept.indices, again.indices)  # keyed on (seed, draw, rank): a resume draws the same
     with pytest.raises(ValueError, match="generator"):
