@@ -65,4 +65,5 @@ def test_weighted_sift_vcas_under_zero3_trains_like_zero1(tiny_data, tmp_path):
     # (weight 3), never an overflow
     assert len(selecting) == 4 and all(r["stratified_overflow"] == 0 for r in selecting)
     assert all(r["stratified_above"] == 0.25 for r in selecting)
+    assert all(r["effective_rows"] == pytest.approx(0.8) for r in selecting)  # (2 + 2 x 3)^2 / (4 (2 + 2 x 9))
     assert any("vcas_var_sgd" in r for r in steps)
